@@ -1,0 +1,1 @@
+"""Reusable conformance suites: block adapters, transports, the OpenAI API contract."""

