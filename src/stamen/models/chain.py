@@ -1,0 +1,98 @@
+"""Spans of blocks run in this process, one after another, with their KV caches.
+
+`SpanCache` is the per-sequence-batch state of one span: a `KVCache` per block and the
+key padding mask of every slot written so far. `run_span` steps one span; `LocalChain`
+chains several spans in-process. Hosts use the same pieces for their sessions, and the
+local chain is the reference the swarm is compared with in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from stamen.models.base import BlockAdapter, KVCache, StepContext
+
+
+@dataclass
+class SpanCache:
+    caches: list[KVCache]  # one per block of the span
+    key_padding_mask: Tensor  # (B, S_max) bool: True where a slot holds a real token
+
+    @classmethod
+    def empty(
+        cls,
+        adapter: BlockAdapter,
+        config: object,
+        num_blocks: int,
+        batch_size: int,
+        max_length: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> SpanCache:
+        caches = [
+            adapter.empty_cache(config, batch_size, max_length, dtype=dtype, device=device)
+            for _ in range(num_blocks)
+        ]
+        mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=device)
+        return cls(caches, mask)
+
+    @property
+    def max_length(self) -> int:
+        return self.key_padding_mask.shape[1]
+
+
+@torch.inference_mode()
+def run_span(
+    blocks: Sequence[nn.Module],
+    cache: SpanCache,
+    hidden: Tensor,
+    offset: int,
+    padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Write `hidden` (B, T, C) at slots `[offset, offset + T)` of every block's cache.
+
+    `padding_mask` (B, T) is False for left-padding tokens; the span remembers it so that
+    later steps attend only to real tokens. Slots past `offset + T` are ignored, which is
+    what lets a caller roll back or replay by passing a smaller `offset`.
+    """
+    B, T, _ = hidden.shape
+    end = offset + T
+    if end > cache.max_length:
+        raise ValueError(f"step ends at {end}, beyond the cache length {cache.max_length}")
+    history = cache.key_padding_mask
+    if padding_mask is not None:
+        history[:, offset:end] = padding_mask
+    else:
+        history[:, offset:end] = True
+    if bool(history[:, :end].all()):
+        context = StepContext.make(offset, T, batch_size=B, device=hidden.device)
+    else:
+        context = StepContext.make(
+            offset, T, batch_size=B, key_padding_mask=history[:, :end], device=hidden.device
+        )
+    for block, block_cache in zip(blocks, cache.caches, strict=True):
+        hidden = block(hidden, block_cache, context)
+    return hidden
+
+
+class LocalChain:
+    """Several spans run in this process as one chain; a `BlockChain` for decoding."""
+
+    def __init__(self, spans: Sequence[tuple[Sequence[nn.Module], SpanCache]]) -> None:
+        self._spans = list(spans)
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    async def step(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        for blocks, cache in self._spans:
+            hidden = run_span(blocks, cache, hidden, self._position, padding_mask)
+        self._position += hidden.shape[1]
+        return hidden
