@@ -1,0 +1,388 @@
+"""A fault-tolerant inference session over a chain of remote hosts.
+
+`InferenceSession` drives hidden states through blocks `[start, end)`, hop by hop, each
+hop an open `HopSession` on one host keeping its part of the KV cache. For every hop it
+keeps the inputs it sent (the hidden states entering that hop, by position), so that when
+a host fails it can:
+
+1. ban the host (briefly if it only said "busy") and close what is left of its session;
+2. route that hop's blocks through other hosts, possibly several;
+3. open sessions there and replay the hop's input history through them, rebuilding
+   their caches (one step from position 0 per new hop);
+4. retry the current step from that hop on.
+
+The caller sees exactly the outputs of an undisturbed run. Failures are bounded by
+`max_retries` per call; when exhausted, `SessionFailedError` says which blocks could not
+be served and why, and the session refuses further steps.
+
+`step(..., start_position=p)` with `p <= position` rolls back: everything from `p` on is
+forgotten (histories are truncated, hosts overwrite their cache from `p`).
+
+This module knows nothing about transports or discovery: hosts come from a `SwarmView`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import torch
+from torch import Tensor
+
+from stamen.swarm_core.remote import HopError, HopSession, HostBusy, SwarmClientError, SwarmView
+from stamen.swarm_core.routing import BanList, NoRouteError, RouteHop, plan_latency_route
+
+logger = logging.getLogger(__name__)
+
+
+class InvalidStepError(SwarmClientError, ValueError):
+    """The caller's step does not fit the session (shape, batch, position, length)."""
+
+
+class SessionFailedError(SwarmClientError):
+    """Blocks `[start, end)` could not be served within the retry budget.
+
+    `causes` lists each failed attempt, oldest first.
+    """
+
+    def __init__(self, start: int, end: int, causes: Sequence[str]) -> None:
+        super().__init__(
+            f"blocks [{start}, {end}) could not be served after {len(causes)} failed "
+            f"attempts: " + "; ".join(causes)
+        )
+        self.start = start
+        self.end = end
+        self.causes = list(causes)
+
+
+@dataclass
+class _Entry:
+    """Hidden states sent into a hop for positions `[start_position, end_position)`."""
+
+    start_position: int
+    hidden: Tensor  # (B, T, C)
+    padding_mask: Tensor | None  # (B, T) bool, None = all real tokens
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + self.hidden.shape[1]
+
+
+@dataclass
+class _Hop:
+    route: RouteHop
+    session: HopSession
+    history: list[_Entry] = field(default_factory=list)
+
+    def truncate(self, position: int) -> None:
+        """Forget inputs at positions `>= position`."""
+        kept = [e for e in self.history if e.start_position < position]
+        if kept and kept[-1].end_position > position:
+            last = kept[-1]
+            T = position - last.start_position
+            mask = None if last.padding_mask is None else last.padding_mask[:, :T]
+            kept[-1] = _Entry(last.start_position, last.hidden[:, :T], mask)
+        self.history = kept
+
+
+class _Attempts:
+    """The retry budget of one `open` or `step` call."""
+
+    def __init__(self, max_retries: int, retry_delay_s: float) -> None:
+        self.max_retries = max_retries
+        self.retry_delay_s = retry_delay_s
+        self.causes: list[str] = []
+
+    async def failed(self, start: int, end: int, peer_id: str | None, error: Exception) -> None:
+        """Count one failure serving `[start, end)`; raise once the budget is spent."""
+        who = f"{peer_id}: " if peer_id else ""
+        what = (
+            "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
+        )
+        self.causes.append(f"{who}{what}")
+        logger.warning("blocks [%d, %d): %s%s", start, end, who, what)
+        if len(self.causes) > self.max_retries:
+            raise SessionFailedError(start, end, self.causes) from error
+        if isinstance(error, NoRouteError):
+            # Nothing to route around: wait for bans to lapse or the view to refresh.
+            await asyncio.sleep(self.retry_delay_s)
+
+
+class InferenceSession:
+    """Hidden states through blocks `[start, end)` of the swarm, with failover.
+
+    A `BlockChain` for `stamen.swarm_core.generation.decode`. Use as an async context
+    manager; steps must not overlap (they are serialized).
+    """
+
+    def __init__(
+        self,
+        swarm_view: SwarmView,
+        start: int,
+        end: int,
+        max_length: int,
+        batch_size: int,
+        *,
+        max_retries: int = 3,
+        step_timeout_s: float = 30.0,
+        open_timeout_s: float = 10.0,
+        close_timeout_s: float = 5.0,
+        retry_delay_s: float = 1.0,
+        ban_list: BanList | None = None,
+    ) -> None:
+        if not 0 <= start < end:
+            raise ValueError(f"empty or negative block range [{start}, {end})")
+        if max_length < 1 or batch_size < 1 or max_retries < 0:
+            raise ValueError("max_length and batch_size must be >= 1, max_retries >= 0")
+        self._view = swarm_view
+        self.start, self.end = start, end
+        self.max_length, self.batch_size = max_length, batch_size
+        self.max_retries = max_retries
+        self.step_timeout_s = step_timeout_s
+        self.open_timeout_s = open_timeout_s
+        self.close_timeout_s = close_timeout_s
+        self.retry_delay_s = retry_delay_s
+        self.ban_list = ban_list if ban_list is not None else BanList()
+        self._hops: list[_Hop] = []
+        self._position = 0
+        self._hidden_size: int | None = None
+        self._failure: SessionFailedError | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def position(self) -> int:
+        """Tokens processed so far (the next step's default `start_position`)."""
+        return self._position
+
+    @property
+    def route(self) -> list[RouteHop]:
+        """The hops currently carrying the session, in order."""
+        return [hop.route for hop in self._hops]
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        """Route the blocks and open a session on every hop. Raises `SessionFailedError`."""
+        if self._hops:
+            raise RuntimeError("session already open")
+        attempts = _Attempts(self.max_retries, self.retry_delay_s)
+        self._hops = await self._build_chain(self.start, self.end, [], attempts)
+
+    async def close(self) -> None:
+        """Close every hop session, concurrently and best effort."""
+        hops, self._hops = self._hops, []
+        async with asyncio.TaskGroup() as group:
+            for hop in hops:
+                group.create_task(self._close_quietly(hop))
+
+    async def step(
+        self,
+        hidden: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        start_position: int | None = None,
+    ) -> Tensor:
+        """(B, T, C) -> (B, T, C) through every block, at positions from `start_position`
+        (default: `position`). `padding_mask` (B, T) bool is False for left padding.
+        Raises `InvalidStepError`, `SessionFailedError`."""
+        async with self._lock:
+            if self._failure is not None:
+                raise SessionFailedError(
+                    self._failure.start, self._failure.end, self._failure.causes
+                )
+            if not self._hops:
+                raise RuntimeError("session is not open")
+            position = self._check_step(hidden, padding_mask, start_position)
+            for hop in self._hops:
+                hop.truncate(position)
+            attempts = _Attempts(self.max_retries, self.retry_delay_s)
+            try:
+                out = await self._run_chain(hidden, position, padding_mask, attempts)
+            except SessionFailedError as e:
+                self._failure = e
+                raise
+            self._position = position + hidden.shape[1]
+            return out
+
+    def _check_step(
+        self, hidden: Tensor, padding_mask: Tensor | None, start_position: int | None
+    ) -> int:
+        position = self._position if start_position is None else start_position
+        if hidden.dim() != 3 or hidden.shape[0] != self.batch_size or hidden.shape[1] < 1:
+            raise InvalidStepError(
+                f"hidden must be (B={self.batch_size}, T>=1, C), got {tuple(hidden.shape)}"
+            )
+        B, T, C = hidden.shape
+        if self._hidden_size is None:
+            self._hidden_size = C
+        elif C != self._hidden_size:
+            raise InvalidStepError(
+                f"hidden size {C} differs from earlier steps' {self._hidden_size}"
+            )
+        if not 0 <= position <= self._position:
+            raise InvalidStepError(
+                f"start_position {position} outside [0, {self._position}] (tokens so far)"
+            )
+        if position + T > self.max_length:
+            raise InvalidStepError(
+                f"step ends at {position + T}, beyond max_length {self.max_length}"
+            )
+        if padding_mask is not None and (
+            tuple(padding_mask.shape) != (B, T) or padding_mask.dtype != torch.bool
+        ):
+            raise InvalidStepError(
+                f"padding_mask must be ({B}, {T}) bool, got {tuple(padding_mask.shape)} "
+                f"{padding_mask.dtype}"
+            )
+        return position
+
+    async def _run_chain(
+        self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: _Attempts
+    ) -> Tensor:
+        index = 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                out = await self._run_hop(hop, hidden, position, padding_mask)
+            except (HopError, TimeoutError) as e:
+                self._ban(hop.route.peer_id, e)
+                await self._close_quietly(hop)
+                await attempts.failed(hop.route.start, hop.route.end, hop.route.peer_id, e)
+                replacement = await self._build_chain(
+                    hop.route.start, hop.route.end, hop.history, attempts
+                )
+                self._hops[index : index + 1] = replacement
+                logger.info(
+                    "blocks [%d, %d) moved from %s to %s",
+                    hop.route.start,
+                    hop.route.end,
+                    hop.route.peer_id,
+                    [h.route.peer_id for h in replacement],
+                )
+                continue
+            hop.history.append(_Entry(position, hidden, padding_mask))
+            hidden = out
+            index += 1
+        return hidden
+
+    async def _build_chain(
+        self, start: int, end: int, history: Sequence[_Entry], attempts: _Attempts
+    ) -> list[_Hop]:
+        """Route `[start, end)`, open a session per hop and replay `history` through them.
+
+        Hops that opened and replayed are kept when a later one fails; only the rest of
+        the range is routed again.
+        """
+        replay = _concat(history)
+        hops: list[_Hop] = []
+        try:
+            await self._extend_chain(hops, start, end, replay, attempts)
+        except BaseException:
+            for hop in hops:
+                await self._close_quietly(hop)
+            raise
+        return hops
+
+    async def _extend_chain(
+        self, hops: list[_Hop], start: int, end: int, replay: _Entry | None, attempts: _Attempts
+    ) -> None:
+        node = start
+        while node < end:
+            try:
+                route = plan_latency_route(
+                    self._view.hosts(),
+                    node,
+                    end,
+                    banned=self.ban_list,
+                    min_cache_tokens=self.max_length * self.batch_size,
+                )
+            except NoRouteError as e:
+                await attempts.failed(node, end, None, e)
+                continue
+            for route_hop in route:
+                try:
+                    hop, replay = await self._open_hop(route_hop, replay)
+                except (HopError, TimeoutError) as e:
+                    self._ban(route_hop.peer_id, e)
+                    await attempts.failed(route_hop.start, route_hop.end, route_hop.peer_id, e)
+                    break
+                hops.append(hop)
+                node = route_hop.end
+
+    async def _open_hop(
+        self, route_hop: RouteHop, replay: _Entry | None
+    ) -> tuple[_Hop, _Entry | None]:
+        """Open `route_hop` and replay into it; returns the hop and the next hop's replay."""
+        client = await asyncio.wait_for(
+            self._view.connect(route_hop.peer_id), timeout=self.open_timeout_s
+        )
+        session = await asyncio.wait_for(
+            client.open_session(route_hop.start, route_hop.end, self.max_length, self.batch_size),
+            timeout=self.open_timeout_s,
+        )
+        hop = _Hop(route_hop, session)
+        if replay is None:
+            return hop, None
+        try:
+            out = await self._run_hop(hop, replay.hidden, 0, replay.padding_mask)
+        except BaseException:
+            await self._close_quietly(hop)
+            raise
+        hop.history.append(replay)
+        return hop, _Entry(0, out, replay.padding_mask)
+
+    async def _run_hop(
+        self, hop: _Hop, hidden: Tensor, position: int, padding_mask: Tensor | None
+    ) -> Tensor:
+        out = await asyncio.wait_for(
+            hop.session.step(hidden, position, padding_mask), timeout=self.step_timeout_s
+        )
+        if not isinstance(out, Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out)
+            raise HopError(
+                f"bad reply: expected {tuple(hidden.shape)} {hidden.dtype}, got {got}",
+                peer_id=hop.route.peer_id,
+            )
+        return out
+
+    def _ban(self, peer_id: str, error: Exception) -> None:
+        self.ban_list.ban(peer_id, busy=isinstance(error, HostBusy))
+
+    async def _close_quietly(self, hop: _Hop) -> None:
+        try:
+            await asyncio.wait_for(hop.session.close(), timeout=self.close_timeout_s)
+        except (HopError, TimeoutError) as e:
+            logger.debug("closing the session on %s failed: %r", hop.route.peer_id, e)
+        except Exception:
+            # Closing is best effort: a broken host must not stop the others from closing.
+            logger.warning("closing the session on %s failed", hop.route.peer_id, exc_info=True)
+
+
+def _concat(history: Sequence[_Entry]) -> _Entry | None:
+    """The whole history as one step from position 0 (entries are contiguous from 0)."""
+    if not history:
+        return None
+    hidden = torch.cat([e.hidden for e in history], dim=1)  # (B, S, C)
+    if all(e.padding_mask is None for e in history):
+        return _Entry(0, hidden, None)
+    masks = [
+        e.padding_mask
+        if e.padding_mask is not None
+        else torch.ones(e.hidden.shape[:2], dtype=torch.bool, device=e.hidden.device)
+        for e in history
+    ]
+    return _Entry(0, hidden, torch.cat(masks, dim=1))  # (B, S)

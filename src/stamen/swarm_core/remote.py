@@ -1,0 +1,153 @@
+"""The client's view of remote hosts: what routing and inference sessions rely on.
+
+Three seams, implemented by the glue over RPC and discovery, and by in-memory fakes in
+tests:
+
+- `HostInfo`: what the client believes about one host (span, state, speed, free cache,
+  measured ping), built from discovery records plus pings;
+- `SpanClient` / `HopSession`: a handle on one host, and one inference session on a range
+  of that host's blocks (hidden states in, hidden states out, KV cache kept remotely);
+- `SwarmView`: the current snapshot of hosts for one model, and a way to reach them.
+
+Hidden states are `(B, T, C)` tensors. A hop's `step` writes its `T` tokens at positions
+`[start_position, start_position + T)` of the remote cache, so passing a smaller
+`start_position` than before rolls back (or replays). `padding_mask` is `(B, T)` bool for
+the new tokens only, False for left padding; the host remembers it for later steps, as
+`stamen.models.chain.run_span` does.
+
+Errors raised by implementations (this module knows nothing about how they are detected):
+
+    SwarmClientError
+    ├── HopError           this host failed: connection lost, timeout, remote error,
+    │   │                  garbage reply. The caller bans it and routes around.
+    │   └── HostBusy       the host refused for lack of capacity (cache, queue); it is
+    │                      healthy, so it is avoided only briefly
+    ├── NoRouteError       (routing) no chain of usable hosts covers the blocks
+    └── SessionFailedError (inference) retries exhausted
+
+This module knows nothing about transports, wire formats or discovery records.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+from torch import Tensor
+
+
+class SwarmClientError(Exception):
+    """Base of the errors the client side of the swarm raises."""
+
+
+class HopError(SwarmClientError):
+    """One host failed to serve a request. `peer_id` names it when known."""
+
+    def __init__(self, message: str, *, peer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.peer_id = peer_id
+
+
+class HostBusy(HopError):
+    """The host is alive but refused the request for lack of capacity."""
+
+
+class HostState(enum.StrEnum):
+    JOINING = "joining"  # loading blocks, not serving yet
+    ONLINE = "online"
+    OFFLINE = "offline"  # announced shutdown, or its record lapsed
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """What the client knows about one host serving blocks `[start, end)`.
+
+    `throughput_tokens_s` is how many tokens per second one of the host's blocks processes
+    (its announced compute throughput); `ping_s` is the round trip the client measured, or
+    None before any measurement. `free_cache_tokens` is how many more tokens of KV cache
+    the host can hold per block.
+    """
+
+    peer_id: str
+    start: int
+    end: int
+    throughput_tokens_s: float
+    free_cache_tokens: int
+    state: HostState = HostState.ONLINE
+    ping_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.end:
+            raise ValueError(
+                f"host {self.peer_id}: empty or negative span [{self.start}, {self.end})"
+            )
+        if not self.throughput_tokens_s > 0:
+            raise ValueError(f"host {self.peer_id}: throughput must be positive")
+
+    @property
+    def compute_s_per_block(self) -> float:
+        """Seconds one block of this host spends on one token."""
+        return 1.0 / self.throughput_tokens_s
+
+
+class HopSession(ABC):
+    """An inference session on one host's blocks `[start, end)`, with its remote KV cache."""
+
+    @abstractmethod
+    async def step(
+        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """(B, T, C) -> (B, T, C) through the session's blocks, writing the cache at
+        `[start_position, start_position + T)`. Raises `HopError`."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Free the remote cache. Best effort: may raise `HopError` if the host is gone."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class SpanClient(ABC):
+    """A handle on one host. Connections belong to the `SwarmView` that handed it out."""
+
+    @property
+    @abstractmethod
+    def peer_id(self) -> str: ...
+
+    @abstractmethod
+    async def open_session(
+        self, start: int, end: int, max_length: int, batch_size: int
+    ) -> HopSession:
+        """Reserve cache for `batch_size` sequences of up to `max_length` tokens on blocks
+        `[start, end)` (any sub-range of the host's span). Raises `HostBusy` when the host
+        has no room, `HopError` on any other failure."""
+
+    @abstractmethod
+    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+        """Stateless (B, T, C) -> (B, T, C) through blocks `[start, end)`, no cache kept.
+        Raises `HopError`."""
+
+
+class SwarmView(Protocol):
+    """The client's current picture of the swarm serving one model."""
+
+    def hosts(self) -> list[HostInfo]:
+        """A snapshot of known hosts; refreshed in the background by the implementation."""
+        ...
+
+    async def connect(self, peer_id: str) -> SpanClient:
+        """A handle on `peer_id`, reusing a pooled connection when there is one.
+        Raises `HopError` when the host cannot be reached."""
+        ...

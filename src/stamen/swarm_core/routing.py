@@ -1,0 +1,292 @@
+"""Client-side routing: which hosts carry blocks `[start, end)`, and which hosts to avoid.
+
+- `plan_latency_route` picks the chain with the least expected latency for inference:
+  each hop costs its ping (or `DEFAULT_PING_S` when unmeasured) plus the host's compute
+  time per block times the blocks it takes. A host may be entered at any block inside its
+  span and left at any block up to its end, so this is a shortest path over block
+  boundaries.
+- `plan_spread_route` spreads bulk (stateless) forward/backward work: at each block it
+  picks among the covering hosts at random, weighted by throughput.
+- `BanList` remembers failed hosts, with ban durations that double on repeated failures.
+
+Hosts that are not online, banned, or (for inference) without room for the session's
+cache are skipped; when what is left does not cover the blocks, `NoRouteError` names the
+first uncovered ones. This module knows nothing about connections, sessions or discovery.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import logging
+import random
+import time
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass
+
+from stamen.swarm_core.remote import HostInfo, HostState, SwarmClientError
+
+logger = logging.getLogger(__name__)
+
+# Assumed round trip to a host the client has not pinged yet: pessimistic enough that a
+# measured nearby host wins, small enough that an unmeasured fast host is still tried.
+DEFAULT_PING_S = 0.1
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    """Blocks `[start, end)` served by `host` (a sub-range of the host's span)."""
+
+    host: HostInfo
+    start: int
+    end: int
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start
+
+
+class NoRouteError(SwarmClientError):
+    """No chain of usable hosts covers the requested blocks.
+
+    `uncovered` is the first gap `[a, b)`; `skipped` maps peer ids of hosts overlapping it
+    to why they were not usable (banned, offline, no free cache...).
+    """
+
+    def __init__(self, uncovered: tuple[int, int], skipped: dict[str, str]) -> None:
+        a, b = uncovered
+        blocks = f"block {a}" if b - a == 1 else f"blocks [{a}, {b})"
+        reasons = ", ".join(f"{peer} ({why})" for peer, why in sorted(skipped.items()))
+        super().__init__(
+            f"no usable host serves {blocks}" + (f"; skipped: {reasons}" if reasons else "")
+        )
+        self.uncovered = uncovered
+        self.skipped = skipped
+
+
+def plan_latency_route(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    *,
+    banned: Container[str] = (),
+    min_cache_tokens: int = 0,
+    default_ping_s: float = DEFAULT_PING_S,
+) -> list[RouteHop]:
+    """The chain of hops covering `[start, end)` with the least expected latency.
+
+    `min_cache_tokens` is what the session will reserve (`max_length * batch_size`); hosts
+    with less free cache are skipped. Among equally fast chains the one with fewer hops
+    wins. Raises `NoRouteError`.
+    """
+    _check_range(start, end)
+    usable = _usable(hosts, start, end, banned, min_cache_tokens)
+    # Some optimal chain switches hosts only where a span starts or ends: moving a switch
+    # point between two such boundaries changes the cost linearly, so one end is no worse.
+    nodes = sorted(
+        {start, end} | {max(h.start, start) for h in usable} | {min(h.end, end) for h in usable}
+    )
+    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}  # node -> (latency_s, hops)
+    came_from: dict[int, RouteHop] = {}
+    heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
+    while heap:
+        cost_s, hops, node = heapq.heappop(heap)
+        if node == end:
+            break
+        if (cost_s, hops) > best[node]:
+            continue
+        for host in usable:
+            if not host.start <= node < host.end:
+                continue
+            ping_s = default_ping_s if host.ping_s is None else host.ping_s
+            last = bisect.bisect_right(nodes, min(host.end, end))
+            for exit_node in nodes[bisect.bisect_right(nodes, node) : last]:
+                new = (cost_s + ping_s + host.compute_s_per_block * (exit_node - node), hops + 1)
+                if exit_node not in best or new < best[exit_node]:
+                    best[exit_node] = new
+                    came_from[exit_node] = RouteHop(host, node, exit_node)
+                    heapq.heappush(heap, (*new, exit_node))
+    if end not in best:
+        raise _no_route(hosts, start, end, banned, min_cache_tokens)
+    route: list[RouteHop] = []
+    node = end
+    while node != start:
+        hop = came_from[node]
+        route.append(hop)
+        node = hop.start
+    route.reverse()
+    logger.debug("route [%d, %d): %s, %.3f s expected", start, end, route, best[end][0])
+    return route
+
+
+def plan_spread_route(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    *,
+    banned: Container[str] = (),
+    rng: random.Random | None = None,
+) -> list[RouteHop]:
+    """A chain for stateless bulk work, spreading load: from each block, a host covering
+    it is drawn with probability proportional to its throughput and carries the blocks
+    up to its end. Raises `NoRouteError`."""
+    _check_range(start, end)
+    rng = rng or random.Random()
+    usable = _usable(hosts, start, end, banned, min_cache_tokens=0)
+    route: list[RouteHop] = []
+    node = start
+    while node < end:
+        covering = [h for h in usable if h.start <= node < h.end]
+        if not covering:
+            raise _no_route(hosts, start, end, banned, 0)
+        (host,) = rng.choices(covering, weights=[h.throughput_tokens_s for h in covering])
+        route.append(RouteHop(host, node, min(host.end, end)))
+        node = route[-1].end
+    return route
+
+
+def route_latency_s(route: Sequence[RouteHop], default_ping_s: float = DEFAULT_PING_S) -> float:
+    """The expected latency of one step along `route`, as `plan_latency_route` counts it."""
+    return sum(
+        (default_ping_s if hop.host.ping_s is None else hop.host.ping_s)
+        + hop.host.compute_s_per_block * hop.num_blocks
+        for hop in route
+    )
+
+
+def _check_range(start: int, end: int) -> None:
+    if not 0 <= start < end:
+        raise ValueError(f"empty or negative block range [{start}, {end})")
+
+
+def _skip_reason(host: HostInfo, banned: Container[str], min_cache_tokens: int) -> str | None:
+    if host.state is not HostState.ONLINE:
+        return str(host.state)
+    if host.peer_id in banned:
+        return "banned"
+    if host.free_cache_tokens < min_cache_tokens:
+        return f"{host.free_cache_tokens} free cache tokens < {min_cache_tokens}"
+    return None
+
+
+def _usable(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    banned: Container[str],
+    min_cache_tokens: int,
+) -> list[HostInfo]:
+    """Hosts overlapping `[start, end)` that may be used, in a stable order."""
+    return sorted(
+        (
+            h
+            for h in hosts
+            if h.start < end and h.end > start and _skip_reason(h, banned, min_cache_tokens) is None
+        ),
+        key=lambda h: h.peer_id,
+    )
+
+
+def _no_route(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    banned: Container[str],
+    min_cache_tokens: int,
+) -> NoRouteError:
+    hosts = list(hosts)
+    usable = _usable(hosts, start, end, banned, min_cache_tokens)
+    covered_to = start
+    gap = (start, end)
+    for host in sorted(usable, key=lambda h: h.start):
+        if host.start > covered_to:
+            gap = (covered_to, host.start)
+            break
+        covered_to = max(covered_to, host.end)
+    else:
+        gap = (covered_to, end)
+    skipped: dict[str, str] = {}
+    for host in hosts:
+        reason = _skip_reason(host, banned, min_cache_tokens)
+        if reason is not None and host.start < gap[1] and host.end > gap[0]:
+            skipped[host.peer_id] = reason
+    return NoRouteError(gap, skipped)
+
+
+@dataclass
+class _BanRecord:
+    strikes: int
+    last_failure_s: float
+    until_s: float
+
+
+class BanList:
+    """Hosts to avoid for a while.
+
+    A failure bans a host for `base_ban_s`, doubling with each further failure up to
+    `max_ban_s`; a host with no failure for `forget_after_s` starts over. A "busy" refusal
+    bans for `busy_ban_s` only and does not count as a failure. `clock` returns seconds
+    (monotonic); tests inject their own. Use `peer_id in ban_list` to test.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_ban_s: float = 15.0,
+        max_ban_s: float = 300.0,
+        busy_ban_s: float = 2.0,
+        forget_after_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 0 < base_ban_s <= max_ban_s:
+            raise ValueError("need 0 < base_ban_s <= max_ban_s")
+        self.base_ban_s = base_ban_s
+        self.max_ban_s = max_ban_s
+        self.busy_ban_s = busy_ban_s
+        self.forget_after_s = 2 * max_ban_s if forget_after_s is None else forget_after_s
+        self._clock = clock
+        self._records: dict[str, _BanRecord] = {}
+
+    def ban(self, peer_id: str, *, busy: bool = False) -> float:
+        """Record a failure (or a busy refusal) of `peer_id`; returns the ban in seconds."""
+        now_s = self._clock()
+        self._forget_old(now_s)
+        record = self._records.get(peer_id)
+        if busy:
+            until_s = now_s + self.busy_ban_s
+            if record is None:
+                self._records[peer_id] = _BanRecord(0, float("-inf"), until_s)
+            else:
+                record.until_s = max(record.until_s, until_s)
+            return self.busy_ban_s
+        strikes = 1 if record is None else record.strikes + 1
+        duration_s = min(self.base_ban_s * 2 ** (strikes - 1), self.max_ban_s)
+        self._records[peer_id] = _BanRecord(strikes, now_s, now_s + duration_s)
+        logger.info("banned %s for %.1f s (failure %d)", peer_id, duration_s, strikes)
+        return duration_s
+
+    def __contains__(self, peer_id: object) -> bool:
+        record = self._records.get(peer_id) if isinstance(peer_id, str) else None
+        return record is not None and self._clock() < record.until_s
+
+    def remaining_s(self, peer_id: str) -> float:
+        record = self._records.get(peer_id)
+        return 0.0 if record is None else max(0.0, record.until_s - self._clock())
+
+    def strikes(self, peer_id: str) -> int:
+        self._forget_old(self._clock())
+        record = self._records.get(peer_id)
+        return 0 if record is None else record.strikes
+
+    def _forget_old(self, now_s: float) -> None:
+        stale = [
+            peer
+            for peer, r in self._records.items()
+            if now_s >= r.until_s and now_s - r.last_failure_s >= self.forget_after_s
+        ]
+        for peer in stale:
+            del self._records[peer]
