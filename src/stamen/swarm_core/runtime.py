@@ -1,0 +1,452 @@
+"""The host runtime: serve one span of blocks to many clients, without networking.
+
+`SpanRuntime` is what a host's RPC handlers call:
+
+    async with SpanRuntime(span, RuntimeLimits(max_cache_tokens=8192)) as runtime:
+        session_id = await runtime.open_session(max_length=512, batch_size=1)
+        out = await runtime.step(session_id, hidden, start_position=0)   # (B, T, C)
+        await runtime.close_session(session_id)
+        out = await runtime.forward(hidden)                   # stateless, no cache
+        grad = await runtime.backward(hidden, grad_output)    # d(out)/d(hidden), params frozen
+
+Contract:
+
+1. `open_session` reserves `max_length * batch_size` cache tokens in every block from one
+   budget, or raises `Busy` at once. Buffers are allocated by the compute thread on the
+   first step (an open costs no compute and holds no memory until the client steps).
+2. `step` writes the cache at `[start_position, start_position + T)`. `start_position` may
+   roll back or replay (entries at and beyond it are overwritten or ignored) but never skip
+   past the session's length. The session keeps its key padding mask history, so a
+   left-padded batch stays correct across steps.
+3. All compute runs on one thread (`scheduler.ComputeScheduler`): inference steps before
+   forward/backward, each job failing with `Timeout` if it waits too long in the queue.
+   Idle sessions are closed by a reaper task owned by the runtime.
+4. Every request is validated before anything is allocated; refusals are
+   `sessions.RuntimeRequestError`s and the runtime keeps serving.
+
+Not done: continuous batching of different sessions' decode steps into one block call.
+The block contract takes one `KVCache` and one `StepContext` with a single `offset`, while
+each session owns its own buffers at its own length; merging them would copy every
+session's cache per step (doubling the memory traffic that bounds decode) unless the
+cache becomes a shared paged pool with per-row offsets, which is a change to
+`stamen.models.base`. Until then concurrent sessions take turns, one step per job.
+
+This module knows nothing about networking, peers (a peer id is only a log label) or
+where the span's weights came from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from stamen.models.base import BlockAdapter, StepContext
+from stamen.models.chain import SpanCache, run_span
+from stamen.swarm_core.scheduler import ComputeScheduler, Priority
+from stamen.swarm_core.sessions import (
+    BadRequest,
+    Busy,
+    CacheBudget,
+    NotFound,
+    RuntimeRequestError,
+    Session,
+    SessionId,
+    Timeout,
+    check_hidden,
+    check_padding_mask,
+    check_positive_int,
+    check_step_position,
+    new_session_id,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BadRequest",
+    "Busy",
+    "NotFound",
+    "RuntimeInfo",
+    "RuntimeLimits",
+    "RuntimeRequestError",
+    "SessionId",
+    "ServedSpan",
+    "SpanRuntime",
+    "Timeout",
+    "cache_bytes_per_token",
+    "measure_throughput",
+]
+
+
+class ServedSpan(Protocol):
+    """What the runtime needs of a loaded span (`stamen.models.loading.Span` fits)."""
+
+    config: Any
+    adapter: BlockAdapter
+    start: int
+    end: int
+    blocks: Sequence[nn.Module]
+
+
+@dataclass(frozen=True)
+class RuntimeLimits:
+    max_cache_tokens: int  # per block, shared by all sessions
+    session_idle_timeout_s: float = 300.0
+    step_timeout_s: float = 30.0  # longest wait in the queue before a step starts
+    bulk_timeout_s: float = 120.0  # same for forward / backward
+    max_batch_size: int = 64
+    max_session_length: int = 8192
+    max_bulk_tokens: int = 16384  # B * T of one forward / backward
+    max_queued_jobs: int = 1024
+    reaper_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    start: int
+    end: int
+    sessions_open: int
+    cache_tokens_total: int
+    cache_tokens_free: int
+    queue_depth: int
+    steps: int
+    tokens_processed: int  # by steps, forward and backward together
+
+
+def cache_bytes_per_token(span: ServedSpan) -> int:
+    """KV-cache bytes one token takes across the whole span (to size `max_cache_tokens`)."""
+    shape = span.adapter.kv_shape(span.config)
+    element_bytes = torch.empty((), dtype=_span_dtype(span)).element_size()
+    return 2 * shape.num_kv_heads * shape.head_dim * element_bytes * len(span.blocks)
+
+
+def _span_dtype(span: ServedSpan) -> torch.dtype:
+    for param in span.blocks[0].parameters():
+        if param.dtype.is_floating_point:
+            return param.dtype
+    return torch.float32
+
+
+def _span_device(span: ServedSpan) -> torch.device:
+    for param in span.blocks[0].parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+class SpanRuntime:
+    def __init__(self, span: ServedSpan, limits: RuntimeLimits) -> None:
+        if not span.blocks:
+            raise ValueError("a span needs at least one block")
+        self.span = span
+        self.limits = limits
+        self.hidden_size = int(span.config.hidden_size)
+        self.dtype = _span_dtype(span)
+        self.device = _span_device(span)
+        self._budget = CacheBudget(limits.max_cache_tokens)
+        self._sessions: dict[SessionId, Session] = {}
+        self._scheduler = ComputeScheduler(max_queued_jobs=limits.max_queued_jobs)
+        self._reaper: asyncio.Task[None] | None = None
+        self._steps = 0
+        self._tokens_processed = 0
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._scheduler.start()
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_idle(), name="stamen-session-reaper")
+
+    async def aclose(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+            self._reaper = None
+        for session_id in list(self._sessions):
+            self._close(session_id, reason="runtime closed")
+        await self._scheduler.aclose()
+
+    async def __aenter__(self) -> SpanRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def info(self) -> RuntimeInfo:
+        return RuntimeInfo(
+            start=self.span.start,
+            end=self.span.end,
+            sessions_open=len(self._sessions),
+            cache_tokens_total=self._budget.total_tokens,
+            cache_tokens_free=self._budget.free_tokens,
+            queue_depth=self._scheduler.queue_depth,
+            steps=self._steps,
+            tokens_processed=self._tokens_processed,
+        )
+
+    # -- sessions -----------------------------------------------------------------------
+
+    async def open_session(
+        self, max_length: int, batch_size: int = 1, *, peer_label: str | None = None
+    ) -> SessionId:
+        check_positive_int(max_length, "max_length", maximum=self.limits.max_session_length)
+        check_positive_int(batch_size, "batch_size", maximum=self.limits.max_batch_size)
+        num_tokens = max_length * batch_size
+        if not self._budget.try_reserve(num_tokens):
+            raise Busy(
+                f"no room for {num_tokens} cache tokens ({self._budget.free_tokens} of "
+                f"{self._budget.total_tokens} free)"
+            )
+        session = Session(new_session_id(), batch_size, max_length, peer_label)
+        self._sessions[session.session_id] = session
+        logger.info(
+            "session %s opened: blocks [%d, %d), %d cache tokens (batch %d x length %d), peer %s",
+            session.session_id,
+            self.span.start,
+            self.span.end,
+            num_tokens,
+            batch_size,
+            max_length,
+            peer_label or "-",
+        )
+        return session.session_id
+
+    async def close_session(self, session_id: SessionId) -> None:
+        self._session(session_id)
+        self._close(session_id, reason="closed by client")
+
+    def _session(self, session_id: object) -> Session:
+        session = self._sessions.get(SessionId(session_id)) if isinstance(session_id, str) else None
+        if session is None:
+            raise NotFound(f"no open session {session_id!r} (never opened, closed or expired)")
+        return session
+
+    def _close(self, session_id: SessionId, *, reason: str) -> None:
+        session = self._sessions.pop(session_id)
+        session.closed = True
+        # The compute thread may still hold the buffers for a running step; refcounting
+        # frees them when it lets go.
+        session.cache = None
+        self._budget.release(session.reserved_tokens)
+        logger.info(
+            "session %s closed (%s): blocks [%d, %d), %d cache tokens, %d tokens processed, "
+            "open %.1f s, peer %s",
+            session_id,
+            reason,
+            self.span.start,
+            self.span.end,
+            session.reserved_tokens,
+            session.tokens_processed,
+            time.monotonic() - session.opened_s,
+            session.peer_label or "-",
+        )
+
+    async def _reap_idle(self) -> None:
+        timeout_s = self.limits.session_idle_timeout_s
+        while True:
+            await asyncio.sleep(min(self.limits.reaper_interval_s, timeout_s))
+            now = time.monotonic()
+            for session in list(self._sessions.values()):
+                if session.in_flight == 0 and now - session.last_active_s > timeout_s:
+                    self._close(session.session_id, reason=f"idle for over {timeout_s:g} s")
+
+    # -- requests -----------------------------------------------------------------------
+
+    async def step(
+        self,
+        session_id: SessionId,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Run `hidden` (B, T, C) through the span, caching its keys and values."""
+        session = self._session(session_id)
+        hidden = check_hidden(hidden, hidden_size=self.hidden_size, batch_size=session.batch_size)
+        B, T, _ = hidden.shape
+        mask = check_padding_mask(padding_mask, B, T)
+        start = check_step_position(session, start_position, T)
+        session.in_flight += 1
+        session.touch()
+        try:
+            return await self._scheduler.run(
+                lambda: self._compute_step(session, hidden, start, mask),
+                priority=Priority.INFERENCE,
+                queue_timeout_s=self.limits.step_timeout_s,
+            )
+        finally:
+            session.in_flight -= 1
+            session.touch()
+
+    async def forward(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Stateless forward over the span (no cache); lower priority than steps."""
+        hidden, mask = self._check_bulk(hidden, padding_mask)
+        return await self._scheduler.run(
+            lambda: self._compute_forward(hidden, mask),
+            priority=Priority.BULK,
+            queue_timeout_s=self.limits.bulk_timeout_s,
+        )
+
+    async def backward(
+        self, hidden: Tensor, grad_output: Tensor, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        """Gradient of the span's output w.r.t. `hidden`, given `grad_output` (B, T, C)."""
+        hidden, mask = self._check_bulk(hidden, padding_mask)
+        grad_output = check_hidden(grad_output, hidden_size=self.hidden_size, name="grad_output")
+        if grad_output.shape != hidden.shape:
+            raise BadRequest(
+                f"grad_output has shape {tuple(grad_output.shape)}, "
+                f"hidden has {tuple(hidden.shape)}"
+            )
+        return await self._scheduler.run(
+            lambda: self._compute_backward(hidden, grad_output, mask),
+            priority=Priority.BULK,
+            queue_timeout_s=self.limits.bulk_timeout_s,
+        )
+
+    def _check_bulk(self, hidden: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Any]:
+        hidden = check_hidden(hidden, hidden_size=self.hidden_size)
+        B, T, _ = hidden.shape
+        if B * T > self.limits.max_bulk_tokens:
+            raise BadRequest(
+                f"{B * T} tokens in one request, the limit is {self.limits.max_bulk_tokens}"
+            )
+        return hidden, check_padding_mask(padding_mask, B, T)
+
+    # -- compute (runs on the scheduler's thread only) ----------------------------------
+
+    def _compute_step(
+        self, session: Session, hidden: Tensor, start: int, mask: Tensor | None
+    ) -> Tensor:
+        if session.closed:
+            raise NotFound(f"session {session.session_id!r} was closed before its step ran")
+        if start > session.length:
+            raise BadRequest(
+                f"start_position {start} would leave a gap: the session holds "
+                f"{session.length} tokens"
+            )
+        B, T, _ = hidden.shape
+        if session.cache is None:
+            session.cache = SpanCache.empty(
+                self.span.adapter,
+                self.span.config,
+                len(self.span.blocks),
+                B,
+                session.max_length,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        # Slots from `start` on are being rewritten: if a block fails midway they are
+        # neither old nor new, so the valid prefix shrinks first.
+        session.length = start
+        x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
+        mask = None if mask is None else mask.to(self.device)
+        x = run_span(self.span.blocks, session.cache, x, start, mask)
+        session.length = start + T
+        session.tokens_processed += B * T
+        self._steps += 1
+        self._tokens_processed += B * T
+        return x.to(device=hidden.device, dtype=hidden.dtype)
+
+    def _bulk_context(self, hidden: Tensor, mask: Tensor | None) -> StepContext:
+        B, T, _ = hidden.shape
+        return StepContext.make(0, T, batch_size=B, key_padding_mask=mask, device=self.device)
+
+    def _compute_forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+        context = self._bulk_context(hidden, mask)
+        with torch.inference_mode():
+            x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
+            for block in self.span.blocks:
+                x = block(x, None, context)
+        self._tokens_processed += hidden.shape[0] * hidden.shape[1]
+        return x.to(device=hidden.device, dtype=hidden.dtype)
+
+    def _compute_backward(self, hidden: Tensor, grad_output: Tensor, mask: Tensor | None) -> Tensor:
+        context = self._bulk_context(hidden, mask)
+        x = hidden.to(device=self.device, dtype=self.dtype).detach().requires_grad_(True)
+        with torch.enable_grad():
+            y = x  # (B, T, C)
+            for block in self.span.blocks:
+                y = block(y, None, context)
+            # Gradient w.r.t. the input only: parameters stay frozen, no .grad is written.
+            (grad_input,) = torch.autograd.grad(
+                y, x, grad_output.to(device=y.device, dtype=y.dtype)
+            )
+        self._tokens_processed += hidden.shape[0] * hidden.shape[1]
+        return grad_input.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def measure_throughput(
+    span: ServedSpan,
+    *,
+    kind: Literal["decode", "forward"] = "decode",
+    batch_size: int = 1,
+    forward_tokens: int = 128,
+    duration_s: float = 0.5,
+) -> float:
+    """Tokens per second through the whole span, measured for about `duration_s`.
+
+    "decode" runs single-token cached steps (what a generating client sees); "forward"
+    runs stateless forwards of `forward_tokens` tokens (fine-tuning, prefill-like work).
+    One untimed warm-up call comes first; at least one timed call always runs.
+    """
+    dtype, device = _span_dtype(span), _span_device(span)
+    C = int(span.config.hidden_size)
+    run: Callable[[int], None]
+    if kind == "decode":
+        max_length = 64
+        cache = SpanCache.empty(
+            span.adapter,
+            span.config,
+            len(span.blocks),
+            batch_size,
+            max_length,
+            dtype=dtype,
+            device=device,
+        )
+        x = torch.randn(batch_size, 1, C, dtype=dtype, device=device)  # (B, 1, C)
+
+        def run(i: int) -> None:
+            # Positions wrap around: rewriting old slots is a legal rollback.
+            run_span(span.blocks, cache, x, i % max_length)
+
+        tokens_per_call = batch_size
+    elif kind == "forward":
+        x = torch.randn(batch_size, forward_tokens, C, dtype=dtype, device=device)  # (B, T, C)
+        context = StepContext.make(0, forward_tokens, batch_size=batch_size, device=device)
+
+        def run(i: int) -> None:
+            h = x
+            for block in span.blocks:
+                h = block(h, None, context)
+
+        tokens_per_call = batch_size * forward_tokens
+    else:
+        raise ValueError(f"kind must be 'decode' or 'forward', got {kind!r}")
+
+    with torch.inference_mode():
+        run(0)
+        _synchronize(device)
+        calls, started_s = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - started_s < duration_s:
+            run(calls + 1)
+            calls += 1
+        _synchronize(device)
+        elapsed_s = time.perf_counter() - started_s
+    return calls * tokens_per_call / elapsed_s
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
