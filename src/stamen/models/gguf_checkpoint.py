@@ -96,7 +96,7 @@ class GGUFCheckpoint(CheckpointSource):
         """Hugging Face config fields derived from the GGUF metadata."""
         from transformers.integrations import GGUF_CONFIG_MAPPING
 
-        renames: dict[str, dict[str, Any]] = {
+        renames: dict[str, Any] = {
             self.architecture: GGUF_CONFIG_MAPPING[self.architecture],
             "tokenizer": GGUF_CONFIG_MAPPING["tokenizer"],
         }
