@@ -115,7 +115,7 @@ def verified_records(key: bytes, value: object, now_s: float) -> list[tuple[Host
         return []
     try:
         entries = _bundle_decoder.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except ValueError as exc:
         logger.debug("dropping an undecodable DHT value: %s", exc)
         return []
     accepted = []
@@ -381,7 +381,7 @@ def _split_bundle(value: bytes) -> list[bytes]:
         return [value]
     try:
         entries = _bundle_decoder.decode(value)
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except ValueError:
         return []
     chunks: list[list[bytes]] = [[]]
     size = 0

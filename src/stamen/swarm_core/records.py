@@ -203,7 +203,7 @@ def decode_signed(data: bytes) -> SignedRecord:
         raise RecordTooLarge(f"signed record of {len(data)} bytes > {MAX_SIGNED_RECORD_BYTES}")
     try:
         return _signed_decoder.decode(data)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except ValueError as exc:  # msgspec's errors, and UnicodeDecodeError for bad UTF-8
         raise MalformedRecord(f"bad signed record: {exc}") from exc
 
 
@@ -214,7 +214,7 @@ def verify_record(signed: SignedRecord, *, now_s: float | None = None) -> HostRe
         raise RecordTooLarge(f"record of {len(signed.record)} bytes > {MAX_RECORD_BYTES}")
     try:
         record = _record_decoder.decode(signed.record)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except ValueError as exc:  # msgspec's errors, and UnicodeDecodeError for bad UTF-8
         raise MalformedRecord(f"bad host record: {exc}") from exc
     if record.peer_id != peer_id_from_public_key(record.public_key):
         raise ForgedRecord(f"peer id {record.peer_id} does not belong to the record's key")
