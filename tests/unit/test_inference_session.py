@@ -1,0 +1,336 @@
+"""InferenceSession against in-memory fake hosts: failover, replay, rollback, closing.
+
+Each fake block keeps a per-session cache of its inputs and computes, exactly in int64,
+
+    out[t] = x[t] * (i + 3) + sum(x[s] for real s <= t) + position(t) * (i + 1)   (mod P)
+
+so a replacement host whose cache was not rebuilt, rebuilt at wrong positions, or with the
+wrong padding mask, gives different outputs than an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import Tensor
+
+from stamen.swarm_core.inference import InferenceSession, InvalidStepError, SessionFailedError
+from stamen.swarm_core.remote import HopError, HopSession, HostBusy, HostInfo, SpanClient
+from stamen.swarm_core.routing import BanList
+
+P = 1_000_003
+B, C = 2, 4
+NUM_BLOCKS = 8
+
+
+def block_fn(i: int, inputs: Tensor, mask: Tensor, position: int, T: int) -> Tensor:
+    """Outputs for the last `T` of `inputs` (B, S, C), S = position + T."""
+    prefix = torch.cumsum(inputs * mask[..., None], dim=1)[:, position:]  # (B, T, C)
+    positions = torch.arange(position, position + T)[None, :, None]  # (1, T, 1)
+    return (inputs[:, position:] * (i + 3) + prefix + positions * (i + 1)) % P
+
+
+def reference(hidden: Tensor, mask: Tensor | None = None, start: int = 0, end: int = NUM_BLOCKS):
+    """The whole sequence (B, S, C) through blocks [start, end) in one go."""
+    mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask
+    for i in range(start, end):
+        hidden = block_fn(i, hidden, mask, 0, hidden.shape[1])
+    return hidden
+
+
+@dataclass
+class FakeHost(SpanClient):
+    info: HostInfo
+    fail_at_step: int | None = None  # dies (for good) on this step, counted across sessions
+    busy: bool = False
+    wrong_shape: bool = False
+    hang_at_step: int | None = None  # never answers this step nor any close
+    steps: list[tuple[int, int]] = field(default_factory=list)  # (start_position, T)
+    sessions: list[FakeHopSession] = field(default_factory=list)
+    dead: bool = False
+
+    @property
+    def peer_id(self) -> str:
+        return self.info.peer_id
+
+    async def open_session(
+        self, start: int, end: int, max_length: int, batch_size: int
+    ) -> HopSession:
+        if self.dead:
+            raise HopError("connection lost")
+        if self.busy:
+            raise HostBusy("no free cache")
+        if not self.info.start <= start < end <= self.info.end:
+            raise HopError(f"blocks [{start}, {end}) not served here")
+        session = FakeHopSession(self, start, end, max_length, batch_size)
+        self.sessions.append(session)
+        return session
+
+    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+        return reference(hidden, None, start, end)
+
+
+class FakeHopSession(HopSession):
+    def __init__(self, host: FakeHost, start: int, end: int, max_length: int, batch: int):
+        self.host, self.start, self.end = host, start, end
+        self.inputs = [
+            torch.zeros(batch, max_length, C, dtype=torch.long) for _ in range(end - start)
+        ]
+        self.mask = torch.ones(batch, max_length, dtype=torch.bool)
+        self.length = 0  # tokens in the cache
+        self.closed = False
+
+    async def step(
+        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        host = self.host
+        host.steps.append((start_position, hidden.shape[1]))
+        if host.hang_at_step == len(host.steps):
+            host.dead = True
+            await asyncio.sleep(3600)
+        if host.fail_at_step == len(host.steps):
+            host.dead = True
+        if host.dead or self.closed:
+            raise HopError("connection lost")
+        if start_position > self.length:
+            raise HopError(f"remote: start_position {start_position} > cache {self.length}")
+        T = hidden.shape[1]
+        end = start_position + T
+        self.mask[:, start_position:end] = True if padding_mask is None else padding_mask
+        for k, inputs in enumerate(self.inputs):
+            inputs[:, start_position:end] = hidden
+            hidden = block_fn(
+                self.start + k, inputs[:, :end], self.mask[:, :end], start_position, T
+            )
+        self.length = end
+        return hidden[..., :-1] if host.wrong_shape else hidden
+
+    async def close(self) -> None:
+        if self.host.hang_at_step is not None and self.host.dead:
+            await asyncio.sleep(3600)
+        self.closed = True
+        if self.host.dead:
+            raise HopError("connection lost")
+
+
+class FakeSwarm:
+    def __init__(self, *hosts: FakeHost) -> None:
+        self.by_id = {h.peer_id: h for h in hosts}
+
+    def hosts(self) -> list[HostInfo]:
+        return [h.info for h in self.by_id.values()]
+
+    async def connect(self, peer_id: str) -> SpanClient:
+        return self.by_id[peer_id]
+
+
+def fake(peer_id: str, start: int, end: int, *, throughput: float = 1000.0, **kw) -> FakeHost:
+    return FakeHost(HostInfo(peer_id, start, end, throughput, free_cache_tokens=10_000), **kw)
+
+
+def tokens(T: int, seed: int) -> Tensor:
+    return torch.randint(0, 100, (B, T, C), generator=torch.Generator().manual_seed(seed))
+
+
+def session(swarm: FakeSwarm, **kw) -> InferenceSession:
+    kw.setdefault("retry_delay_s", 0.0)
+    return InferenceSession(swarm, 0, NUM_BLOCKS, max_length=32, batch_size=B, **kw)
+
+
+async def generate(s: InferenceSession, steps: list[Tensor]) -> list[Tensor]:
+    return [await s.step(x) for x in steps]
+
+
+def prefill_and_decode(num_decode: int = 6) -> list[Tensor]:
+    return [tokens(3, 0)] + [tokens(1, k) for k in range(1, num_decode + 1)]
+
+
+def expected(steps: list[Tensor]) -> list[Tensor]:
+    full = reference(torch.cat(steps, dim=1))
+    bounds = torch.tensor([0] + [x.shape[1] for x in steps]).cumsum(0).tolist()
+    return [full[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def assert_same(outputs: list[Tensor], wanted: list[Tensor]) -> None:
+    assert len(outputs) == len(wanted)
+    for got, want in zip(outputs, wanted):
+        assert torch.equal(got, want)
+
+
+def route_of(s: InferenceSession) -> list[tuple[str, int, int]]:
+    return [(hop.peer_id, hop.start, hop.end) for hop in s.route]
+
+
+async def test_undisturbed_run_matches_the_whole_model() -> None:
+    swarm = FakeSwarm(fake("a", 0, 3), fake("b", 3, 6), fake("c", 5, 8, throughput=500.0))
+    steps = prefill_and_decode()
+    async with session(swarm) as s:
+        assert route_of(s) == [("a", 0, 3), ("b", 3, 6), ("c", 6, 8)]
+        assert_same(await generate(s, steps), expected(steps))
+        assert s.position == 9
+
+
+async def test_host_dying_mid_generation_is_replaced_with_identical_outputs() -> None:
+    steps = prefill_and_decode()
+    healthy = FakeSwarm(fake("a", 0, 4), fake("b", 4, 8))
+    async with session(healthy) as s:
+        undisturbed = await generate(s, steps)
+
+    dying = fake("b", 4, 8, fail_at_step=5)
+    backup = fake("backup", 2, 8, throughput=100.0)  # slower: not chosen at first
+    bans = BanList()
+    async with session(FakeSwarm(fake("a", 0, 4), dying, backup), ban_list=bans) as s:
+        assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
+        outputs = await generate(s, steps)
+        assert route_of(s) == [("a", 0, 4), ("backup", 4, 8)]
+    assert_same(outputs, undisturbed)
+    assert_same(outputs, expected(steps))
+    assert "b" in bans and bans.strikes("b") == 1
+    # The 6 tokens the dead host had seen are replayed in one step, then decoding goes on.
+    assert backup.steps == [(0, 6), (6, 1), (7, 1), (8, 1)]
+    assert all(session.closed for session in backup.sessions)
+
+
+async def test_replacement_may_take_several_hosts() -> None:
+    swarm = FakeSwarm(
+        fake("a", 0, 2),
+        fake("big", 2, 8, fail_at_step=3),
+        fake("r1", 2, 5, throughput=500.0),
+        fake("r2", 5, 8, throughput=500.0),
+    )
+    steps = prefill_and_decode(4)
+    async with session(swarm) as s:
+        outputs = await generate(s, steps)
+        assert route_of(s) == [("a", 0, 2), ("r1", 2, 5), ("r2", 5, 8)]
+    assert_same(outputs, expected(steps))
+
+
+async def test_wrong_shape_reply_counts_as_a_failure() -> None:
+    liar = fake("liar", 0, 8, wrong_shape=True)
+    swarm = FakeSwarm(liar, fake("a", 0, 4, throughput=100.0), fake("b", 4, 8, throughput=100.0))
+    bans = BanList()
+    steps = prefill_and_decode(3)
+    async with session(swarm, ban_list=bans) as s:
+        outputs = await generate(s, steps)
+        assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
+    assert_same(outputs, expected(steps))
+    assert "liar" in bans
+
+
+async def test_busy_host_is_routed_around_with_a_short_ban() -> None:
+    now = [0.0]
+    bans = BanList(base_ban_s=15.0, busy_ban_s=2.0, clock=lambda: now[0])
+    swarm = FakeSwarm(fake("busy", 0, 8, busy=True), fake("a", 0, 4), fake("b", 4, 8))
+    steps = prefill_and_decode(2)
+    async with session(swarm, ban_list=bans) as s:
+        assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
+        assert_same(await generate(s, steps), expected(steps))
+    assert "busy" in bans and bans.strikes("busy") == 0
+    assert bans.remaining_s("busy") == 2.0
+
+
+async def test_host_that_stops_answering_times_out_and_is_replaced() -> None:
+    sleepy = fake("sleepy", 4, 8, hang_at_step=2)
+    swarm = FakeSwarm(fake("a", 0, 4), sleepy, fake("backup", 4, 8, throughput=100.0))
+    steps = prefill_and_decode(3)
+    async with session(swarm, step_timeout_s=0.2, close_timeout_s=0.05) as s:
+        outputs = await generate(s, steps)
+        assert route_of(s) == [("a", 0, 4), ("backup", 4, 8)]
+    assert_same(outputs, expected(steps))
+
+
+async def test_exhausted_retries_name_the_blocks_and_the_causes() -> None:
+    swarm = FakeSwarm(
+        fake("a", 0, 4),
+        fake("b1", 4, 8, fail_at_step=2),
+        fake("b2", 4, 8, throughput=500.0, fail_at_step=1),
+        fake("b3", 4, 8, throughput=100.0, fail_at_step=1),
+    )
+    async with session(swarm, max_retries=2) as s:
+        await s.step(tokens(3, 0))
+        with pytest.raises(SessionFailedError) as info:
+            await s.step(tokens(1, 1))
+        assert (info.value.start, info.value.end) == (4, 8)
+        assert "blocks [4, 8)" in str(info.value)
+        assert [c.split(":")[0] for c in info.value.causes] == ["b1", "b2", "b3"]
+        with pytest.raises(SessionFailedError):  # a failed session stays failed
+            await s.step(tokens(1, 1))
+
+
+async def test_no_host_left_for_the_blocks_fails_with_the_routing_reason() -> None:
+    swarm = FakeSwarm(fake("a", 0, 4), fake("only", 4, 8, fail_at_step=2))
+    async with session(swarm, max_retries=1) as s:
+        await s.step(tokens(3, 0))
+        with pytest.raises(SessionFailedError, match=r"no usable host serves blocks \[4, 8\)"):
+            await s.step(tokens(1, 1))
+
+
+async def test_opening_without_a_route_fails() -> None:
+    swarm = FakeSwarm(fake("a", 0, 4), fake("b", 5, 8))
+    with pytest.raises(SessionFailedError, match="block 4"):
+        async with session(swarm, max_retries=1):
+            pass
+
+
+async def test_rollback_truncates_history_before_a_later_replay() -> None:
+    backup = fake("backup", 4, 8, throughput=100.0)
+    swarm = FakeSwarm(fake("a", 0, 4), fake("b", 4, 8, fail_at_step=5), backup)
+    first = [tokens(5, 0), tokens(1, 1), tokens(1, 2)]
+    async with session(swarm) as s:
+        await generate(s, first)
+        assert s.position == 7
+        # Take back the last 4 tokens and go another way; then "b" dies and the replay to
+        # "backup" must carry only the 3 kept tokens plus the new ones.
+        edited = [first[0][:, :3], tokens(2, 9)]
+        out = await s.step(edited[1], start_position=3)
+        assert s.position == 5
+        last = await s.step(tokens(1, 10))
+        assert route_of(s)[-1][0] == "backup"
+    assert backup.steps[0] == (0, 5)
+    want = expected([*edited, tokens(1, 10)])
+    assert torch.equal(out, want[1]) and torch.equal(last, want[2])
+
+
+async def test_padding_mask_is_replayed_with_the_history() -> None:
+    swarm = FakeSwarm(
+        fake("a", 0, 4), fake("b", 4, 8, fail_at_step=3), fake("backup", 4, 8, throughput=100.0)
+    )
+    prompt = tokens(4, 0)
+    mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    steps = [prompt, tokens(1, 1), tokens(1, 2), tokens(1, 3)]
+    async with session(swarm) as s:
+        outputs = [await s.step(prompt, mask)] + [await s.step(x) for x in steps[1:]]
+        assert route_of(s)[-1][0] == "backup"
+    full_mask = torch.cat([mask, torch.ones(B, 3, dtype=torch.bool)], dim=1)
+    want = reference(torch.cat(steps, dim=1), full_mask)
+    assert torch.equal(torch.cat(outputs, dim=1), want)
+
+
+async def test_invalid_steps_are_refused_before_reaching_hosts() -> None:
+    b = fake("b", 0, 8)
+    async with session(FakeSwarm(b)) as s:
+        with pytest.raises(InvalidStepError, match="hidden must be"):
+            await s.step(torch.zeros(B + 1, 1, C, dtype=torch.long))
+        with pytest.raises(InvalidStepError, match="start_position"):
+            await s.step(tokens(1, 0), start_position=1)
+        with pytest.raises(InvalidStepError, match="max_length"):
+            await s.step(torch.zeros(B, 33, C, dtype=torch.long))
+        with pytest.raises(InvalidStepError, match="padding_mask"):
+            await s.step(tokens(2, 0), torch.ones(B, 3, dtype=torch.bool))
+        await s.step(tokens(2, 0))
+        with pytest.raises(InvalidStepError, match="hidden size"):
+            await s.step(torch.zeros(B, 1, C + 1, dtype=torch.long))
+    assert b.steps == [(0, 2)]
+
+
+async def test_closing_closes_every_hop_even_when_one_host_hangs() -> None:
+    a, b = fake("a", 0, 4), fake("b", 4, 8, hang_at_step=99)
+    async with session(FakeSwarm(a, b), close_timeout_s=0.05) as s:
+        await s.step(tokens(2, 0))
+        b.dead = True  # its close now hangs; the session must not wait forever
+    assert a.sessions[0].closed
+    assert not b.sessions[0].closed
+    assert s.route == []

@@ -1,0 +1,222 @@
+"""Routing: least-latency chains, skipped hosts, spreading, and growing bans."""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections import Counter
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stamen.swarm_core.remote import HostInfo, HostState
+from stamen.swarm_core.routing import (
+    BanList,
+    NoRouteError,
+    RouteHop,
+    plan_latency_route,
+    plan_spread_route,
+    route_latency_s,
+)
+
+
+def host(
+    peer_id: str,
+    start: int,
+    end: int,
+    *,
+    throughput: float = 1000.0,
+    ping_s: float | None = 0.01,
+    free: int = 10_000,
+    state: HostState = HostState.ONLINE,
+) -> HostInfo:
+    return HostInfo(peer_id, start, end, throughput, free, state, ping_s)
+
+
+def spans(route: list[RouteHop]) -> list[tuple[str, int, int]]:
+    return [(hop.peer_id, hop.start, hop.end) for hop in route]
+
+
+def assert_valid_chain(route: list[RouteHop], start: int, end: int) -> None:
+    assert route[0].start == start and route[-1].end == end
+    for prev, nxt in zip(route, route[1:]):
+        assert prev.end == nxt.start
+    for hop in route:
+        assert hop.host.start <= hop.start < hop.end <= hop.host.end
+
+
+def test_fast_hosts_beat_one_slow_host_covering_everything() -> None:
+    hosts = [
+        host("slow", 0, 8, throughput=10.0),  # 0.1 s per block
+        host("fast-a", 0, 4, throughput=1000.0),
+        host("fast-b", 4, 8, throughput=1000.0),
+    ]
+    assert spans(plan_latency_route(hosts, 0, 8)) == [("fast-a", 0, 4), ("fast-b", 4, 8)]
+
+
+def test_one_hop_preferred_over_two_equally_fast_hops() -> None:
+    hosts = [host("a", 0, 4), host("b", 4, 8), host("whole", 0, 8)]
+    assert spans(plan_latency_route(hosts, 0, 8)) == [("whole", 0, 8)]
+
+
+def test_far_host_avoided_when_a_near_one_serves_the_same_blocks() -> None:
+    hosts = [host("far", 0, 8, ping_s=0.5), host("near", 0, 8, ping_s=0.01)]
+    assert spans(plan_latency_route(hosts, 0, 8)) == [("near", 0, 8)]
+
+
+def test_unmeasured_ping_counts_as_the_default() -> None:
+    hosts = [host("unknown", 0, 8, ping_s=None), host("measured", 0, 8, ping_s=0.05)]
+    assert spans(plan_latency_route(hosts, 0, 8, default_ping_s=0.01)) == [("unknown", 0, 8)]
+    assert spans(plan_latency_route(hosts, 0, 8, default_ping_s=0.2)) == [("measured", 0, 8)]
+
+
+def test_hosts_entered_and_left_inside_their_spans() -> None:
+    # The fast host serves 2..10 but only 3..7 is asked for beyond the slow host's part.
+    hosts = [host("slow", 0, 5, throughput=10.0), host("fast", 2, 10, throughput=1000.0)]
+    route = plan_latency_route(hosts, 1, 7)
+    assert spans(route) == [("slow", 1, 2), ("fast", 2, 7)]
+    assert_valid_chain(route, 1, 7)
+
+
+@pytest.mark.parametrize(
+    "skipped",
+    [
+        {"state": HostState.OFFLINE},
+        {"state": HostState.JOINING},
+        {"free": 99},
+    ],
+)
+def test_unusable_hosts_are_skipped(skipped: dict) -> None:
+    hosts = [host("best", 0, 8, **skipped), host("a", 0, 4), host("b", 4, 8)]
+    route = plan_latency_route(hosts, 0, 8, min_cache_tokens=100)
+    assert spans(route) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_banned_hosts_are_skipped() -> None:
+    hosts = [host("best", 0, 8), host("a", 0, 4), host("b", 4, 8)]
+    bans = BanList()
+    bans.ban("best")
+    assert spans(plan_latency_route(hosts, 0, 8, banned=bans)) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_no_route_names_the_first_uncovered_blocks_and_why() -> None:
+    hosts = [
+        host("a", 0, 4),
+        host("down", 4, 6, state=HostState.OFFLINE),
+        host("full", 4, 5, free=0),
+        host("c", 6, 8),
+    ]
+    with pytest.raises(NoRouteError) as info:
+        plan_latency_route(hosts, 0, 8, min_cache_tokens=10)
+    assert info.value.uncovered == (4, 6)
+    assert info.value.skipped == {"down": "offline", "full": "0 free cache tokens < 10"}
+    assert "blocks [4, 6)" in str(info.value)
+
+
+def test_no_route_at_the_end_of_the_range() -> None:
+    with pytest.raises(NoRouteError) as info:
+        plan_latency_route([host("a", 0, 7)], 0, 8)
+    assert info.value.uncovered == (7, 8)
+    assert "block 7" in str(info.value)
+
+
+def test_spread_route_covers_the_range_and_favours_throughput() -> None:
+    hosts = [host("big", 0, 8, throughput=900.0), host("small", 0, 8, throughput=100.0)]
+    rng = random.Random(1234)
+    picks = Counter()
+    for _ in range(400):
+        route = plan_spread_route(hosts, 0, 8, rng=rng)
+        assert_valid_chain(route, 0, 8)
+        picks[route[0].peer_id] += 1
+    assert picks["small"] > 0
+    assert picks["big"] > 3 * picks["small"]
+
+
+def test_spread_route_skips_banned_and_reports_gaps() -> None:
+    hosts = [host("a", 0, 4), host("b", 4, 8), host("b2", 4, 8)]
+    route = plan_spread_route(hosts, 0, 8, banned={"b"}, rng=random.Random(0))
+    assert spans(route) == [("a", 0, 4), ("b2", 4, 8)]
+    with pytest.raises(NoRouteError) as info:
+        plan_spread_route(hosts, 0, 8, banned={"b", "b2"})
+    assert info.value.uncovered == (4, 8)
+
+
+def test_bans_double_on_repeated_failures_up_to_a_cap() -> None:
+    now = [0.0]
+    bans = BanList(base_ban_s=15.0, max_ban_s=100.0, clock=lambda: now[0])
+    assert [bans.ban("x") for _ in range(5)] == [15.0, 30.0, 60.0, 100.0, 100.0]
+    assert "x" in bans and "y" not in bans
+    now[0] = 99.0
+    assert "x" in bans
+    now[0] = 100.0
+    assert "x" not in bans
+    assert bans.ban("x") == 100.0  # strikes are remembered for a while after the ban
+    now[0] += 1000.0
+    assert bans.strikes("x") == 0
+    assert bans.ban("x") == 15.0  # ...and forgotten after a long quiet period
+
+
+def test_busy_bans_are_short_and_do_not_count_as_failures() -> None:
+    now = [0.0]
+    bans = BanList(base_ban_s=15.0, busy_ban_s=2.0, clock=lambda: now[0])
+    assert bans.ban("x", busy=True) == 2.0
+    assert "x" in bans and bans.strikes("x") == 0
+    now[0] = 2.0
+    assert "x" not in bans
+    assert bans.ban("x") == 15.0
+    bans.ban("x", busy=True)  # does not shorten a longer ban
+    assert bans.remaining_s("x") == 15.0
+
+
+def _brute_force_latency_s(hosts: list[HostInfo], start: int, end: int) -> float:
+    """Dijkstra over every block boundary (no shortcuts), as a reference."""
+    best = {start: 0.0}
+    heap = [(0.0, start)]
+    while heap:
+        cost, node = heapq.heappop(heap)
+        if cost > best[node]:
+            continue
+        for h in hosts:
+            if h.start <= node < h.end:
+                for exit_node in range(node + 1, min(h.end, end) + 1):
+                    new = cost + (h.ping_s or 0.0) + h.compute_s_per_block * (exit_node - node)
+                    if new < best.get(exit_node, float("inf")):
+                        best[exit_node] = new
+                        heapq.heappush(heap, (new, exit_node))
+    return best.get(end, float("inf"))
+
+
+@st.composite
+def swarms(draw: st.DrawFn) -> list[HostInfo]:
+    count = draw(st.integers(1, 6))
+    out = []
+    for i in range(count):
+        a = draw(st.integers(0, 9))
+        b = draw(st.integers(a + 1, 10))
+        out.append(
+            host(
+                f"h{i}",
+                a,
+                b,
+                throughput=draw(st.sampled_from([5.0, 20.0, 100.0, 1000.0])),
+                ping_s=draw(st.sampled_from([0.0, 0.01, 0.05, 0.3])),
+            )
+        )
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(swarms(), st.integers(0, 9), st.integers(1, 10))
+def test_route_is_as_fast_as_the_best_chain_over_all_boundaries(
+    hosts: list[HostInfo], start: int, length: int
+) -> None:
+    end = min(start + length, 10)
+    reference_s = _brute_force_latency_s(hosts, start, end)
+    if reference_s == float("inf"):
+        with pytest.raises(NoRouteError):
+            plan_latency_route(hosts, start, end)
+        return
+    route = plan_latency_route(hosts, start, end)
+    assert_valid_chain(route, start, end)
+    assert route_latency_s(route) == pytest.approx(reference_s)
