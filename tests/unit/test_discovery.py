@@ -1,0 +1,279 @@
+"""Discovery: merging record storage, and a small DHT on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from stamen.swarm_core.discovery import (
+    Discovery,
+    DiscoveryConfig,
+    RecordStorage,
+    block_key,
+    encode_bundle,
+)
+from stamen.swarm_core.identity import sign
+from stamen.swarm_core.records import (
+    HostRecord,
+    HostState,
+    SignedRecord,
+    encode_signed,
+    new_host_record,
+    restamped,
+    sign_record,
+)
+from stamen.transports.base import Credentials
+
+MODEL = "test/tiny-llama"
+NOW_S = 1_800_000_000.0
+FAST = DiscoveryConfig(rpc_timeout_s=1.0, lookup_timeout_s=10.0)
+
+
+def _bundle(record: HostRecord, credentials: Credentials, now_s: float | None = NOW_S) -> bytes:
+    return encode_bundle([encode_signed(sign_record(record, credentials, now_s=now_s))])
+
+
+def _record(credentials: Credentials, start: int, end: int, **kwargs: object) -> HostRecord:
+    return new_host_record(credentials, model=MODEL, start_block=start, end_block=end, **kwargs)  # type: ignore[arg-type]
+
+
+# --- storage ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_s = NOW_S
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_storage_merges_peers_and_keeps_the_newest_record_of_each() -> None:
+    clock = FakeClock()
+    storage = RecordStorage(DiscoveryConfig(), clock)
+    a, b = Credentials.generate(), Credentials.generate()
+    key = block_key(MODEL, 2)
+    old_a = _record(a, 0, 4, now_s=NOW_S, ttl_s=60)
+    new_a = restamped(
+        msgspec.structs.replace(old_a, free_cache_tokens=7), ttl_s=60, now_s=NOW_S + 1
+    )
+    assert storage.merge(key, _bundle(new_a, a)) == 1
+    assert storage.merge(key, _bundle(old_a, a)) == 1  # valid, but older: must not win
+    assert storage.merge(key, _bundle(_record(b, 2, 3, now_s=NOW_S, ttl_s=60), b)) == 1
+    records = {r.peer_id: r for r in storage.records(key)}
+    assert set(records) == {new_a.peer_id, _record(b, 2, 3).peer_id}
+    assert records[new_a.peer_id].free_cache_tokens == 7
+    # What storage serves to others is a bundle that merges back to the same records.
+    copy = RecordStorage(DiscoveryConfig(), clock)
+    assert copy.merge(key, storage[key]) == 2
+
+
+def test_storage_refuses_forged_foreign_and_garbage_values() -> None:
+    storage = RecordStorage(DiscoveryConfig(), FakeClock())
+    host, attacker = Credentials.generate(), Credentials.generate()
+    body = msgspec.msgpack.encode(_record(host, 0, 4, now_s=NOW_S))
+    forged = SignedRecord(body, sign(attacker.private_key, body, domain=b"stamen/host-record/v1"))
+    assert storage.merge(block_key(MODEL, 0), encode_bundle([encode_signed(forged)])) == 0
+    # Genuine, but stored under a block outside its span.
+    assert storage.merge(block_key(MODEL, 9), _bundle(_record(host, 0, 4, now_s=NOW_S), host)) == 0
+    assert storage.merge(block_key(MODEL, 0), b"\xc1garbage") == 0
+    assert storage.merge(block_key(MODEL, 0), "not bytes") == 0
+    assert storage.merge(b"short key", _bundle(_record(host, 0, 4, now_s=NOW_S), host)) == 0
+    assert list(storage) == []
+
+
+def test_storage_drops_expired_records_on_read() -> None:
+    clock = FakeClock()
+    storage = RecordStorage(DiscoveryConfig(), clock)
+    host = Credentials.generate()
+    key = block_key(MODEL, 0)
+    storage.merge(key, _bundle(_record(host, 0, 1, now_s=NOW_S, ttl_s=30), host))
+    assert storage.get(key) is not None
+    clock.now_s += 31
+    assert storage.get(key) is None
+    assert storage.records(key) == []
+    with pytest.raises(KeyError):
+        storage[key]
+
+
+def test_storage_bounds_records_per_key_keeping_the_longest_lived() -> None:
+    storage = RecordStorage(DiscoveryConfig(max_records_per_key=3), FakeClock())
+    key = block_key(MODEL, 0)
+    hosts = [Credentials.generate() for _ in range(5)]
+    for ttl_s, host in zip([50, 10, 40, 20, 30], hosts):
+        storage.merge(key, _bundle(_record(host, 0, 1, now_s=NOW_S, ttl_s=ttl_s), host))
+    kept = sorted(r.expires_at_s - NOW_S for r in storage.records(key))
+    assert kept == [30, 40, 50]
+
+
+# --- a DHT on loopback ------------------------------------------------------------------
+
+
+def _node(peers: list[Discovery], **kwargs: object) -> Discovery:
+    initial = [f"{h}:{p}" for h, p in (peers[0].address,)] if peers else []
+    kwargs.setdefault("credentials", Credentials.generate())
+    kwargs.setdefault("config", FAST)
+    credentials = kwargs.pop("credentials")
+    return Discovery(credentials, listen_host="127.0.0.1", initial_peers=initial, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def swarm() -> AsyncIterator[list[Discovery]]:
+    """Four server-mode nodes; the first is the bootstrap the others joined through."""
+    nodes: list[Discovery] = []
+    try:
+        for _ in range(4):
+            node = _node(nodes)
+            await node.start()
+            nodes.append(node)
+        yield nodes
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+@pytest.fixture
+async def client(swarm: list[Discovery]) -> AsyncIterator[Discovery]:
+    node = _node(swarm, client_mode=True)
+    assert await node.start() == len(swarm)
+    yield node
+    await node.stop()
+
+
+async def test_hosts_with_different_spans_are_merged_per_block(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    a, b = Credentials.generate(), Credentials.generate()
+    host_a = _node(swarm, credentials=a)
+    host_b = _node(swarm, credentials=b)
+    async with host_a, host_b:
+        assert await host_a.announce(_record(a, 0, 4, addresses=["tcp://127.0.0.1:1"])) == 4
+        assert await host_b.announce(_record(b, 2, 6, addresses=["tcp://127.0.0.1:2"])) == 4
+        for reader in (client, swarm[3]):
+            found = await reader.find_hosts(MODEL, range(0, 7))
+            owners = {
+                block: [r.addresses[0][-1] for r in records] for block, records in found.items()
+            }
+            expected = sorted("1", key=lambda _: 0), sorted(["1", "2"], key=str)
+            assert {b: sorted(o) for b, o in owners.items()} == {
+                0: ["1"],
+                1: ["1"],
+                2: expected[1],
+                3: expected[1],
+                4: ["2"],
+                5: ["2"],
+                6: [],
+            }
+        assert (await client.find_hosts("another/model", (0, 2))) == {0: [], 1: []}
+
+
+async def test_a_lookup_merges_answers_held_by_different_nodes(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    a, b = Credentials.generate(), Credentials.generate()
+    key = block_key(MODEL, 0)
+    swarm[1]._storage.merge(key, _bundle(_record(a, 0, 1), a, now_s=None))
+    swarm[2]._storage.merge(key, _bundle(_record(b, 0, 1), b, now_s=None))
+    found = await client.find_hosts(MODEL, (0, 1))
+    assert {r.public_key for r in found[0]} == {a.public_key, b.public_key}
+
+
+async def test_a_forged_record_injected_through_the_store_rpc_is_ignored(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    victim, attacker = Credentials.generate(), Credentials.generate()
+    genuine = _record(victim, 0, 2)
+    async with _node(swarm, credentials=victim) as host:
+        await host.announce(genuine)
+        # A later OFFLINE record "from" the victim, signed with the attacker's key.
+        body = msgspec.msgpack.encode(
+            restamped(msgspec.structs.replace(genuine, state=HostState.OFFLINE))
+        )
+        forged = SignedRecord(
+            body, sign(attacker.private_key, body, domain=b"stamen/host-record/v1")
+        )
+        async with _node(swarm, credentials=attacker) as mallory:
+            for block in (0, 1):
+                key = block_key(MODEL, block)
+                for target in swarm:
+                    ok, accepted = await mallory._protocol.store(
+                        target.address,
+                        mallory._server.node.id,
+                        key,
+                        encode_bundle([encode_signed(forged)]),
+                    )
+                    assert ok and not accepted
+            found = await client.find_hosts(MODEL, (0, 2), include_offline=True)
+    assert [r.state for r in found[0]] == [HostState.ONLINE]
+    assert [r.state for r in found[1]] == [HostState.ONLINE]
+
+
+async def test_offline_and_expired_hosts_disappear(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    leaving, fading = Credentials.generate(), Credentials.generate()
+    async with (
+        _node(swarm, credentials=leaving) as host_1,
+        _node(swarm, credentials=fading) as host_2,
+    ):
+        online = _record(leaving, 0, 2)
+        await host_1.announce(online)
+        await host_2.announce(_record(fading, 0, 2, ttl_s=1.0))
+        found = await client.find_hosts(MODEL, (0, 2))
+        assert {r.public_key for r in found[0]} == {leaving.public_key, fading.public_key}
+
+        await host_1.announce(restamped(msgspec.structs.replace(online, state=HostState.OFFLINE)))
+        await asyncio.sleep(1.1)
+        assert await client.find_hosts(MODEL, (0, 2)) == {0: [], 1: []}
+        everything = await client.find_hosts(MODEL, (0, 2), include_offline=True)
+        assert [(r.public_key, r.state) for r in everything[0]] == [
+            (leaving.public_key, HostState.OFFLINE)
+        ]
+
+
+async def test_a_client_can_query_and_announce_but_is_routed_to_by_nobody(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    nat_host_key = Credentials.generate()
+    async with _node(swarm, credentials=nat_host_key, client_mode=True) as nat_host:
+        assert await nat_host.announce(_record(nat_host_key, 0, 3)) == 3
+        found = await client.find_hosts(MODEL, (0, 3))
+        assert all(
+            [r.public_key for r in records] == [nat_host_key.public_key]
+            for records in found.values()
+        )
+        assert set(client.neighbors()) == {node.address for node in swarm}
+        for node in swarm:
+            assert client.address not in node.neighbors()
+            assert nat_host.address not in node.neighbors()
+            assert len(node.neighbors()) == len(swarm) - 1
+
+
+async def test_a_node_with_another_swarm_key_can_neither_read_nor_write(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    member = Credentials.generate()
+    async with _node(swarm, credentials=member, client_mode=True) as host:
+        await host.announce(_record(member, 0, 1))
+    stranger_key = Credentials(Credentials.generate().private_key, swarm_key=b"another swarm")
+    stranger = _node(
+        swarm, credentials=stranger_key, client_mode=True, config=DiscoveryConfig(rpc_timeout_s=0.3)
+    )
+    async with stranger:
+        assert stranger.neighbors() == []
+        assert await stranger.find_hosts(MODEL, (0, 1)) == {0: []}
+        # Even aimed straight at a member, its datagrams are dropped unanswered.
+        ok, _ = await stranger._protocol.store(
+            swarm[0].address,
+            stranger._server.node.id,
+            block_key(MODEL, 0),
+            _bundle(_record(stranger_key, 0, 1), stranger_key, now_s=None),  # type: ignore[arg-type]
+        )
+        assert not ok
+    found = await client.find_hosts(MODEL, (0, 1))
+    assert [r.public_key for r in found[0]] == [member.public_key]
+    for node in swarm:
+        assert stranger.address not in node.neighbors()
