@@ -419,7 +419,7 @@ def decode_message(
     return Decoded(message, tensors)
 
 
-def check_compatible(local: Hello, remote: Hello) -> None:
+def check_compatible(local: Hello | HelloReply, remote: Hello | HelloReply) -> None:
     """Raises `VersionMismatch` unless both peers speak the same major protocol version."""
     if local.protocol_major != remote.protocol_major:
         raise VersionMismatch(
