@@ -43,7 +43,7 @@ from stamen.swarm_core.wire import (
     decode_message,
     encode_message,
 )
-from stamen.transports.base import ConnectionClosed, Credentials
+from stamen.transports.base import ConnectionClosed, Credentials, Transport
 from stamen.transports.memory import MemoryHub, MemoryTransport
 
 SID = SessionId("s-1")
@@ -118,20 +118,29 @@ def probe():
     return Probe()
 
 
-@pytest.fixture
-async def serve(probe):
+def make_transports(kind: str) -> tuple[Transport, Transport, str]:
+    """(server transport, client transport, address to listen on)."""
+    if kind == "memory":
+        hub = MemoryHub()
+        server = MemoryTransport(Credentials.generate(), hub=hub)
+        return server, MemoryTransport(Credentials.generate(), hub=hub), "memory://"
+    tcp = pytest.importorskip("stamen.transports.tcp")
+    server = tcp.TcpTransport(Credentials.generate())
+    return server, tcp.TcpTransport(Credentials.generate()), "tcp://127.0.0.1:0"
+
+
+@pytest.fixture(params=["memory", "tcp"])
+async def serve(request, probe):
     transports = []
 
     async def start(limits: RpcLimits | None = None, hello: HelloReply | None = None):
-        hub = MemoryHub()
         server = RpcServer(hello or HelloReply.local("host"), limits=limits)
         server.add_unary(Forward, double)
         server.add_unary(Info, blocking_handler(probe))
         server.add_stream(OpenSession, session_handler(probe))
-        server_transport = MemoryTransport(Credentials.generate(), hub=hub)
-        client_transport = MemoryTransport(Credentials.generate(), hub=hub)
+        server_transport, client_transport, address = make_transports(request.param)
         transports.extend([server_transport, client_transport])
-        listener = await server_transport.listen("memory://", server.serve)
+        listener = await server_transport.listen(address, server.serve)
         return server, client_transport, listener.addresses[0]
 
     yield start
