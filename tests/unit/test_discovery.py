@@ -11,6 +11,7 @@ import pytest
 from stamen.swarm_core.discovery import (
     Discovery,
     DiscoveryConfig,
+    DiscoveryError,
     RecordStorage,
     block_key,
     encode_bundle,
@@ -137,7 +138,14 @@ async def swarm() -> AsyncIterator[list[Discovery]]:
 
 @pytest.fixture
 async def client(swarm: list[Discovery]) -> AsyncIterator[Discovery]:
-    node = _node(swarm, client_mode=True)
+    port = swarm[0].address[1]
+    node = Discovery(
+        Credentials.generate(),
+        listen_host="127.0.0.1",
+        initial_peers=[f"localhost:{port}"],  # a name, resolved at start
+        client_mode=True,
+        config=FAST,
+    )
     assert await node.start() == len(swarm)
     yield node
     await node.stop()
@@ -277,3 +285,34 @@ async def test_a_node_with_another_swarm_key_can_neither_read_nor_write(
     assert [r.public_key for r in found[0]] == [member.public_key]
     for node in swarm:
         assert stranger.address not in node.neighbors()
+
+
+async def test_periodic_announces_keep_a_short_lived_record_alive(
+    swarm: list[Discovery], client: Discovery
+) -> None:
+    host_key = Credentials.generate()
+    made = 0
+
+    def make_record() -> HostRecord:
+        nonlocal made
+        made += 1
+        return _record(host_key, 0, 1, ttl_s=0.5)
+
+    async with _node(swarm, credentials=host_key, client_mode=True) as host:
+        announcer = asyncio.create_task(host.announce_periodically(make_record, interval_s=0.1))
+        try:
+            await asyncio.sleep(0.8)  # longer than one record's TTL
+            found = await client.find_hosts(MODEL, (0, 1))
+        finally:
+            announcer.cancel()
+    assert made >= 2  # the first record had expired: what was found came later
+    assert [r.public_key for r in found[0]] == [host_key.public_key]
+
+
+async def test_a_node_must_be_started_and_lookups_are_bounded() -> None:
+    node = Discovery(Credentials.generate(), listen_host="127.0.0.1")
+    with pytest.raises(DiscoveryError):
+        await node.find_hosts(MODEL, (0, 1))
+    async with node:
+        with pytest.raises(ValueError):
+            await node.find_hosts(MODEL, (0, 1_000_000))

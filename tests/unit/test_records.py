@@ -177,4 +177,3 @@ def test_any_changed_byte_invalidates_a_signed_record(data: st.DataObject) -> No
     wire[position] = data.draw(st.integers(0, 255).filter(lambda b: b != wire[position]))
     with pytest.raises(RecordError):
         verify_record(decode_signed(bytes(wire)), now_s=NOW_S)
-

@@ -38,6 +38,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from stamen.transports.base import Credentials
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 20
+MAX_LOOKUP_BLOCKS = 4096
 _MAX_STORE_VALUE_BYTES = 6 * 1024  # rpcudp refuses requests above 8 KiB (key, ids, framing)
 _MAX_BUNDLE_ENTRIES = 256
 _BundleEntries = Annotated[
@@ -295,8 +297,14 @@ _REQUEST = b"\x00"  # rpcudp's first payload byte for requests (0x01: responses)
 class _SwarmProtocol(KademliaProtocol):
     """Kademlia RPCs with sealed datagrams, client mode, merging stores, owned tasks."""
 
-    def __init__(self, node: Node, storage: RecordStorage, config: DiscoveryConfig,
-                 envelope: _Envelope, client_mode: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        node: Node,
+        storage: RecordStorage,
+        config: DiscoveryConfig,
+        envelope: _Envelope,
+        client_mode: bool,
+    ) -> None:
         super().__init__(node, storage, config.ksize)
         self._wait_timeout = config.rpc_timeout_s
         self._envelope = envelope
@@ -397,8 +405,14 @@ def _split_bundle(value: bytes) -> list[bytes]:
 class _SwarmServer(Server):
     """kademlia's Server with our protocol and an owned refresh task."""
 
-    def __init__(self, node_id: bytes, storage: RecordStorage, config: DiscoveryConfig,
-                 envelope: _Envelope, client_mode: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        node_id: bytes,
+        storage: RecordStorage,
+        config: DiscoveryConfig,
+        envelope: _Envelope,
+        client_mode: bool,
+    ) -> None:
         super().__init__(ksize=config.ksize, alpha=config.alpha, node_id=node_id, storage=storage)
         self._config, self._envelope, self._client_mode = config, envelope, client_mode
         self._refresh_task: asyncio.Task[None] | None = None
@@ -522,6 +536,7 @@ class Discovery:
     async def announce(self, record: HostRecord) -> int:
         """Sign `record` and store it under the key of every block of its span. Returns
         the number of blocks stored on at least one node (this one included)."""
+        self._require_started()
         signed = sign_record(record, self._credentials)
         bundle = encode_bundle([encode_signed(signed)])
         blocks = range(record.start_block, record.end_block)
@@ -536,7 +551,10 @@ class Discovery:
         """Per block of `block_range` (a range or a half-open (start, end) pair), the hosts
         serving it: verified, unexpired, newest record per peer, sorted by peer id. Blocks
         nobody serves map to []. OFFLINE hosts are left out unless `include_offline`."""
+        self._require_started()
         blocks = block_range if isinstance(block_range, range) else range(*block_range)
+        if len(blocks) > MAX_LOOKUP_BLOCKS:
+            raise ValueError(f"{len(blocks)} blocks requested; at most {MAX_LOOKUP_BLOCKS}")
         found = await self._gather_bounded(self._lookup(block_key(model, b)) for b in blocks)
         result = {}
         for block, records in zip(blocks, found):
@@ -559,6 +577,9 @@ class Discovery:
 
     @property
     def _protocol(self) -> _SwarmProtocol:
+        return self._require_started()
+
+    def _require_started(self) -> _SwarmProtocol:
         if not self._started or self._server.protocol is None:
             raise DiscoveryError("the DHT node is not started")
         return self._server.protocol
@@ -604,12 +625,15 @@ class Discovery:
 
     async def _resolve(self, host: str, port: int) -> tuple[str, int] | None:
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=2)  # SOCK_DGRAM
+            # kademlia needs IP addresses; it listens on IPv4 here.
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, family=socket.AF_INET, type=socket.SOCK_DGRAM
+            )
         except OSError as exc:
             logger.warning("cannot resolve DHT peer %s:%d: %s", host, port, exc)
             return None
-        ipv4 = [info[4] for info in infos if len(info[4]) == 2]
-        return (ipv4[0][0], ipv4[0][1]) if ipv4 else None
+        ip, resolved_port = infos[0][4][:2]
+        return str(ip), int(resolved_port)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
