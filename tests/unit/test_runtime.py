@@ -393,3 +393,12 @@ def test_measure_throughput_and_cache_size() -> None:
     for kind in ("decode", "forward"):
         assert measure_throughput(span, kind=kind, duration_s=0.05) > 0
     assert cache_bytes_per_token(span) == 2 * H * D * 4 * 2
+
+
+@pytest.mark.parametrize(
+    "field_name, value",
+    [("max_cache_tokens", -1), ("max_batch_size", 0), ("step_timeout_s", 0.0)],
+)
+def test_limits_refuse_nonsense(field_name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        RuntimeLimits(**{"max_cache_tokens": 8, field_name: value})

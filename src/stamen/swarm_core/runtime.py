@@ -107,6 +107,18 @@ class RuntimeLimits:
     max_queued_jobs: int = 1024
     reaper_interval_s: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.max_cache_tokens < 0:
+            raise ValueError(f"max_cache_tokens must be >= 0, got {self.max_cache_tokens}")
+        for name in ("max_batch_size", "max_session_length", "max_bulk_tokens", "max_queued_jobs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("session_idle_timeout_s", "step_timeout_s", "bulk_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.reaper_interval_s > 0:
+            raise ValueError(f"reaper_interval_s must be > 0, got {self.reaper_interval_s}")
+
 
 @dataclass(frozen=True)
 class RuntimeInfo:
