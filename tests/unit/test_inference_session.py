@@ -117,7 +117,7 @@ class FakeHopSession(HopSession):
 
 
 class FakeSwarm:
-    def __init__(self, *hosts: FakeHost) -> None:
+    def __init__(self, *hosts: FakeHost | SpanHost) -> None:
         self.by_id = {h.peer_id: h for h in hosts}
 
     def hosts(self) -> list[HostInfo]:
@@ -135,9 +135,9 @@ def tokens(T: int, seed: int) -> Tensor:
     return torch.randint(0, 100, (B, T, C), generator=torch.Generator().manual_seed(seed))
 
 
-def session(swarm: FakeSwarm, **kw) -> InferenceSession:
+def session(swarm: FakeSwarm, num_blocks: int = NUM_BLOCKS, **kw) -> InferenceSession:
     kw.setdefault("retry_delay_s", 0.0)
-    return InferenceSession(swarm, 0, NUM_BLOCKS, max_length=32, batch_size=B, **kw)
+    return InferenceSession(swarm, 0, num_blocks, max_length=32, batch_size=B, **kw)
 
 
 async def generate(s: InferenceSession, steps: list[Tensor]) -> list[Tensor]:
@@ -189,6 +189,7 @@ async def test_host_dying_mid_generation_is_replaced_with_identical_outputs() ->
     assert_same(outputs, undisturbed)
     assert_same(outputs, expected(steps))
     assert "b" in bans and bans.strikes("b") == 1
+    assert dying.sessions[0].closed  # closing the dead hop was attempted
     # The 6 tokens the dead host had seen are replayed in one step, then decoding goes on.
     assert backup.steps == [(0, 6), (6, 1), (7, 1), (8, 1)]
     assert all(session.closed for session in backup.sessions)
@@ -334,3 +335,102 @@ async def test_closing_closes_every_hop_even_when_one_host_hangs() -> None:
     assert a.sessions[0].closed
     assert not b.sessions[0].closed
     assert s.route == []
+
+
+class SpanHost(SpanClient):
+    """A fake host running real blocks with the same span code as the host runtime."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        start: int,
+        end: int,
+        blocks: list,
+        config: object,
+        throughput: float = 1000.0,
+    ) -> None:
+        self.info = HostInfo(peer_id, start, end, throughput, free_cache_tokens=10_000)
+        self.blocks, self.config = blocks, config
+        self.steps_left: int | None = None  # dies once this many steps were served
+
+    @property
+    def peer_id(self) -> str:
+        return self.info.peer_id
+
+    async def open_session(
+        self, start: int, end: int, max_length: int, batch_size: int
+    ) -> HopSession:
+        from stamen.models.chain import SpanCache
+        from stamen.models.registry import get_adapter
+
+        blocks = self.blocks[start - self.info.start : end - self.info.start]
+        cache = SpanCache.empty(
+            get_adapter(self.config),
+            self.config,
+            len(blocks),
+            batch_size,
+            max_length,
+            dtype=torch.float32,
+        )
+        return SpanHopSession(self, blocks, cache)
+
+    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class SpanHopSession(HopSession):
+    def __init__(self, host: SpanHost, blocks: list, cache: object) -> None:
+        self.host, self.blocks, self.cache = host, blocks, cache
+
+    async def step(
+        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        from stamen.models.chain import run_span
+
+        if self.host.steps_left is not None:
+            if self.host.steps_left == 0:
+                raise HopError("connection lost")
+            self.host.steps_left -= 1
+        return run_span(self.blocks, self.cache, hidden, start_position, padding_mask)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_real_blocks_generate_the_same_tokens_when_a_host_dies() -> None:
+    from transformers import LlamaConfig
+
+    from stamen.conformance.adapters import LocalChain as Built
+    from stamen.conformance.adapters import Reference
+    from stamen.models.chain import LocalChain, SpanCache
+    from stamen.models.registry import get_adapter
+    from stamen.swarm_core.generation import DecodingPlan, decode
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    built = Built.build(Reference.build(config, seed=3))
+    head, blocks = built.head, built.blocks
+    input_ids = torch.tensor([[0, 0, 5, 17, 42], [7, 8, 9, 10, 11]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    plan = DecodingPlan(max_new_tokens=8)
+
+    local = LocalChain(
+        [(blocks, SpanCache.empty(get_adapter(config), config, 4, B, 16, dtype=torch.float32))]
+    )
+    want = [s.tokens async for s in decode(head, local, input_ids, plan, attention_mask)]
+
+    dying = SpanHost("b", 2, 4, blocks[2:], config)
+    dying.steps_left = 4  # prefill and 3 decode steps, then gone
+    backup = SpanHost("backup", 1, 4, blocks[1:], config, throughput=10.0)
+    swarm = FakeSwarm(SpanHost("a", 0, 2, blocks[:2], config), dying, backup)
+    async with session(swarm, num_blocks=4) as s:
+        got = [t.tokens async for t in decode(head, s, input_ids, plan, attention_mask)]
+        assert route_of(s) == [("a", 0, 2), ("backup", 2, 4)]
+    assert torch.equal(torch.stack(got), torch.stack(want))

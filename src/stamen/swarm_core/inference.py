@@ -99,6 +99,8 @@ class _Attempts:
 
     async def failed(self, start: int, end: int, peer_id: str | None, error: Exception) -> None:
         """Count one failure serving `[start, end)`; raise once the budget is spent."""
+        if isinstance(error, NoRouteError):
+            start, end = error.uncovered  # name the blocks nobody serves, not the whole range
         who = f"{peer_id}: " if peer_id else ""
         what = (
             "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
@@ -152,6 +154,9 @@ class InferenceSession:
         self._hidden_size: int | None = None
         self._failure: SessionFailedError | None = None
         self._lock = asyncio.Lock()
+        # Sessions on failed hosts close in the background, so failover does not wait for
+        # a dead host's close to time out; `close` waits for them.
+        self._closing: set[asyncio.Task[None]] = set()
 
     @property
     def position(self) -> int:
@@ -180,14 +185,19 @@ class InferenceSession:
         if self._hops:
             raise RuntimeError("session already open")
         attempts = _Attempts(self.max_retries, self.retry_delay_s)
-        self._hops = await self._build_chain(self.start, self.end, [], attempts)
+        try:
+            self._hops = await self._build_chain(self.start, self.end, [], attempts)
+        except SessionFailedError:
+            await self.close()  # sessions on hosts that failed mid-way are still closing
+            raise
 
     async def close(self) -> None:
-        """Close every hop session, concurrently and best effort."""
+        """Close every hop session, concurrently and best effort (each within
+        `close_timeout_s`)."""
         hops, self._hops = self._hops, []
-        async with asyncio.TaskGroup() as group:
-            for hop in hops:
-                group.create_task(self._close_quietly(hop))
+        for hop in hops:
+            self._close_in_background(hop)
+        await asyncio.gather(*self._closing)
 
     async def step(
         self,
@@ -260,7 +270,7 @@ class InferenceSession:
                 out = await self._run_hop(hop, hidden, position, padding_mask)
             except (HopError, TimeoutError) as e:
                 self._ban(hop.route.peer_id, e)
-                await self._close_quietly(hop)
+                self._close_in_background(hop)
                 await attempts.failed(hop.route.start, hop.route.end, hop.route.peer_id, e)
                 replacement = await self._build_chain(
                     hop.route.start, hop.route.end, hop.history, attempts
@@ -293,7 +303,7 @@ class InferenceSession:
             await self._extend_chain(hops, start, end, replay, attempts)
         except BaseException:
             for hop in hops:
-                await self._close_quietly(hop)
+                self._close_in_background(hop)
             raise
         return hops
 
@@ -340,7 +350,7 @@ class InferenceSession:
         try:
             out = await self._run_hop(hop, replay.hidden, 0, replay.padding_mask)
         except BaseException:
-            await self._close_quietly(hop)
+            self._close_in_background(hop)
             raise
         hop.history.append(replay)
         return hop, _Entry(0, out, replay.padding_mask)
@@ -361,6 +371,11 @@ class InferenceSession:
 
     def _ban(self, peer_id: str, error: Exception) -> None:
         self.ban_list.ban(peer_id, busy=isinstance(error, HostBusy))
+
+    def _close_in_background(self, hop: _Hop) -> None:
+        task = asyncio.create_task(self._close_quietly(hop))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _close_quietly(self, hop: _Hop) -> None:
         try:
