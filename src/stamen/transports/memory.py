@@ -34,40 +34,16 @@ from stamen.transports.base import (
     IdentityMismatch,
     Limits,
     Listener,
-    MessageTooLarge,
     Stream,
     StreamClosed,
     Transport,
 )
+from stamen.transports.flow import Signal, check_message
 
 logger = logging.getLogger(__name__)
 
 SCHEME = "memory://"
 DEFAULT_WINDOW_BYTES = 4 * 1024 * 1024
-
-
-class _Signal:
-    """A broadcast wake-up: every waiter of the current generation is released."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
-def check_message(frames: Frames, limits: Limits) -> int:
-    """Total size of `frames`; raises `MessageTooLarge` when `limits` forbid the message."""
-    if len(frames) > limits.max_frames:
-        raise MessageTooLarge(f"{len(frames)} frames > max_frames={limits.max_frames}")
-    size = sum(len(memoryview(frame).cast("B")) for frame in frames)
-    if size > limits.max_message_bytes:
-        raise MessageTooLarge(f"{size} bytes > max_message_bytes={limits.max_message_bytes}")
-    return size
 
 
 class MemoryStream(Stream):
@@ -82,7 +58,7 @@ class MemoryStream(Stream):
         self.local_closed = False  # we closed or reset: no more sends, no more receives
         self.remote_closed = False  # peer closed gracefully: drain the inbox, then closed
         self.was_reset = False
-        self.changed = _Signal()
+        self.changed = Signal()
 
     @property
     def stream_id(self) -> int:
@@ -98,7 +74,8 @@ class MemoryStream(Stream):
         peer = self._peer
         assert peer is not None  # wired by MemoryConnection before the stream is handed out
         self._raise_if_unusable()
-        size = check_message(frames, self._connection.remote_limits)
+        views = check_message(frames, self._connection.remote_limits)
+        size = sum(len(view) for view in views)
         window_bytes = self._connection.window_bytes
         # A message bigger than the window still goes through once the peer's inbox is empty.
         while peer.inbox_bytes and peer.inbox_bytes + size > window_bytes:
@@ -185,7 +162,7 @@ class MemoryConnection(Connection):
         self.is_dialer = is_dialer
         self._ids = itertools.count(1 if is_dialer else 2, 2)
         self._closed = False
-        self.changed = _Signal()
+        self.changed = Signal()
 
     @property
     def remote_public_key(self) -> bytes:

@@ -1,0 +1,252 @@
+"""One stream of a `MuxConnection`: message framing, credit-based flow control, close and
+reset. See `mux` for the flow-control policy and `packets` for the wire format.
+
+Messages are sent as one MSG packet (frame sizes, then data) and as many DATA packets as
+needed; a stream's messages never interleave (a lock), while different streams' packets
+do. Received frames are validated against our `Limits` before anything is kept.
+
+This module knows nothing about records, sockets or keepalives: it calls
+`MuxConnection.write_packet` / `drain` and is fed packets through `on_packet`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+from collections import deque
+from typing import TYPE_CHECKING
+
+from stamen.transports.base import Frames, Stream, StreamClosed, TransportError
+from stamen.transports.flow import Signal, check_message
+from stamen.transports.packets import (
+    CHUNK_BYTES,
+    FLAG_SYN,
+    FRAME_BYTES,
+    FRAME_COUNT,
+    WINDOW,
+    Kind,
+    ProtocolError,
+)
+
+if TYPE_CHECKING:
+    from stamen.transports.mux import MuxConnection
+
+MAX_CREDIT_BYTES = 1 << 62  # more than any sane window; beyond it the peer is lying
+
+
+class MuxStream(Stream):
+    def __init__(self, connection: MuxConnection, stream_id: int, *, opened_locally: bool):
+        self._connection = connection
+        self._id = stream_id
+        self._syn_pending = opened_locally  # the peer learns of the stream from our 1st packet
+        self._send_credit = connection.remote_window_bytes
+        self._send_lock = asyncio.Lock()
+        self._window_bytes = connection.settings.window_bytes
+        self._allowance = self._window_bytes  # what the peer may still send us
+        self._owed = 0  # received while a complete message waited: granted once it is read
+        self._pending_grant = 0
+        self._messages: deque[list[bytes]] = deque()
+        self._frame_sizes: tuple[int, ...] | None = None  # of the message being assembled
+        self._frames: list[bytes] = []
+        self._chunks: list[memoryview] = []
+        self._chunk_bytes = 0
+        self._remaining_bytes = 0
+        self._local_closed = False
+        self._remote_closed = False
+        self._was_reset = False
+        self.changed = Signal()
+
+    @property
+    def stream_id(self) -> int:
+        return self._id
+
+    # --- sending -------------------------------------------------------------------------
+
+    def _raise_if_cannot_send(self) -> None:
+        if self._was_reset or self._local_closed or self._remote_closed:
+            raise StreamClosed(f"stream {self._id} is closed")
+        self._connection.raise_if_closed()
+
+    def _take_flags(self) -> int:
+        if self._syn_pending:
+            self._syn_pending = False
+            return FLAG_SYN
+        return 0
+
+    def announce(self) -> None:
+        """Tell the peer about this stream if no packet has done so yet."""
+        if self._syn_pending and not self._connection.is_closed:
+            with contextlib.suppress(TransportError):
+                self._connection.write_packet(
+                    Kind.WINDOW, self._take_flags(), self._id, (WINDOW.pack(0),)
+                )
+
+    async def send(self, frames: Frames) -> None:
+        self._raise_if_cannot_send()
+        views = check_message(frames, self._connection.remote_limits)
+        header = FRAME_COUNT.pack(len(views)) + b"".join(FRAME_BYTES.pack(len(v)) for v in views)
+        async with self._send_lock:
+            await self._send_packets(header, deque(view for view in views if len(view)))
+
+    async def _send_packets(self, header: bytes, data: deque[memoryview]) -> None:
+        first = True
+        while first or data:
+            await self._wait_for_credit(len(header) if first else 1)
+            room = min(CHUNK_BYTES, self._send_credit - (len(header) if first else 0))
+            parts: list[bytes | memoryview] = [header] if first else []
+            while data and room > 0:
+                view = data[0]
+                if len(view) <= room:
+                    parts.append(data.popleft())
+                    room -= len(view)
+                else:
+                    parts.append(view[:room])
+                    data[0] = view[room:]
+                    room = 0
+            self._send_credit -= sum(len(part) for part in parts)
+            kind = Kind.MSG if first else Kind.DATA
+            self._connection.write_packet(kind, self._take_flags(), self._id, tuple(parts))
+            first = False
+            await self._connection.drain()
+
+    async def _wait_for_credit(self, needed_bytes: int) -> None:
+        while self._send_credit < needed_bytes:
+            self._raise_if_cannot_send()
+            await self.changed.wait()
+        self._raise_if_cannot_send()
+
+    # --- receiving -----------------------------------------------------------------------
+
+    async def recv(self) -> list[bytes]:
+        while True:
+            if self._was_reset or self._local_closed:
+                raise StreamClosed(f"stream {self._id} is closed")
+            if self._messages:
+                message = self._messages.popleft()
+                if not self._messages and self._owed:
+                    owed, self._owed = self._owed, 0
+                    with contextlib.suppress(TransportError):
+                        self._grant(owed)
+                return message
+            if self._remote_closed:
+                self._connection.forget(self)
+                raise StreamClosed(f"stream {self._id} was closed by the peer")
+            self._connection.raise_if_closed()
+            await self.changed.wait()
+
+    def _grant(self, granted_bytes: int) -> None:
+        self._allowance += granted_bytes
+        self._pending_grant += granted_bytes
+        # Batched so that a stream of small messages does not cost one WINDOW packet each.
+        if self._pending_grant >= self._window_bytes // 4:
+            pending, self._pending_grant = self._pending_grant, 0
+            self._connection.write_packet(Kind.WINDOW, 0, self._id, (WINDOW.pack(pending),))
+
+    def _account(self, received_bytes: int) -> None:
+        if received_bytes > self._allowance:
+            raise ProtocolError(f"stream {self._id}: the peer sent beyond its window")
+        self._allowance -= received_bytes
+        if self._messages:
+            self._owed += received_bytes  # the reader is behind: hold the credit
+        else:
+            self._grant(received_bytes)
+
+    def on_packet(self, kind: Kind, payload: memoryview) -> None:
+        """Called by the connection's reader for each packet of this stream."""
+        if kind == Kind.WINDOW:
+            if len(payload) != WINDOW.size:
+                raise ProtocolError("malformed window update")
+            self._send_credit += WINDOW.unpack(payload)[0]
+            if self._send_credit > MAX_CREDIT_BYTES:
+                raise ProtocolError("window overflow")
+        elif kind == Kind.RESET:
+            self._was_reset = True
+            self._drop_received()
+            self._connection.forget(self)
+        elif self._remote_closed:
+            raise ProtocolError(f"stream {self._id}: packet after close")
+        elif kind == Kind.MSG:
+            self._on_message_start(payload)
+        elif kind == Kind.DATA:
+            if self._frame_sizes is None:
+                raise ProtocolError(f"stream {self._id}: data outside a message")
+            self._account(len(payload))
+            self._take_data(payload)
+        elif kind == Kind.CLOSE:
+            if self._frame_sizes is not None or len(payload):
+                raise ProtocolError(f"stream {self._id}: close inside a message")
+            self._remote_closed = True
+        self.changed.fire()
+
+    def _on_message_start(self, payload: memoryview) -> None:
+        if self._frame_sizes is not None:
+            raise ProtocolError(f"stream {self._id}: message inside a message")
+        self._account(len(payload))
+        limits = self._connection.settings.limits
+        if len(payload) < FRAME_COUNT.size:
+            raise ProtocolError("truncated message header")
+        (frame_count,) = FRAME_COUNT.unpack_from(payload)
+        header_bytes = FRAME_COUNT.size + FRAME_BYTES.size * frame_count
+        if frame_count > limits.max_frames or header_bytes > len(payload):
+            raise ProtocolError(f"message header with {frame_count} frames refused")
+        sizes = struct.unpack_from(f"!{frame_count}Q", payload, FRAME_COUNT.size)
+        total_bytes = sum(sizes)
+        if total_bytes > limits.max_message_bytes:
+            raise ProtocolError(f"message of {total_bytes} bytes refused")
+        self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], total_bytes
+        self._take_data(payload[header_bytes:])
+
+    def _take_data(self, data: memoryview) -> None:
+        sizes = self._frame_sizes
+        assert sizes is not None  # checked by the callers
+        if len(data) > self._remaining_bytes:
+            raise ProtocolError(f"stream {self._id}: more data than the message declared")
+        self._remaining_bytes -= len(data)
+        while len(self._frames) < len(sizes):
+            wanted = sizes[len(self._frames)] - self._chunk_bytes
+            if wanted == 0:
+                chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
+                self._frames.append(chunks[0].tobytes() if len(chunks) == 1 else b"".join(chunks))
+                continue
+            if not data:
+                return
+            taken = min(wanted, len(data))
+            self._chunks.append(data[:taken])
+            self._chunk_bytes += taken
+            data = data[taken:]
+        self._messages.append(self._frames)
+        self._frame_sizes, self._frames = None, []
+
+    def _drop_received(self) -> None:
+        self._messages.clear()
+        self._frame_sizes, self._frames, self._chunks, self._chunk_bytes = None, [], [], 0
+
+    # --- closing -------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        if self._local_closed or self._was_reset:
+            return
+        async with self._send_lock:  # a message being sent goes out whole first
+            if self._local_closed or self._was_reset:
+                return
+            self._local_closed = True
+            if not self._remote_closed:
+                with contextlib.suppress(TransportError):
+                    self._connection.write_packet(Kind.CLOSE, self._take_flags(), self._id)
+            self._finish()
+
+    def reset(self) -> None:
+        if self._local_closed or self._was_reset:
+            return
+        self._was_reset = True
+        # A peer that never heard of the stream, or already forgot it, needs no RESET.
+        if not self._syn_pending and not self._remote_closed:
+            with contextlib.suppress(TransportError):
+                self._connection.write_packet(Kind.RESET, 0, self._id)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._drop_received()
+        self._connection.forget(self)
+        self.changed.fire()

@@ -1,0 +1,53 @@
+"""The tcp transport's packet format (one packet per record when encrypted):
+
+    u8 type | u8 flags | u16 reserved (0) | u32 stream_id | u64 payload_bytes | payload
+
+    MSG     first packet of a message: u32 frame_count, u64 frame_bytes[frame_count],
+            then the first bytes of the frames' concatenated data
+    DATA    more of the current message's data
+    CLOSE   the sender is done with the stream: deliver what came before, then closed
+    RESET   abort the stream now
+    WINDOW  u64: the receiver grants that many more payload bytes on the stream
+    PING / PONG (stream 0): keepalive; GOAWAY (stream 0): the connection is closing
+
+Lengths are u64 on the wire so that absurd values are seen and refused, never truncated.
+This module only names things; `mux` and `mux_stream` give them meaning.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+
+from stamen.transports.base import TransportError
+
+PACKET = struct.Struct("!BBHIQ")
+FRAME_COUNT = struct.Struct("!I")
+FRAME_BYTES = struct.Struct("!Q")
+WINDOW = struct.Struct("!Q")
+CHUNK_BYTES = 256 * 1024  # data per packet: big enough to amortize, small enough to interleave
+FLAG_SYN = 0x01  # first packet of a stream, sent by its opener
+PING_BYTES = 8
+MIN_WINDOW_BYTES = 64 * 1024
+
+
+class Kind(enum.IntEnum):
+    MSG = 1
+    DATA = 2
+    CLOSE = 3
+    RESET = 4
+    WINDOW = 5
+    PING = 6
+    PONG = 7
+    GOAWAY = 8
+
+
+STREAM_KINDS = frozenset({Kind.MSG, Kind.DATA, Kind.CLOSE, Kind.RESET, Kind.WINDOW})
+
+
+class ProtocolError(TransportError):
+    """The peer broke the packet protocol; its connection is dropped."""
+
+
+def message_header_bytes(max_frames: int) -> int:
+    return FRAME_COUNT.size + FRAME_BYTES.size * max_frames
