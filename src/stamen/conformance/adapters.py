@@ -19,6 +19,7 @@ Everything runs in float32 on CPU; `TOLERANCE` is the bound the test suite holds
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -369,8 +370,18 @@ class Result:
         return self.max_abs_diff <= TOLERANCE
 
 
+@functools.lru_cache(maxsize=4)
+def reference_for(variant: str, seed: int = 0) -> Reference:
+    """The reference of a named variant, built once per process (checks never modify it)."""
+    return Reference.build(VARIANTS[variant](), seed)
+
+
+def variants_of(model_type: str) -> list[str]:
+    return [name for name in VARIANTS if VARIANTS[name]().model_type == model_type]
+
+
 def run_variant(name: str, seed: int = 0) -> list[Result]:
-    ref = Reference.build(VARIANTS[name](), seed)
+    ref = reference_for(name, seed)
     return [Result(name, check, run(ref)) for check, run in CHECKS.items()]
 
 
