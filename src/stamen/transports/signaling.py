@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import msgspec
@@ -155,12 +156,16 @@ class Signaling(ABC):
     """Carries offers to a target key and delivers offers addressed to us."""
 
     @abstractmethod
+    async def connect(self, timeout_s: float = 10.0) -> None:
+        """Open the signalling path. Raises `SignalingError`."""
+
+    @abstractmethod
     async def send_offer(self, target_public_key: bytes, sdp: str, *, timeout_s: float) -> str:
         """Deliver `sdp` to the peer holding `target_public_key`; return its answer SDP.
         Raises `PeerUnreachable` or `SignalingError`."""
 
     @abstractmethod
-    async def register(self) -> None:
+    async def register(self, timeout_s: float = 10.0) -> None:
         """Become reachable: offers for our key are delivered to `next_offer`."""
 
     @abstractmethod
@@ -169,6 +174,10 @@ class Signaling(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+
+SignalingFactory = Callable[[str, Credentials], Signaling]
+"""Builds the signalling for one peer address (e.g. a relay's `host:port`) and key."""
 
 
 class RelaySignaling(Signaling):
@@ -273,8 +282,8 @@ class RelaySignaling(Signaling):
         except (OSError, TimeoutError) as exc:
             raise SignalingError(f"relay write failed: {exc}") from exc
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -74,6 +74,7 @@ from stamen.transports.signaling import (
     RelaySignaling,
     Signaling,
     SignalingError,
+    SignalingFactory,
 )
 
 logger = logging.getLogger(__name__)
@@ -382,7 +383,10 @@ class MuxConnection(Connection):
 
     @property
     def remote_address(self) -> str:
-        return self._remote_address
+        # An accepted peer may be unreachable except through us: name it by its key.
+        if not self._remote_address and self._peer_hello.done():
+            return f"{SCHEME}://incoming/{self.remote_public_key.hex()}"
+        return self._remote_address or f"{SCHEME}://incoming"
 
     @property
     def is_closed(self) -> bool:
@@ -434,7 +438,7 @@ class MuxConnection(Connection):
         self._verify = verify
         if self._channel.readyState != "open":
             opened = asyncio.get_running_loop().create_future()
-            self._channel.on("open", lambda: opened.done() or opened.set_result(None))
+            self._channel.on("open", lambda: None if opened.done() else opened.set_result(None))
             await asyncio.wait([opened, self._peer_hello], return_when=asyncio.FIRST_COMPLETED)
         if not self._peer_hello.done() or self._peer_hello.exception() is None:
             self.send_control(_Kind.HELLO, 0, msgspec.msgpack.encode(hello))
@@ -516,6 +520,8 @@ class MuxConnection(Connection):
                 self._on_handshake_frame(kind, payload)
             elif not self._closed:
                 self._dispatch(kind, stream_id, payload)
+            elif kind == _Kind.GOAWAY:
+                self._gone.set()  # both sides closed at once; nothing more will come
         except HandshakeError as exc:
             self._refuse(str(exc))
         except (ValueError, struct.error, msgspec.DecodeError) as exc:
@@ -695,19 +701,18 @@ class WebRTCTransport(Transport):
         *,
         limits: Limits | None = None,
         config: WebRTCConfig | None = None,
-        signaling_factory: object | None = None,
+        signaling_factory: SignalingFactory | None = None,
     ) -> None:
         self.credentials = credentials
         self.config = config or WebRTCConfig()
         if limits is not None:
             self.config = _with_limits(self.config, limits)
-        # Callable[[relay_address, Credentials], Signaling]; a seam for other signalling.
-        self._signaling_factory = signaling_factory or RelaySignaling
+        self._signaling_factory: SignalingFactory = signaling_factory or RelaySignaling
         self._connections: set[MuxConnection] = set()
         self._listeners: set[WebRTCListener] = set()
 
     def _new_signaling(self, relay: str) -> Signaling:
-        return self._signaling_factory(relay, self.credentials)  # type: ignore[operator]
+        return self._signaling_factory(relay, self.credentials)
 
     def _new_peer_connection(self) -> RTCPeerConnection:
         servers = [
@@ -848,6 +853,8 @@ class WebRTCListener(Listener):
                 while True:
                     self._spawn(self._answer(await self._signaling.next_offer()))
             except SignalingError as exc:
+                if self._closed:
+                    return
                 logger.info("relay %s lost (%s); re-registering", self._relay, exc)
             if self._signaling is not None:
                 await self._signaling.close()
@@ -867,7 +874,7 @@ class WebRTCListener(Listener):
                 answer_sdp = pc.localDescription.sdp
                 await offer.answer(answer_sdp)
                 connection = await transport._handshake(
-                    pc, channel, b"A", offer.sdp, answer_sdp, None, "webrtc://incoming"
+                    pc, channel, b"A", offer.sdp, answer_sdp, None, ""
                 )
         except Exception as exc:
             logger.info("refused an incoming WebRTC connection: %s", exc)
@@ -882,8 +889,8 @@ class WebRTCListener(Listener):
             self._connections.discard(connection)
             await connection.close()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
