@@ -431,14 +431,15 @@ def check_compatible(local: Hello | HelloReply, remote: Hello | HelloReply) -> N
 def _decode_header(frame: Frame) -> _HeaderIn:
     try:
         return _header_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    # RecursionError: msgspec walks nested arrays recursively; a peer can nest deeply.
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError) as e:
         raise MalformedMessage(f"bad header: {e}") from None
 
 
 def _decode_body(raw: msgspec.Raw) -> Message:
     try:
         tag = _tag_decoder.decode(raw).type
-    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError) as e:
         raise MalformedMessage(f"message without a type tag: {e}") from None
     decoder = _message_decoders.get(tag)
     if decoder is None:
@@ -446,7 +447,13 @@ def _decode_body(raw: msgspec.Raw) -> Message:
     try:
         return decoder.decode(raw)
     # __post_init__ checks (an empty block range, say) raise ValueError.
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, TypeError) as e:
+    except (
+        msgspec.DecodeError,
+        msgspec.ValidationError,
+        ValueError,
+        TypeError,
+        RecursionError,
+    ) as e:
         raise MalformedMessage(f"bad {tag} message: {e}") from None
 
 
