@@ -96,6 +96,7 @@ class MuxConnection(Connection):
         self._highest_remote_id = 0
         self.streams: dict[int, MuxStream] = {}
         self._incoming: deque[MuxStream] = deque()
+        self._unannounced: deque[MuxStream] = deque()
         self.changed = Signal()
         self._closed_error: ConnectionClosed | None = None
         loop = asyncio.get_running_loop()
@@ -134,8 +135,15 @@ class MuxConnection(Connection):
         self.streams[stream_id] = stream
         # The peer learns of the stream from its first packet; when the caller sends at
         # once the SYN rides on that message, otherwise an empty packet carries it.
-        asyncio.get_running_loop().call_soon(stream.announce)
+        self._unannounced.append(stream)
+        asyncio.get_running_loop().call_soon(self.announce_streams, stream_id)
         return stream
+
+    def announce_streams(self, up_to_id: int) -> None:
+        """Send the SYN of every stream opened before `up_to_id` still unknown to the
+        peer, so that the peer sees stream ids in increasing order."""
+        while self._unannounced and self._unannounced[0].stream_id < up_to_id + 1:
+            self._unannounced.popleft().announce()
 
     async def accept_stream(self) -> MuxStream:
         while True:

@@ -70,13 +70,14 @@ class MuxStream(Stream):
 
     def _take_flags(self) -> int:
         if self._syn_pending:
+            self._connection.announce_streams(self._id - 1)  # older streams' SYNs go first
             self._syn_pending = False
             return FLAG_SYN
         return 0
 
     def announce(self) -> None:
         """Tell the peer about this stream if no packet has done so yet."""
-        if self._syn_pending and not self._connection.is_closed:
+        if self._syn_pending and not (self._was_reset or self._connection.is_closed):
             with contextlib.suppress(TransportError):
                 self._connection.write_packet(
                     Kind.WINDOW, self._take_flags(), self._id, (WINDOW.pack(0),)

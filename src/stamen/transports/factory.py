@@ -1,0 +1,80 @@
+"""Pick a transport by name: `make_transport("tcp", credentials)`, and the command-line
+flags that choose and tune one (`add_transport_arguments` + `transport_from_args`).
+
+Names are the address schemes: `tcp`, `webrtc`, `memory`. Options are passed to the
+chosen transport's constructor, so a typo fails loudly instead of being ignored. The
+webrtc module (aiortc) is imported only when asked for.
+
+This module knows the transports' option types, not what the layers above do with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from stamen.transports.base import Credentials, Limits, Transport
+from stamen.transports.memory import MemoryTransport
+from stamen.transports.tcp import TcpOptions, TcpTransport
+
+TRANSPORT_NAMES = ("tcp", "webrtc", "memory")
+
+
+def make_transport(name: str, credentials: Credentials, **options: Any) -> Transport:
+    """A transport by scheme name.
+
+    tcp: `TcpOptions` fields (`encrypt`, `limits`, `window_bytes`, `keepalive_interval_s`,
+    `keepalive_timeout_s`, `handshake_timeout_s`); webrtc: `WebRTCTransport`'s keyword
+    arguments (`limits`, `config`, ...); memory: `hub`, `limits`, `window_bytes`.
+    Raises `ValueError` for an unknown name or option."""
+    match name:
+        case "tcp":
+            try:
+                tcp_options = TcpOptions(**options)
+            except TypeError as exc:
+                raise ValueError(f"bad tcp option: {exc}") from exc
+            return TcpTransport(credentials, tcp_options)
+        case "memory":
+            return MemoryTransport(credentials, **options)
+        case "webrtc":
+            from stamen.transports.webrtc import WebRTCTransport
+
+            return WebRTCTransport(credentials, **options)
+    raise ValueError(f"unknown transport {name!r}; expected one of {', '.join(TRANSPORT_NAMES)}")
+
+
+def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags `transport_from_args` reads."""
+    group = parser.add_argument_group("transport")
+    group.add_argument(
+        "--transport", choices=TRANSPORT_NAMES, default="tcp", help="how to reach peers"
+    )
+    group.add_argument(
+        "--tcp-plaintext",
+        action="store_true",
+        help="send tcp traffic unencrypted (identities are still checked); trusted networks only",
+    )
+    group.add_argument("--keepalive-interval-s", type=float, default=1.0)
+    group.add_argument(
+        "--keepalive-timeout-s",
+        type=float,
+        default=5.0,
+        help="drop a peer silent for this long",
+    )
+    group.add_argument("--max-message-bytes", type=int, default=Limits().max_message_bytes)
+    group.add_argument("--max-streams", type=int, default=Limits().max_streams)
+
+
+def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> Transport:
+    """The transport the parsed flags ask for."""
+    limits = Limits(max_message_bytes=args.max_message_bytes, max_streams=args.max_streams)
+    if args.transport == "tcp":
+        return make_transport(
+            "tcp",
+            credentials,
+            encrypt=not args.tcp_plaintext,
+            limits=limits,
+            keepalive_interval_s=args.keepalive_interval_s,
+            keepalive_timeout_s=args.keepalive_timeout_s,
+        )
+    return make_transport(args.transport, credentials, limits=limits)
