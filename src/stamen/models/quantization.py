@@ -63,7 +63,9 @@ def _to_int8(bnb: Any, linear: nn.Linear) -> nn.Module:
         device="meta",
     )
     # Int8Params quantizes row-wise when moved to its device.
-    quantized.weight = bnb.nn.Int8Params(weight.cpu().clone(), requires_grad=False, has_fp16_weights=False)
+    quantized.weight = bnb.nn.Int8Params(
+        weight.cpu().clone(), requires_grad=False, has_fp16_weights=False
+    )
     quantized.bias = _frozen_bias(linear)
     return quantized.to(weight.device)
 
@@ -79,7 +81,9 @@ def _to_nf4(bnb: Any, linear: nn.Linear) -> nn.Module:
         device="meta",
     )
     # Params4bit quantizes blockwise (64 values per absmax) when moved to its device.
-    quantized.weight = bnb.nn.Params4bit(weight.cpu().clone(), requires_grad=False, quant_type="nf4")
+    quantized.weight = bnb.nn.Params4bit(
+        weight.cpu().clone(), requires_grad=False, quant_type="nf4"
+    )
     quantized.bias = _frozen_bias(linear)
     return quantized.to(weight.device)
 
