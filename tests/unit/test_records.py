@@ -126,6 +126,7 @@ def test_expired_and_overlong_records_are_refused(host: Credentials) -> None:
         {"start_block": 12, "end_block": 12},  # empty span
         {"start_block": 12, "end_block": 4},  # reversed span
         {"start_block": -1},
+        {"end_block": 4000},  # longer than any host could serve
         {"model": ""},
         {"model": "m" * 1000},
         {"public_name": "x" * 1000},
@@ -157,7 +158,7 @@ def test_newest_record_per_peer_wins(host: Credentials) -> None:
     new = restamped(msgspec.structs.replace(old, state=HostState.OFFLINE), now_s=NOW_S + 5)
     theirs = _record(other)
     newest = newest_per_peer([new, theirs, old])
-    assert newest == {old.host_peer_id: new, theirs.host_peer_id: theirs}
+    assert newest == {old.peer_id: new, theirs.peer_id: theirs}
 
 
 @settings(max_examples=200, deadline=None)

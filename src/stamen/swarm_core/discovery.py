@@ -33,6 +33,7 @@ other's addresses; records carry addresses opaquely.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import hashlib
@@ -57,11 +58,12 @@ from stamen.swarm_core.records import (
     HostRecord,
     HostState,
     RecordError,
+    check_fresh,
     decode_signed,
     encode_signed,
     newest_per_peer,
+    open_record,
     sign_record,
-    verify_record,
 )
 from stamen.transports.base import Credentials
 
@@ -90,6 +92,11 @@ class DiscoveryConfig:
     lookup_timeout_s: float = 30.0
     refresh_interval_s: float = 600.0
     max_parallel_lookups: int = 16
+    # UDP has no flow control: a burst of answers larger than the socket's receive buffer
+    # is dropped by the kernel (and kademlia drops silent nodes from its table). Bound the
+    # requests in flight and ask for a larger buffer (the kernel caps it at rmem_max).
+    max_rpcs_in_flight: int = 32
+    socket_buffer_bytes: int = 4 * 1024 * 1024
     max_records_per_key: int = 32
     max_value_bytes: int = 32 * 1024  # a find_value answer must fit one UDP datagram
     max_keys: int = 65_536
@@ -122,8 +129,11 @@ def verified_records(key: bytes, value: object, now_s: float) -> list[tuple[Host
         return []
     accepted = []
     for entry in entries:
+        record = _opened(entry)
+        if record is None:
+            continue
         try:
-            record = verify_record(decode_signed(entry), now_s=now_s)
+            check_fresh(record, now_s=now_s)
         except RecordError as exc:
             logger.debug("dropping a host record: %s", exc)
             continue
@@ -132,6 +142,17 @@ def verified_records(key: bytes, value: object, now_s: float) -> list[tuple[Host
             continue
         accepted.append((record, entry))
     return accepted
+
+
+@functools.lru_cache(maxsize=8192)
+def _opened(entry: bytes) -> HostRecord | None:
+    # The same signed bytes arrive from every replica and every re-announce period:
+    # check each signature once. Expiry is checked by the caller on every use.
+    try:
+        return open_record(decode_signed(entry))
+    except RecordError as exc:
+        logger.debug("dropping a host record: %s", exc)
+        return None
 
 
 @dataclass
@@ -166,9 +187,9 @@ class RecordStorage(IStorage):
                 return 0
             slot = self._keys[key] = _KeyRecords()
         for record, entry in accepted:
-            current = slot.by_peer.get(record.host_peer_id)
+            current = slot.by_peer.get(record.peer_id)
             if current is None or record.freshness() > current[0].freshness():
-                slot.by_peer[record.host_peer_id] = (record, entry)
+                slot.by_peer[record.peer_id] = (record, entry)
         slot.updated_monotonic = time.monotonic()
         self._enforce_bounds(key, slot)
         return len(accepted)
@@ -311,8 +332,14 @@ class _SwarmProtocol(KademliaProtocol):
         self._client_mode = client_mode
         self._record_storage = storage
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._rpc_slots = asyncio.Semaphore(config.max_rpcs_in_flight)
+        self._socket_buffer_bytes = config.socket_buffer_bytes
 
     def connection_made(self, transport: Any) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._socket_buffer_bytes)
         super().connection_made(_SealingTransport(transport, self._envelope, self._client_mode))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
@@ -359,10 +386,23 @@ class _SwarmProtocol(KademliaProtocol):
         # Bundles held for a key can outgrow one store request; send them in pieces.
         result: Any = (False, None)
         for chunk in _split_bundle(value):
-            result = await super().call_store(node_to_ask, key, chunk)
+            async with self._rpc_slots:
+                result = await super().call_store(node_to_ask, key, chunk)
             if not result[0]:
                 break
         return result
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> Any:
+        async with self._rpc_slots:
+            return await super().call_find_node(node_to_ask, node_to_find)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> Any:
+        async with self._rpc_slots:
+            return await super().call_find_value(node_to_ask, node_to_find)
+
+    async def call_ping(self, node_to_ask: Node) -> Any:
+        async with self._rpc_slots:
+            return await super().call_ping(node_to_ask)
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

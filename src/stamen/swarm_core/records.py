@@ -10,7 +10,7 @@ only way a received record becomes a `HostRecord`; it accepts it only if
    decoding, before anything else is allocated;
 2. the peer id in it is the one derived from the public key in it, and the signature is
    that key's (so a record signed by another key is refused);
-3. its span is non-empty and its times are sane: not expired, not issued after it expires,
+3. its span is non-empty and at most `MAX_SPAN_BLOCKS` long, and its times are sane: not expired, not issued after it expires,
    not valid for longer than `MAX_TTL_S` (so a record cannot linger for days).
 
 Spans are half-open block ranges `[start_block, end_block)`. Times are Unix seconds from the
@@ -52,7 +52,8 @@ from stamen.transports.base import Credentials
 MAX_RECORD_BYTES = 4096
 MAX_TTL_S = 3600.0
 DEFAULT_TTL_S = 180.0
-MAX_BLOCK = 1 << 16  # no model has more blocks; also bounds span lengths
+MAX_BLOCK = 1 << 16  # no model has more blocks
+MAX_SPAN_BLOCKS = 1024  # a host serving more is not plausible; bounds work per record
 _SIGNATURE_DOMAIN = b"stamen/host-record/v1"
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -73,7 +74,7 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     """One host's announcement for one model span. Unknown fields are tolerated so that
     newer hosts can add some without breaking older readers."""
 
-    peer_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    peer_id: Annotated[PeerId, msgspec.Meta(min_length=1, max_length=64)]
     public_key: Annotated[
         bytes, msgspec.Meta(min_length=PUBLIC_KEY_BYTES, max_length=PUBLIC_KEY_BYTES)
     ]
@@ -96,10 +97,6 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def span(self) -> tuple[int, int]:
         return (self.start_block, self.end_block)
-
-    @property
-    def host_peer_id(self) -> PeerId:
-        return PeerId(self.peer_id)
 
     def freshness(self) -> tuple[float, float]:
         """Order of two records of one peer: the larger is newer."""
@@ -209,7 +206,13 @@ def decode_signed(data: bytes) -> SignedRecord:
 
 def verify_record(signed: SignedRecord, *, now_s: float | None = None) -> HostRecord:
     """The record inside `signed`, if it passes every check in the module docstring."""
-    now_s = time.time() if now_s is None else now_s
+    return check_fresh(open_record(signed), now_s=now_s)
+
+
+def open_record(signed: SignedRecord) -> HostRecord:
+    """The checks of `verify_record` that do not depend on the time (decoding, bounds, key,
+    signature, span): their result for given bytes never changes, so callers may cache it.
+    Follow with `check_fresh`."""
     if len(signed.record) > MAX_RECORD_BYTES:
         raise RecordTooLarge(f"record of {len(signed.record)} bytes > {MAX_RECORD_BYTES}")
     try:
@@ -222,10 +225,19 @@ def verify_record(signed: SignedRecord, *, now_s: float | None = None) -> HostRe
         record.public_key, signed.record, signed.signature, domain=_SIGNATURE_DOMAIN
     ):
         raise ForgedRecord(f"record of {record.peer_id} is not signed by its key")
-    if record.start_block >= record.end_block:
-        raise MalformedRecord(f"empty span [{record.start_block}, {record.end_block})")
+    if not 0 < record.end_block - record.start_block <= MAX_SPAN_BLOCKS:
+        raise MalformedRecord(
+            f"span [{record.start_block}, {record.end_block}) is empty or over "
+            f"{MAX_SPAN_BLOCKS} blocks"
+        )
     if record.issued_at_s > record.expires_at_s:
         raise MalformedRecord("record issued after it expires")
+    return record
+
+
+def check_fresh(record: HostRecord, *, now_s: float | None = None) -> HostRecord:
+    """`record` if it is unexpired and valid for at most `MAX_TTL_S` from `now_s`."""
+    now_s = time.time() if now_s is None else now_s
     if record.expires_at_s <= now_s:
         raise RecordExpired(
             f"record of {record.peer_id} expired {now_s - record.expires_at_s:.1f} s ago"
@@ -239,7 +251,7 @@ def newest_per_peer(records: Iterable[HostRecord]) -> dict[PeerId, HostRecord]:
     """Keep each peer's newest record (ties go to the later expiry)."""
     newest: dict[PeerId, HostRecord] = {}
     for record in records:
-        current = newest.get(record.host_peer_id)
+        current = newest.get(record.peer_id)
         if current is None or record.freshness() > current.freshness():
-            newest[record.host_peer_id] = record
+            newest[record.peer_id] = record
     return newest
