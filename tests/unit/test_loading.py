@@ -15,9 +15,21 @@ import torch
 from safetensors.torch import save_file
 
 import stamen.models.checkpoints as checkpoints
-from stamen.models.base import CheckpointError, DeviceError, UnsupportedModelError
+from stamen.models.base import (
+    CheckpointError,
+    DeviceError,
+    SpanError,
+    StepContext,
+    UnsupportedModelError,
+)
 from stamen.models.checkpoints import INDEX_FILE, local_checkpoint
-from stamen.models.loading import check_device, load_config
+from stamen.models.loading import (
+    check_device,
+    load_config,
+    load_head,
+    load_span,
+    load_tokenizer,
+)
 
 NUM_BLOCKS = 6
 
@@ -260,3 +272,58 @@ def test_non_float_dtype_and_unknown_device_are_device_errors():
         check_device(torch.int8, "cpu")
     with pytest.raises(DeviceError, match="warp9"):
         check_device(torch.float32, "warp9")
+
+
+# -- spans and head, built by the adapters ------------------------------------------------
+
+
+def run_blocks(spans, hidden: torch.Tensor) -> torch.Tensor:
+    context = StepContext.make(0, hidden.shape[1], batch_size=hidden.shape[0])
+    for span in spans:
+        for block in span.blocks:
+            hidden = block(hidden, None, context)
+    return hidden
+
+
+def test_head_and_two_spans_reproduce_the_models_logits(sharded_dir, model):
+    head = load_head(sharded_dir)
+    spans = [load_span(sharded_dir, 0, 2), load_span(sharded_dir, 2, NUM_BLOCKS)]
+    assert [(s.start, s.end, len(s.blocks)) for s in spans] == [(0, 2, 2), (2, 6, 4)]
+    input_ids = torch.randint(0, 256, (2, 5))  # (B, T)
+    with torch.no_grad():
+        logits = head.logits(run_blocks(spans, head.embed(input_ids)))  # (B, T, V)
+        expected = model(input_ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_span_is_frozen_in_the_requested_dtype(single_dir):
+    span = load_span(single_dir, 1, 3, dtype=torch.bfloat16)
+    parameters = list(span.blocks.parameters())
+    assert parameters and all(p.dtype == torch.bfloat16 for p in parameters)
+    assert not any(p.requires_grad for p in parameters)
+    assert not span.blocks.training
+
+
+def test_hub_span_loads_with_only_its_shards_cached(hub_cache, sharded_dir, model, offline):
+    hub_span = load_span(REPO, 2, 3, cache_dir=hub_cache)
+    local_span = load_span(sharded_dir, 2, 3)
+    hidden = torch.randn(1, 4, 64)  # (B, T, C)
+    with torch.no_grad():
+        torch.testing.assert_close(run_blocks([hub_span], hidden), run_blocks([local_span], hidden))
+
+
+@pytest.mark.parametrize(("start", "end"), [(4, 7), (-1, 2), (3, 3)])
+def test_span_outside_the_model_names_the_valid_range(single_dir, start, end):
+    with pytest.raises(SpanError, match=r"0 <= a < b <= 6"):
+        load_span(single_dir, start, end)
+
+
+def test_tokenizer_of_a_local_directory(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "hello": 1, "swarm": 2}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path)
+    assert load_tokenizer(tmp_path)("hello swarm").input_ids == [1, 2]

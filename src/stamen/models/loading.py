@@ -212,6 +212,7 @@ def load_span(
         )
         weights = {name: tensors[prefix + name] for name in relative_names}
         blocks.append(_frozen(adapter.build_block(config, weights), target))
+    blocks.eval()
     logger.info("loaded blocks [%d, %d) of %s as %s on %s", start, end, model_ref, dtype, target)
     return Span(config=config, adapter=adapter, start=start, end=end, blocks=blocks)
 
