@@ -316,3 +316,25 @@ async def test_a_node_must_be_started_and_lookups_are_bounded() -> None:
     async with node:
         with pytest.raises(ValueError):
             await node.find_hosts(MODEL, (0, 1_000_000))
+
+
+async def test_a_long_span_announce_reaches_every_replica_of_every_block() -> None:
+    # One announce fans out to (blocks x replicas) stores at once; an unbounded burst of
+    # answers overflows the UDP receive buffer and silently loses replicas (this fails with
+    # max_rpcs_in_flight=100_000). The small buffer is what many kernels allow by default.
+    config = DiscoveryConfig(rpc_timeout_s=1.0, socket_buffer_bytes=64 * 1024)
+    nodes: list[Discovery] = []
+    try:
+        for _ in range(16):
+            node = _node(nodes, config=config)
+            await node.start()
+            nodes.append(node)
+        host_key = Credentials.generate()
+        async with _node(nodes, credentials=host_key, client_mode=True, config=config) as host:
+            assert await host.announce(_record(host_key, 0, 32)) == 32
+        for node in nodes:
+            held = [node._storage.records(block_key(MODEL, b)) for b in range(32)]
+            assert all(len(records) == 1 for records in held)
+    finally:
+        for node in nodes:
+            await node.stop()
