@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from stamen.conformance.transport import CASES, MiB, TransportUnderTest, run_case
-from stamen.transports.base import Connection, Limits
+from stamen.transports.base import Connection, Credentials, Limits
 from stamen.transports.signaling import SignalingRelay
 from stamen.transports.webrtc import MuxConnection, MuxSettings, WebRTCConfig, WebRTCTransport
 
@@ -79,13 +79,6 @@ async def test_webrtc_64_mib_message(relay: SignalingRelay) -> None:
     await run_case("big_message", webrtc_under_test(relay, big_message_bytes=64 * MiB))
 
 
-def test_limits_reach_the_mux() -> None:
-    transport = WebRTCTransport.__new__(WebRTCTransport)
-    WebRTCTransport.__init__(transport, _credentials(), limits=Limits(max_frames=3))
-    assert transport.config.mux.limits.max_frames == 3
-
-
-def _credentials():
-    from stamen.transports.base import Credentials
-
-    return Credentials.generate()
+def test_limits_given_to_the_transport_are_the_ones_it_enforces() -> None:
+    transport = WebRTCTransport(Credentials.generate(), limits=Limits(max_frames=3))
+    assert transport.config.mux.limits == Limits(max_frames=3)
