@@ -236,31 +236,39 @@ class RpcServer:
     async def _handshake(self, connection: Connection) -> Hello:
         timeout_s = self.limits.handshake_timeout_s
         stream = await _with_timeout(timeout_s, connection.accept_stream())
+        refusal: RemoteError | None = None
         try:
-            request = decode_message(await _with_timeout(timeout_s, stream.recv()))
-            refusal = self._refusal(request.message)
-            if refusal is None:
-                await _with_timeout(timeout_s, stream.send(encode_message(self.hello)))
+            frames = await _with_timeout(timeout_s, stream.recv())
+            try:
+                peer = self._check_greeting(frames)
+            except RemoteError as e:
+                refusal = e
+                await self._send_error(stream, e.code, e.message)
             else:
-                await self._send_error(stream, refusal.code, refusal.message)
+                await _with_timeout(timeout_s, stream.send(encode_message(self.hello)))
         except BaseException:
             stream.reset()
             raise
         await stream.close()  # graceful, so that a refusal reaches the peer
         if refusal is not None:
             raise refusal
-        return request.message  # type: ignore[return-value]  # _refusal checked it
+        return peer
 
-    def _refusal(self, message: Message) -> RemoteError | None:
+    def _check_greeting(self, frames: list[bytes]) -> Hello:
+        """The dialer's `Hello`; raises the `RemoteError` to refuse it with."""
+        try:
+            message = decode_message(frames, self.wire_limits).message
+        except WireError as e:
+            raise RemoteBadRequest(str(e)) from None
         if not isinstance(message, Hello):
-            return RemoteBadRequest(f"expected hello, got {type(message).__name__}")
+            raise RemoteBadRequest(f"expected hello, got {type(message).__name__}")
         try:
             check_compatible(self.hello, message)
         except VersionMismatch as e:
             refusal = RemoteError(str(e))
             refusal.code = ErrorCode.VERSION_MISMATCH
-            return refusal
-        return None
+            raise refusal from None
+        return message
 
     async def _serve_stream(self, stream: Stream, context: CallContext) -> None:
         try:
