@@ -7,7 +7,7 @@ through which hosts behind NAT are reached. Once both listen it prints one line 
     swarm-bootstrap ready: dht=HOST:PORT signaling=HOST:PORT peer_id=...
 
 then serves until SIGTERM or SIGINT and exits 0. Startup failures (unsafe identity file,
-port in use) are logged and exit 1.
+port in use, joining other seeds timed out) are logged and exit 1.
 
 Settings come from flags, then `STAMEN_*` environment variables, then defaults; they are
 parsed once here. This module knows nothing about models or hosts.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stamen.swarm_core.discovery import Discovery, parse_host_port
+from stamen.swarm_core.discovery import Discovery, DiscoveryError, parse_host_port
 from stamen.swarm_core.identity import IdentityError, load_or_create_identity, peer_id_of
 from stamen.transports.base import Credentials
 
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         credentials = _credentials(settings)
         return asyncio.run(_serve(settings, credentials))
-    except (IdentityError, OSError) as exc:
+    except (IdentityError, DiscoveryError, OSError) as exc:
         logger.error("swarm-bootstrap cannot start: %s", exc)
         return 1
 

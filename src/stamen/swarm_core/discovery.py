@@ -542,8 +542,9 @@ class Discovery:
         ]
 
     async def start(self) -> int:
-        """Listen, then join through the initial peers. Returns how many peers answered;
-        0 with initial peers given means none was reachable (a warning is logged)."""
+        """Listen, then join through the initial peers. Returns how many server-mode peers
+        the node knows after joining; 0 with initial peers given means none was reachable
+        (a warning is logged). Raises `DiscoveryError` if joining exceeds the lookup timeout."""
         await self._server.listen(self._listen[1], interface=self._listen[0])
         self._started = True
         logger.info(
@@ -555,8 +556,11 @@ class Discovery:
         if not self._initial_peers:
             return 0
         addresses = await asyncio.gather(*(self._resolve(h, p) for h, p in self._initial_peers))
-        async with asyncio.timeout(self._config.lookup_timeout_s):
-            await self._server.bootstrap([a for a in addresses if a is not None])
+        try:
+            async with asyncio.timeout(self._config.lookup_timeout_s):
+                await self._server.bootstrap([a for a in addresses if a is not None])
+        except TimeoutError as exc:
+            raise DiscoveryError("joining the DHT timed out") from exc
         reached = len(self.neighbors())
         if reached == 0:
             logger.warning("none of the initial DHT peers answered: %s", self._initial_peers)
