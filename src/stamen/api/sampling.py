@@ -1,0 +1,177 @@
+"""OpenAI's sampling parameters as a `DecodingPlan`, and stop-sequence tracking.
+
+OpenAI applies, in this order: frequency and presence penalties and `logit_bias` to the
+raw logits, then temperature and nucleus (`top_p`) sampling. Temperature 0 (or top_p 0)
+means greedy. The penalties count only generated tokens (OpenAI's formula):
+
+    logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
+
+`StopTracker` turns the token ids of one choice into text deltas, holding back text that
+could still become a stop sequence or that ends in half a UTF-8 character.
+
+This module knows nothing about HTTP or about where the blocks run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.generation import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from stamen.swarm_core.generation import DecodingPlan
+
+
+@dataclass
+class SamplingParams:
+    """The validated sampling knobs of one request (one prompt, `n` choices)."""
+
+    max_new_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_p == 0.0
+
+
+class PenaltyProcessor(LogitsProcessor):
+    """OpenAI's presence and frequency penalties over the tokens generated so far."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+        self.prompt_length = prompt_length
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        generated = input_ids[:, self.prompt_length :]  # (B, t)
+        if generated.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=scores.dtype)
+        )  # (B, V)
+        return scores - counts * self.frequency - (counts > 0).to(scores.dtype) * self.presence
+
+
+class LogitBiasProcessor(LogitsProcessor):
+    """Adds OpenAI's `logit_bias` (token id -> bias in [-100, 100]) to the logits."""
+
+    def __init__(self, bias: Mapping[int, float], vocab_size: int) -> None:
+        self.bias = torch.zeros(vocab_size)
+        for token_id, value in bias.items():
+            self.bias[token_id] = value
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return scores + self.bias.to(scores.dtype)
+
+
+class StoppedRows(StoppingCriteria):
+    """Ends rows that the serving layer finished (a stop sequence was seen)."""
+
+    def __init__(self, batch_size: int) -> None:
+        self.stopped = torch.zeros(batch_size, dtype=torch.bool)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        return self.stopped.clone()
+
+
+def make_plan(
+    params: SamplingParams,
+    *,
+    prompt_length: int,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    stopped: StoppedRows,
+) -> DecodingPlan:
+    processors = LogitsProcessorList()
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(
+            PenaltyProcessor(prompt_length, params.presence_penalty, params.frequency_penalty)
+        )
+    if params.logit_bias:
+        processors.append(LogitBiasProcessor(params.logit_bias, vocab_size))
+    if not params.greedy:
+        if params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()  # a fresh random seed: the default one is a constant
+    else:
+        generator.manual_seed(params.seed)
+    return DecodingPlan(
+        max_new_tokens=params.max_new_tokens,
+        logits_processor=processors,
+        stopping_criteria=StoppingCriteriaList([stopped]),
+        do_sample=not params.greedy,
+        generator=generator,
+        eos_token_ids=tuple(eos_token_ids),
+        pad_token_id=eos_token_ids[0] if eos_token_ids else 0,
+    )
+
+
+class StopTracker:
+    """Text of one choice, released in deltas that never contain (part of) a stop sequence."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self._tokenizer = tokenizer
+        self._stop = [s for s in stop if s]
+        self._token_ids: list[int] = []
+        self._emitted = 0  # characters of text already released
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append one generated token; return the newly releasable text."""
+        self._token_ids.append(token_id)
+        text = self._tokenizer.decode(self._token_ids, skip_special_tokens=True)
+        search_from = max(0, self._emitted - max((len(s) for s in self._stop), default=0))
+        cut = min((i for s in self._stop if (i := text.find(s, search_from)) >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = text[:cut]
+        else:
+            self.text = text
+            safe = len(text.rstrip("\ufffd")) if text.endswith("\ufffd") else len(text)
+            return self._release(min(safe, len(text) - self._held_back(text)))
+        return self._release(len(self.text))
+
+    def flush(self) -> str:
+        """At the end of generation: release whatever was held back (no stop came)."""
+        return self._release(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for s in self._stop:
+            for size in range(min(len(s) - 1, len(text)), longest, -1):
+                if text.endswith(s[:size]):
+                    longest = size
+                    break
+        return longest
+
+    def _release(self, end: int) -> str:
+        if end <= self._emitted:
+            return ""
+        delta = self.text[self._emitted : end]
+        self._emitted = end
+        return delta

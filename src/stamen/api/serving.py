@@ -1,0 +1,370 @@
+"""OpenAI semantics on top of an `EngineClient`: validate, render, decode, count.
+
+1. `chat_job` / `completion_jobs` check every parameter (honoured, or a 400 naming it),
+   render the prompt (chat template) and size the generation against the context.
+2. `generate` opens one chain per prompt (batch = n choices), runs `decode` and yields
+   `ChoiceDelta`s: text released by the choice's `StopTracker`, the tokens' logprobs, and
+   a finish reason ("stop" for EOS or a stop sequence, "length" for max tokens).
+3. Leaving `generate` early (a disconnected client) closes the chain through the engine.
+
+Response objects are assembled by `stamen.api.responses`; this module knows nothing
+about HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from stamen.api import schemas as s
+from stamen.api.engine import EngineClient
+from stamen.api.errors import invalid_request, not_ready, unsupported
+from stamen.api.metrics import ApiMetrics
+from stamen.api.sampling import SamplingParams, StoppedRows, StopTracker, make_plan
+from stamen.swarm_core.generation import decode
+
+logger = logging.getLogger(__name__)
+
+MAX_STOP_SEQUENCES = 4
+MAX_CHAT_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Job:
+    """One prompt to run with `params.n` choices, numbered from `first_index`."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    first_index: int = 0
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion_tokens: int = 0  # set with finish_reason
+
+
+# -- 1. validation and prompt rendering ----------------------------------------------------
+
+
+def _check_range(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        raise invalid_request(f"Invalid '{name}': {value} is not in [{low}, {high}].", param=name)
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid_request(
+            f"Invalid 'stop': at most {MAX_STOP_SEQUENCES} stop sequences are allowed.",
+            param="stop",
+        )
+    return stops
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise invalid_request(
+                f"Invalid key in 'logit_bias': {key!r} is not a token id of this model.",
+                param="logit_bias",
+            )
+        if not -100 <= value <= 100:
+            raise invalid_request(
+                f"Invalid value in 'logit_bias': {value} is not in [-100, 100].",
+                param="logit_bias",
+            )
+        out[int(key)] = float(value)
+    return out
+
+
+def _common_params(
+    request: s.ChatCompletionRequest | s.CompletionRequest, max_n: int, vocab_size: int
+) -> SamplingParams:
+    n = 1 if request.n is None else request.n
+    if not 1 <= n <= max_n:
+        raise invalid_request(f"Invalid 'n': {n} is not in [1, {max_n}].", param="n")
+    _check_range("temperature", request.temperature, 0.0, 2.0)
+    _check_range("top_p", request.top_p, 0.0, 1.0)
+    _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
+    _check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
+    return SamplingParams(
+        max_new_tokens=0,
+        n=n,
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=_logit_bias(request.logit_bias, vocab_size),
+        stop=_stop_list(request.stop),
+    )
+
+
+def _size(
+    params: SamplingParams,
+    prompt_length: int,
+    requested: int | None,
+    default: int | None,
+    context_length: int,
+    param: str,
+    prompt_param: str,
+) -> None:
+    if requested is not None and requested < 1:
+        raise invalid_request(f"Invalid '{param}': must be at least 1.", param=param)
+    room = context_length - prompt_length
+    max_new = requested if requested is not None else (default if default is not None else room)
+    if prompt_length == 0:
+        raise invalid_request("The prompt is empty.", param=prompt_param)
+    if max_new > room or room < 1:
+        raise invalid_request(
+            f"This model's maximum context length is {context_length} tokens. However, you "
+            f"requested {prompt_length + max_new} tokens ({prompt_length} in the prompt, "
+            f"{max_new} in the completion). Please reduce the prompt or the completion length.",
+            param=param if requested is not None else prompt_param,
+            code="context_length_exceeded",
+        )
+    params.max_new_tokens = max_new
+
+
+def _refuse_chat_extras(request: s.ChatCompletionRequest) -> None:
+    for name in ("tools", "functions", "audio", "prediction", "web_search_options"):
+        if getattr(request, name):
+            raise unsupported(name)
+    for name in ("tool_choice", "function_call"):
+        if getattr(request, name) not in (None, "none"):
+            raise unsupported(name)
+    if request.response_format and request.response_format.get("type") != "text":
+        raise unsupported("response_format", "`response_format` other than 'text'")
+    if request.modalities and request.modalities != ["text"]:
+        raise unsupported("modalities", "`modalities` other than ['text']")
+    if request.store:
+        raise unsupported("store", "Storing completions (`store: true`)")
+    if request.metadata:
+        raise unsupported("metadata", "`metadata` (only used with `store`)")
+    if request.reasoning_effort is not None:
+        raise unsupported("reasoning_effort")
+    if request.service_tier not in (None, "auto", "default"):
+        raise unsupported("service_tier", f"`service_tier` {request.service_tier!r}")
+
+
+def _message_text(content: str | list[s.ContentPart] | None, param: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for index, part in enumerate(content):
+        if isinstance(part, s.TextPart | s.RefusalPart):
+            texts.append(part.text if isinstance(part, s.TextPart) else part.refusal)
+        else:
+            kind = type(part).__struct_config__.tag
+            raise unsupported(f"{param}[{index}]", f"Content parts of type '{kind}'")
+    return "".join(texts)
+
+
+def render_chat(tokenizer: Any, messages: Sequence[s.Message]) -> list[int]:
+    """Token ids of the conversation through the tokenizer's chat template."""
+    if not messages:
+        raise invalid_request("'messages' must contain at least one message.", param="messages")
+    rendered: list[dict[str, Any]] = []
+    for index, message in enumerate(messages):
+        param = f"messages[{index}].content"
+        if isinstance(message, s.FunctionMessage):
+            raise unsupported(f"messages[{index}].role", "The deprecated 'function' role")
+        role = type(message).__struct_config__.tag
+        # Chat templates know "system"; OpenAI defines "developer" as its successor.
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role}
+        entry["content"] = _message_text(message.content, param)
+        if isinstance(message, s.ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+        if isinstance(message, s.AssistantMessage) and message.tool_calls:
+            entry["tool_calls"] = message.tool_calls
+        rendered.append(entry)
+    try:
+        encoded = tokenizer.apply_chat_template(
+            rendered, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+    except Exception as error:  # jinja errors: the template refused this conversation
+        raise invalid_request(
+            f"The model's chat template cannot render these messages: {error}", param="messages"
+        ) from error
+    return list(encoded["input_ids"])
+
+
+def chat_job(request: s.ChatCompletionRequest, engine: EngineClient, *, max_n: int) -> Job:
+    _refuse_chat_extras(request)
+    vocab_size = len(engine.tokenizer)
+    params = _common_params(request, max_n, vocab_size)
+    if request.logprobs:
+        params.logprobs = True
+        _check_range("top_logprobs", request.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS)
+        params.top_logprobs = request.top_logprobs or 0
+    elif request.top_logprobs is not None:
+        raise invalid_request(
+            "Invalid 'top_logprobs': 'logprobs' must be true to use it.", param="top_logprobs"
+        )
+    prompt_ids = render_chat(engine.tokenizer, request.messages)
+    requested = request.max_completion_tokens
+    param = "max_completion_tokens"
+    if requested is None:
+        requested, param = request.max_tokens, "max_tokens"
+    _size(params, len(prompt_ids), requested, None, engine.context_length, param, "messages")
+    return Job(prompt_ids, params)
+
+
+def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """OpenAI's four prompt shapes (text, texts, token ids, lists of token ids) as ids."""
+    if prompt is None or prompt == [] or prompt == "":
+        raise invalid_request("'prompt' must not be empty.", param="prompt")
+    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+        prompts: list[Any] = [prompt]
+    else:
+        prompts = list(prompt)
+    out = []
+    for item in prompts:
+        if isinstance(item, str):
+            out.append(list(tokenizer.encode(item, add_special_tokens=False)))
+            continue
+        if not isinstance(item, list) or not item or not all(type(t) is int for t in item):
+            raise invalid_request(
+                "'prompt' must be a string, a list of strings, a list of token ids or a "
+                "list of lists of token ids.",
+                param="prompt",
+            )
+        if any(not 0 <= token < vocab_size for token in item):
+            raise invalid_request(
+                "'prompt' holds token ids outside the vocabulary.", param="prompt"
+            )
+        out.append(list(item))
+    return out
+
+
+def completion_jobs(request: s.CompletionRequest, engine: EngineClient, *, max_n: int) -> list[Job]:
+    if request.suffix:
+        raise unsupported("suffix", "`suffix` (fill-in-the-middle)")
+    vocab_size = len(engine.tokenizer)
+    params = _common_params(request, max_n, vocab_size)
+    if request.best_of is not None and request.best_of != params.n:
+        raise unsupported("best_of", "`best_of` different from `n`")
+    if request.logprobs is not None:
+        _check_range("logprobs", request.logprobs, 0, MAX_COMPLETION_LOGPROBS)
+        if request.echo:
+            raise unsupported("logprobs", "`logprobs` together with `echo`")
+        params.logprobs, params.top_logprobs = True, request.logprobs
+    jobs = []
+    for number, ids in enumerate(_completion_prompts(request.prompt, engine.tokenizer, vocab_size)):
+        job_params = dataclasses.replace(params)
+        _size(
+            job_params,
+            len(ids),
+            request.max_tokens,
+            DEFAULT_COMPLETION_MAX_TOKENS,
+            engine.context_length,
+            "max_tokens",
+            "prompt",
+        )
+        jobs.append(Job(ids, job_params, first_index=number * params.n))
+    return jobs
+
+
+# -- 2. generation -------------------------------------------------------------------------
+
+
+def _token_logprobs(tokenizer: Any, logits: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (V,)
+    best = []
+    if top:
+        values, ids = logprobs.topk(top)
+        best = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids, strict=True)]
+    return TokenLogprob(tokenizer.decode([token_id]), float(logprobs[token_id]), best)
+
+
+async def generate(
+    engine: EngineClient, job: Job, metrics: ApiMetrics | None = None
+) -> AsyncIterator[ChoiceDelta]:
+    """Run one job; yield text deltas per choice and one finishing delta per choice."""
+    params, tokenizer = job.params, engine.tokenizer
+    B, P = params.n, len(job.prompt_ids)
+    input_ids = torch.tensor([job.prompt_ids] * B, dtype=torch.long)  # (B, P)
+    stopped = StoppedRows(B)
+    plan = make_plan(
+        params,
+        prompt_length=P,
+        vocab_size=len(tokenizer),
+        eos_token_ids=engine.eos_token_ids,
+        stopped=stopped,
+    )
+    trackers = [StopTracker(tokenizer, params.stop) for _ in range(B)]
+    counts = [0] * B
+    finished = [False] * B
+    started = last = time.perf_counter()
+    async with engine.open_chain(P + params.max_new_tokens, B) as chain:
+        async for step in decode(engine.head, chain, input_ids, plan):
+            now = time.perf_counter()
+            if metrics is not None:
+                metrics.observe_token(now - last, first=now - started if last == started else None)
+            last = now
+            for row in range(B):
+                if finished[row]:
+                    continue
+                delta = _advance(engine, params, trackers[row], step, row, job.first_index + row)
+                counts[row] += 1
+                if delta.finish_reason is None and counts[row] >= params.max_new_tokens:
+                    delta.text += trackers[row].flush()
+                    delta.finish_reason = "length"
+                if delta.finish_reason is not None:
+                    finished[row] = True
+                    stopped.stopped[row] = True
+                    delta.completion_tokens = counts[row]
+                if delta.text or delta.logprobs or delta.finish_reason:
+                    yield delta
+            if all(finished):
+                return
+    for row in range(B):  # decode ended with rows unfinished: cannot happen, but never hang
+        if not finished[row]:
+            yield ChoiceDelta(
+                job.first_index + row, trackers[row].flush(), [], "length", counts[row]
+            )
+
+
+def _advance(
+    engine: EngineClient,
+    params: SamplingParams,
+    tracker: StopTracker,
+    step: Any,
+    row: int,
+    index: int,
+) -> ChoiceDelta:
+    token_id = int(step.tokens[row])
+    if token_id in engine.eos_token_ids:
+        return ChoiceDelta(index, tracker.flush(), [], "stop")
+    logprobs = []
+    if params.logprobs:
+        logprobs.append(
+            _token_logprobs(engine.tokenizer, step.logits[row], token_id, params.top_logprobs)
+        )
+    text = tracker.add(token_id)
+    return ChoiceDelta(index, text, logprobs, "stop" if tracker.stopped else None)
+
+
+def check_ready(engine: EngineClient, retry_after_s: int) -> None:
+    if not engine.ready():
+        raise not_ready(retry_after_s)

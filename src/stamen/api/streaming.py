@@ -1,0 +1,81 @@
+"""Server-Sent Events for streamed completions, with keep-alive comments and error events.
+
+`sse_stream` runs a chunk producer in a task it owns and relays its chunks as `data:`
+events (orjson-encoded), ending with `data: [DONE]`. While the producer is silent (a long
+prefill) it sends a comment line every `keepalive_s` so proxies and clients keep the
+connection open. If the producer fails mid-stream, the client gets one `data:` event with
+an OpenAI error object (the SDK raises it) and no `[DONE]`.
+
+When the response is abandoned (a client disconnect cancels Litestar's stream), the
+`finally` cancels the producer, which closes its chain and frees the hosts' cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+from litestar.response import ServerSentEvent
+from litestar.response.sse import ServerSentEventMessage
+
+from stamen.api.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+
+
+async def _pump(chunks: AsyncIterator[dict], queue: asyncio.Queue[object]) -> None:
+    try:
+        async for chunk in chunks:
+            await queue.put(chunk)
+    except asyncio.CancelledError:
+        raise
+    except APIError as error:
+        await queue.put(error)
+    except Exception as error:
+        logger.exception("generation failed mid-stream")
+        await queue.put(
+            APIError(
+                500, f"The generation failed: {error}", type="server_error", code="stream_error"
+            )
+        )
+    else:
+        await queue.put(_END)
+
+
+async def _events(
+    chunks: AsyncIterator[dict], keepalive_s: float, on_close: Callable[[], None]
+) -> AsyncIterator[ServerSentEventMessage]:
+    # Bounded: a client that reads slowly makes the producer wait instead of buffering.
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
+    producer = asyncio.create_task(_pump(chunks, queue))
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=keepalive_s)
+            except TimeoutError:
+                yield ServerSentEventMessage(data=None, comment="keep-alive")
+                continue
+            if item is _END:
+                yield ServerSentEventMessage(data="[DONE]")
+                return
+            if isinstance(item, APIError):
+                yield ServerSentEventMessage(data=orjson.dumps(item.body()).decode())
+                return
+            yield ServerSentEventMessage(data=orjson.dumps(item).decode())
+    finally:
+        producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        on_close()
+
+
+def sse_stream(
+    chunks: AsyncIterator[dict], *, keepalive_s: float, on_close: Callable[[], None]
+) -> ServerSentEvent:
+    """An SSE response relaying `chunks`; `on_close` runs once the stream is over."""
+    return ServerSentEvent(_events(chunks, keepalive_s, on_close))
