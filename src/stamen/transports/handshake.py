@@ -80,7 +80,7 @@ class RecordCipher:
         self._aead.encrypt_into(self._next_nonce(), plaintext, prefix, out)
         return record
 
-    def open(self, prefix: bytes, sealed: bytes) -> bytes:
+    def open(self, prefix: bytes, sealed: bytes | memoryview) -> bytes:
         """The plaintext of one record; raises `InvalidTag` if it was tampered with."""
         return self._aead.decrypt(self._next_nonce(), sealed, prefix)
 

@@ -69,8 +69,7 @@ class MuxConnection(Connection):
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        transport: asyncio.Transport,
         *,
         settings: MuxSettings,
         remote_public_key: bytes,
@@ -80,9 +79,11 @@ class MuxConnection(Connection):
         is_dialer: bool,
         send_cipher: RecordCipher | None = None,
         recv_cipher: RecordCipher | None = None,
+        keep_alive: tuple[object, ...] = (),
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._transport = transport
+        # e.g. the StreamWriter of the handshake, which closes the socket when collected
+        self._keep_alive = keep_alive
         self.settings = settings
         self._remote_public_key = remote_public_key
         self._remote_address = remote_address
@@ -99,12 +100,16 @@ class MuxConnection(Connection):
         self._unannounced: deque[MuxStream] = deque()
         self.changed = Signal()
         self._closed_error: ConnectionClosed | None = None
+        self._inbox = bytearray()  # bytes of an incomplete packet
+        self._max_payload_bytes = settings.max_packet_payload_bytes()
+        self._write_resumed: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._last_received_s = loop.time()
-        self._tasks = [
-            loop.create_task(self._read_loop()),
-            loop.create_task(self._keepalive_loop()),
-        ]
+        self._tasks = [loop.create_task(self._keepalive_loop())]
+        # Packets are parsed in the protocol callback itself: no reader task between the
+        # socket and the stream that waits, so a message costs no extra loop iteration.
+        transport.set_protocol(_PacketProtocol(self))
 
     # --- Connection API ------------------------------------------------------------------
 
@@ -158,13 +163,10 @@ class MuxConnection(Connection):
         with contextlib.suppress(TransportError):
             self.write_packet(Kind.GOAWAY, 0, 0)
         self._shutdown(ConnectionClosed("connection closed locally"))
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
-                await self._writer.wait_closed()
 
     def abort(self) -> None:
         """Drop the socket at once, without a goodbye (the peer sees a reset)."""
-        self._writer.transport.abort()
+        self._transport.abort()
         self._shutdown(ConnectionClosed("connection aborted locally"))
 
     def stop_responding(self) -> None:
@@ -172,15 +174,13 @@ class MuxConnection(Connection):
         hung peer would."""
         for task in self._tasks:
             task.cancel()
-        transport = self._writer.transport
-        if isinstance(transport, asyncio.ReadTransport):
-            transport.pause_reading()
+        self._transport.pause_reading()
 
     # --- writing -------------------------------------------------------------------------
 
     def write_packet(
         self,
-        kind: Kind,
+        kind: int,
         flags: int,
         stream_id: int,
         parts: tuple[bytes | bytearray | memoryview, ...] = (),
@@ -189,76 +189,115 @@ class MuxConnection(Connection):
         self.raise_if_closed()
         payload_bytes = sum(len(part) for part in parts)
         header = PACKET.pack(kind, flags, 0, stream_id, payload_bytes)
+        write = self._transport.write
         if self._send_cipher is not None:
-            self._writer.write(self._send_cipher.seal(b"".join((header, *parts))))
+            write(self._send_cipher.seal(b"".join((header, *parts))))
         elif payload_bytes < 64 * 1024:
-            self._writer.write(b"".join((header, *parts)))
+            write(b"".join((header, *parts)))
         else:
             # Big chunks go as they are: one extra write beats copying the chunk.
-            self._writer.write(header)
+            write(header)
             for part in parts:
-                self._writer.write(part)
+                write(part)
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is full."""
-        try:
-            await self._writer.drain()
-        except (OSError, RuntimeError) as exc:
-            self._shutdown(ConnectionClosed(f"connection lost: {exc}"))
+        if self._write_resumed is not None:
+            await asyncio.shield(self._write_resumed)
         self.raise_if_closed()
+
+    def pause_writing(self) -> None:
+        if self._write_resumed is None:
+            self._write_resumed = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._write_resumed = self._write_resumed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # --- reading -------------------------------------------------------------------------
 
-    async def _read_packet(self) -> tuple[int, int, int, memoryview]:
-        max_payload = self.settings.max_packet_payload_bytes()
-        if self._recv_cipher is not None:
-            prefix = await self._reader.readexactly(RECORD_PREFIX.size)
-            (sealed_bytes,) = RECORD_PREFIX.unpack(prefix)
-            if not PACKET.size + TAG_BYTES <= sealed_bytes <= PACKET.size + max_payload + TAG_BYTES:
-                raise ProtocolError(f"record of {sealed_bytes} bytes refused")
-            try:
-                record = self._recv_cipher.open(
-                    prefix, await self._reader.readexactly(sealed_bytes)
-                )
-            except InvalidTag as exc:
-                raise ProtocolError("a record failed authentication") from exc
-            kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(record)
-            if payload_bytes != len(record) - PACKET.size:
-                raise ProtocolError("packet length disagrees with its record")
-            payload = memoryview(record)[PACKET.size :]
-        else:
-            header = await self._reader.readexactly(PACKET.size)
-            kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack(header)
-            if payload_bytes > max_payload:
-                raise ProtocolError(f"packet of {payload_bytes} bytes refused")
-            payload = memoryview(await self._reader.readexactly(payload_bytes))
-        if reserved != 0 or flags & ~FLAG_SYN:
-            raise ProtocolError("unknown packet flags")
-        return kind, flags, stream_id, payload
-
-    async def _read_loop(self) -> None:
-        reason: ConnectionClosed
+    def feed(self, data: bytes | bytearray) -> None:
+        """Parse every complete packet in what arrived; keep the incomplete rest."""
+        if self.is_closed:
+            return
+        if self._inbox:
+            self._inbox += data
+            data = self._inbox
         try:
-            while True:
-                kind, flags, stream_id, payload = await self._read_packet()
-                self._last_received_s = asyncio.get_running_loop().time()
-                self._dispatch(kind, flags, stream_id, payload)
-        except asyncio.IncompleteReadError:
-            reason = ConnectionClosed("the peer closed the connection")
-        except (OSError, RuntimeError) as exc:
-            reason = ConnectionClosed(f"connection lost: {exc}")
+            consumed = self._parse(data)
         except ProtocolError as exc:
             logger.warning("dropping connection to %s: %s", self._remote_address, exc)
-            reason = ConnectionClosed(f"protocol error: {exc}")
+            self._transport.abort()
+            self._shutdown(ConnectionClosed(f"protocol error: {exc}"))
+            return
         except _GoAway:
-            reason = ConnectionClosed("the peer closed the connection")
-        self._shutdown(reason)
+            self._shutdown(ConnectionClosed("the peer closed the connection"))
+            return
+        if data is self._inbox:
+            del self._inbox[:consumed]
+        elif consumed < len(data):
+            self._inbox = bytearray(data[consumed:])
+        self._last_received_s = self._loop.time()
+
+    def _parse(self, data: bytes | bytearray) -> int:
+        """Dispatch the complete packets at the start of `data`; bytes consumed."""
+        position, end = 0, len(data)
+        copy = isinstance(data, bytearray)  # views of the inbox must not outlive this call
+        view = memoryview(data)
+        try:
+            while not self.is_closed:
+                if self._recv_cipher is not None:
+                    if end - position < RECORD_PREFIX.size:
+                        break
+                    (sealed_bytes,) = RECORD_PREFIX.unpack_from(data, position)
+                    if not PACKET.size + TAG_BYTES <= sealed_bytes:
+                        raise ProtocolError(f"record of {sealed_bytes} bytes refused")
+                    if sealed_bytes > PACKET.size + self._max_payload_bytes + TAG_BYTES:
+                        raise ProtocolError(f"record of {sealed_bytes} bytes refused")
+                    record_end = position + RECORD_PREFIX.size + sealed_bytes
+                    if record_end > end:
+                        break
+                    try:
+                        record = self._recv_cipher.open(
+                            view[position : position + RECORD_PREFIX.size].tobytes(),
+                            view[position + RECORD_PREFIX.size : record_end],
+                        )
+                    except InvalidTag as exc:
+                        raise ProtocolError("a record failed authentication") from exc
+                    packet = memoryview(record)
+                    position = record_end
+                else:
+                    if end - position < PACKET.size:
+                        break
+                    payload_bytes = PACKET.unpack_from(data, position)[4]
+                    if payload_bytes > self._max_payload_bytes:
+                        raise ProtocolError(f"packet of {payload_bytes} bytes refused")
+                    packet_end = position + PACKET.size + payload_bytes
+                    if packet_end > end:
+                        break
+                    packet = view[position:packet_end]
+                    if copy:
+                        packet = memoryview(packet.tobytes())
+                    position = packet_end
+                self._on_packet(packet)
+        finally:
+            view.release()
+        return position
+
+    def _on_packet(self, packet: memoryview) -> None:
+        kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(packet)
+        if payload_bytes != len(packet) - PACKET.size:
+            raise ProtocolError("packet length disagrees with its record")
+        if reserved != 0 or flags & ~FLAG_SYN:
+            raise ProtocolError("unknown packet flags")
+        self._dispatch(kind, flags, stream_id, packet[PACKET.size :])
 
     def _dispatch(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
         if kind in STREAM_KINDS:
             stream = self._stream_for(kind, flags, stream_id)
             if stream is not None:
-                stream.on_packet(Kind(kind), payload)
+                stream.on_packet(kind, payload)
             return
         if stream_id != 0 or flags:
             raise ProtocolError("connection packet on a stream")
@@ -316,6 +355,9 @@ class MuxConnection(Connection):
 
     # --- teardown ------------------------------------------------------------------------
 
+    def lost(self, reason: ConnectionClosed) -> None:
+        self._shutdown(reason)
+
     def forget(self, stream: MuxStream) -> None:
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
@@ -328,7 +370,8 @@ class MuxConnection(Connection):
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        self._writer.close()
+        self._transport.close()
+        self.resume_writing()
         self.changed.fire()
         for stream in list(self.streams.values()):
             stream.changed.fire()
@@ -336,3 +379,27 @@ class MuxConnection(Connection):
 
 class _GoAway(Exception):
     """The peer announced it is closing the connection."""
+
+
+class _PacketProtocol(asyncio.Protocol):
+    """Feeds the socket's bytes to a `MuxConnection` and reports its fate."""
+
+    def __init__(self, connection: MuxConnection) -> None:
+        self._connection = connection
+
+    def data_received(self, data: bytes) -> None:
+        self._connection.feed(data)
+
+    def eof_received(self) -> bool:
+        self._connection.lost(ConnectionClosed("the peer closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f"connection lost: {exc}" if exc else "the peer closed the connection"
+        self._connection.lost(ConnectionClosed(reason))
+
+    def pause_writing(self) -> None:
+        self._connection.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._connection.resume_writing()

@@ -86,7 +86,20 @@ class MuxStream(Stream):
     async def send(self, frames: Frames) -> None:
         self._raise_if_cannot_send()
         views = check_message(frames, self._connection.remote_limits)
-        header = FRAME_COUNT.pack(len(views)) + b"".join(FRAME_BYTES.pack(len(v)) for v in views)
+        sizes = [len(view) for view in views]
+        header = struct.pack(f"!I{len(sizes)}Q", len(sizes), *sizes)
+        packet_bytes = len(header) + sum(sizes)
+        if (
+            packet_bytes <= CHUNK_BYTES
+            and packet_bytes <= self._send_credit
+            and not self._send_lock.locked()
+        ):
+            # The common small message: one packet, no lock round, no chunking.
+            self._send_credit -= packet_bytes
+            parts: tuple[bytes | memoryview, ...] = (header, *views)
+            self._connection.write_packet(Kind.MSG, self._take_flags(), self._id, parts)
+            await self._connection.drain()
+            return
         async with self._send_lock:
             await self._send_packets(header, deque(view for view in views if len(view)))
 
@@ -153,9 +166,11 @@ class MuxStream(Stream):
         else:
             self._grant(received_bytes)
 
-    def on_packet(self, kind: Kind, payload: memoryview) -> None:
+    def on_packet(self, kind: int, payload: memoryview) -> None:
         """Called by the connection's reader for each packet of this stream."""
-        if kind == Kind.WINDOW:
+        if kind == Kind.MSG and not self._remote_closed:
+            self._on_message_start(payload)
+        elif kind == Kind.WINDOW:
             if len(payload) != WINDOW.size:
                 raise ProtocolError("malformed window update")
             self._send_credit += WINDOW.unpack(payload)[0]
@@ -167,8 +182,6 @@ class MuxStream(Stream):
             self._connection.forget(self)
         elif self._remote_closed:
             raise ProtocolError(f"stream {self._id}: packet after close")
-        elif kind == Kind.MSG:
-            self._on_message_start(payload)
         elif kind == Kind.DATA:
             if self._frame_sizes is None:
                 raise ProtocolError(f"stream {self._id}: data outside a message")
@@ -195,6 +208,14 @@ class MuxStream(Stream):
         total_bytes = sum(sizes)
         if total_bytes > limits.max_message_bytes:
             raise ProtocolError(f"message of {total_bytes} bytes refused")
+        if total_bytes == len(payload) - header_bytes:
+            # The whole message is in this packet: cut the frames out directly.
+            frames, offset = [], header_bytes
+            for size in sizes:
+                frames.append(payload[offset : offset + size].tobytes())
+                offset += size
+            self._messages.append(frames)
+            return
         self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], total_bytes
         self._take_data(payload[header_bytes:])
 

@@ -16,7 +16,6 @@ This module only names things; `mux` and `mux_stream` give them meaning.
 
 from __future__ import annotations
 
-import enum
 import struct
 
 from stamen.transports.base import TransportError
@@ -31,7 +30,9 @@ PING_BYTES = 8
 MIN_WINDOW_BYTES = 64 * 1024
 
 
-class Kind(enum.IntEnum):
+class Kind:
+    """Packet types (plain ints: the hot path compares them per packet)."""
+
     MSG = 1
     DATA = 2
     CLOSE = 3
@@ -43,6 +44,7 @@ class Kind(enum.IntEnum):
 
 
 STREAM_KINDS = frozenset({Kind.MSG, Kind.DATA, Kind.CLOSE, Kind.RESET, Kind.WINDOW})
+ALL_KINDS = (*STREAM_KINDS, Kind.PING, Kind.PONG, Kind.GOAWAY)
 
 
 class ProtocolError(TransportError):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from stamen.transports.base import (
     ConnectError,
+    ConnectionClosed,
     ConnectionHandler,
     Credentials,
     HandshakeError,
@@ -81,6 +82,21 @@ def format_address(host: str, port: int) -> str:
 def _peer_address(writer: asyncio.StreamWriter) -> str:
     peer = writer.get_extra_info("peername")
     return format_address(peer[0], peer[1]) if peer else f"{SCHEME}unknown:0"
+
+
+async def _drain_reader(reader: asyncio.StreamReader) -> bytes:
+    """What the reader buffered beyond the handshake, without waiting for more."""
+    chunks = []
+    while True:
+        try:
+            async with asyncio.timeout(0):
+                chunk = await reader.read(READ_BUFFER_BYTES)
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class TcpListener(Listener):
@@ -229,9 +245,10 @@ class TcpTransport(Transport):
             keepalive_interval_s=options.keepalive_interval_s,
             keepalive_timeout_s=options.keepalive_timeout_s,
         )
-        return MuxConnection(
-            reader,
-            writer,
+        transport = writer.transport
+        assert isinstance(transport, asyncio.Transport)  # what asyncio.open_connection makes
+        connection = MuxConnection(
+            transport,
             settings=settings,
             remote_public_key=result.remote.public_key,
             remote_address=remote_address or _peer_address(writer),
@@ -240,7 +257,15 @@ class TcpTransport(Transport):
             is_dialer=is_dialer,
             send_cipher=result.send_cipher,
             recv_cipher=result.recv_cipher,
+            keep_alive=(writer,),
         )
+        # Packets the peer sent right after its handshake may already sit in the reader.
+        leftover = await _drain_reader(reader)
+        if leftover:
+            connection.feed(leftover)
+        if reader.at_eof():
+            connection.lost(ConnectionClosed("the peer closed the connection"))
+        return connection
 
     async def aclose(self) -> None:
         for listener in self._listeners:
