@@ -201,6 +201,21 @@ def test_unknown_hub_repo_offline_is_a_checkpoint_error(tmp_path, offline):
         load_config("nobody/nothing", cache_dir=tmp_path)
 
 
+def test_hub_repo_with_a_single_file_checkpoint(tmp_path, single_dir, state_dict, offline):
+    snapshot = tmp_path / "models--solo--tiny" / "snapshots" / NEW_COMMIT
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(single_dir / name, snapshot / name)
+    (tmp_path / "models--solo--tiny" / "refs").mkdir()
+    (tmp_path / "models--solo--tiny" / "refs" / "main").write_text(NEW_COMMIT)
+    span = load_span("solo/tiny", 5, 6, cache_dir=tmp_path)
+    assert (span.start, span.end, len(span.blocks)) == (5, 6, 1)
+    name = "lm_head.weight"
+    files = checkpoints.HubFiles("solo/tiny", revision=None, cache_dir=tmp_path)
+    tensors = checkpoints.hub_checkpoint(files).read([name], dtype=torch.float32)
+    assert torch.equal(tensors[name], state_dict[name])
+
+
 # -- errors -------------------------------------------------------------------------------
 
 
@@ -265,6 +280,20 @@ def test_truncated_gguf_is_a_checkpoint_error(tmp_path, smollm2_gguf):
 def test_cuda_without_cuda_is_a_device_error():
     with pytest.raises(DeviceError, match="CUDA"):
         check_device(torch.float16, "cuda")
+
+
+def test_dtype_the_device_cannot_multiply_is_a_device_error(monkeypatch):
+    real_matmul = torch.matmul
+
+    def matmul_without_half(a, b):
+        if a.dtype == torch.float16:
+            raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", matmul_without_half)
+    with pytest.raises(DeviceError, match="float16"):
+        check_device(torch.float16, "cpu")
+    assert check_device(torch.float32, "cpu") == torch.device("cpu")
 
 
 def test_non_float_dtype_and_unknown_device_are_device_errors():
