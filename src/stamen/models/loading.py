@@ -135,10 +135,13 @@ def load_config(
     return _config_from_json(files.fetch("config.json"))
 
 
-def _open(
+def open_checkpoint(
     model_ref: ModelRef, *, revision: str | None, cache_dir: str | Path | None
 ) -> tuple[Any, CheckpointSource]:
-    """Config and checkpoint source, sharing one parse of a GGUF file."""
+    """`(config, checkpoint source)` of a model, sharing one parse of a GGUF file.
+
+    For callers that read tensors themselves; `load_span` and `load_head` use it.
+    """
     resolved = _resolve(model_ref)
     if resolved.kind == "dir":
         directory = Path(resolved.location)
@@ -200,7 +203,7 @@ def load_span(
     Reads only those blocks' tensors, one block at a time.
     """
     target = check_device(dtype, device)
-    config, source = _open(model_ref, revision=revision, cache_dir=cache_dir)
+    config, source = open_checkpoint(model_ref, revision=revision, cache_dir=cache_dir)
     adapter = get_adapter(config)
     check_span(config, adapter, start, end)
     relative_names = adapter.block_tensor_names(config)
@@ -227,7 +230,7 @@ def load_head(
 ) -> ClientHead:
     """The client-side head (embeddings, final norm, LM head) of a model, frozen."""
     target = check_device(dtype, device)
-    config, source = _open(model_ref, revision=revision, cache_dir=cache_dir)
+    config, source = open_checkpoint(model_ref, revision=revision, cache_dir=cache_dir)
     adapter = get_adapter(config)
     weights = source.read(adapter.head_tensor_names(config), dtype=dtype, device=target)
     head = adapter.build_head(config, weights)
