@@ -212,24 +212,47 @@ class SpanRuntime:
 
     # -- sessions -----------------------------------------------------------------------
 
+    def block_range(self, requested: tuple[int, int] | None) -> tuple[int, int]:
+        """Validate absolute block indices `[start, end)` inside the span (None: all)."""
+        if requested is None:
+            return self.span.start, self.span.end
+        start, end = requested
+        if not self.span.start <= start < end <= self.span.end:
+            raise BadRequest(
+                f"blocks [{start}, {end}) are not inside this host's span "
+                f"[{self.span.start}, {self.span.end})"
+            )
+        return start, end
+
+    def _blocks(self, block_range: tuple[int, int]) -> Sequence[nn.Module]:
+        start, end = block_range
+        return self.span.blocks[start - self.span.start : end - self.span.start]
+
     async def open_session(
-        self, max_length: int, batch_size: int = 1, *, peer_label: str | None = None
+        self,
+        max_length: int,
+        batch_size: int = 1,
+        *,
+        block_range: tuple[int, int] | None = None,
+        peer_label: str | None = None,
     ) -> SessionId:
+        """Reserve cache for a session over `block_range` (absolute indices; default: the
+        whole span). A client may enter a host anywhere inside its span."""
         check_positive_int(max_length, "max_length", maximum=self.limits.max_session_length)
         check_positive_int(batch_size, "batch_size", maximum=self.limits.max_batch_size)
+        blocks = self.block_range(block_range)
         num_tokens = max_length * batch_size
         if not self._budget.try_reserve(num_tokens):
             raise Busy(
                 f"no room for {num_tokens} cache tokens ({self._budget.free_tokens} of "
                 f"{self._budget.total_tokens} free)"
             )
-        session = Session(new_session_id(), batch_size, max_length, peer_label)
+        session = Session(new_session_id(), batch_size, max_length, blocks, peer_label)
         self._sessions[session.session_id] = session
         logger.info(
             "session %s opened: blocks [%d, %d), %d cache tokens (batch %d x length %d), peer %s",
             session.session_id,
-            self.span.start,
-            self.span.end,
+            *blocks,
             num_tokens,
             batch_size,
             max_length,
@@ -259,8 +282,7 @@ class SpanRuntime:
             "open %.1f s, peer %s",
             session_id,
             reason,
-            self.span.start,
-            self.span.end,
+            *session.block_range,
             session.reserved_tokens,
             session.tokens_processed,
             time.monotonic() - session.opened_s,
@@ -303,19 +325,32 @@ class SpanRuntime:
             session.in_flight -= 1
             session.touch()
 
-    async def forward(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    async def forward(
+        self,
+        hidden: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        block_range: tuple[int, int] | None = None,
+    ) -> Tensor:
         """Stateless forward over the span (no cache); lower priority than steps."""
+        blocks = self._blocks(self.block_range(block_range))
         hidden, mask = self._check_bulk(hidden, padding_mask)
         return await self._scheduler.run(
-            lambda: self._compute_forward(hidden, mask),
+            lambda: self._compute_forward(blocks, hidden, mask),
             priority=Priority.BULK,
             queue_timeout_s=self.limits.bulk_timeout_s,
         )
 
     async def backward(
-        self, hidden: Tensor, grad_output: Tensor, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        grad_output: Tensor,
+        padding_mask: Tensor | None = None,
+        *,
+        block_range: tuple[int, int] | None = None,
     ) -> Tensor:
         """Gradient of the span's output w.r.t. `hidden`, given `grad_output` (B, T, C)."""
+        blocks = self._blocks(self.block_range(block_range))
         hidden, mask = self._check_bulk(hidden, padding_mask)
         grad_output = check_hidden(grad_output, hidden_size=self.hidden_size, name="grad_output")
         if grad_output.shape != hidden.shape:
@@ -324,7 +359,7 @@ class SpanRuntime:
                 f"hidden has {tuple(hidden.shape)}"
             )
         return await self._scheduler.run(
-            lambda: self._compute_backward(hidden, grad_output, mask),
+            lambda: self._compute_backward(blocks, hidden, grad_output, mask),
             priority=Priority.BULK,
             queue_timeout_s=self.limits.bulk_timeout_s,
         )
@@ -351,11 +386,12 @@ class SpanRuntime:
                 f"{session.length} tokens"
             )
         B, T, _ = hidden.shape
+        blocks = self._blocks(session.block_range)
         if session.cache is None:
             session.cache = SpanCache.empty(
                 self.span.adapter,
                 self.span.config,
-                len(self.span.blocks),
+                len(blocks),
                 B,
                 session.max_length,
                 dtype=self.dtype,
@@ -366,7 +402,7 @@ class SpanRuntime:
         session.length = start
         x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
         mask = None if mask is None else mask.to(self.device)
-        x = run_span(self.span.blocks, session.cache, x, start, mask)
+        x = run_span(blocks, session.cache, x, start, mask)
         session.length = start + T
         session.tokens_processed += B * T
         self._steps += 1
@@ -377,21 +413,29 @@ class SpanRuntime:
         B, T, _ = hidden.shape
         return StepContext.make(0, T, batch_size=B, key_padding_mask=mask, device=self.device)
 
-    def _compute_forward(self, hidden: Tensor, mask: Tensor | None) -> Tensor:
+    def _compute_forward(
+        self, blocks: Sequence[nn.Module], hidden: Tensor, mask: Tensor | None
+    ) -> Tensor:
         context = self._bulk_context(hidden, mask)
         with torch.inference_mode():
             x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
-            for block in self.span.blocks:
+            for block in blocks:
                 x = block(x, None, context)
         self._tokens_processed += hidden.shape[0] * hidden.shape[1]
         return x.to(device=hidden.device, dtype=hidden.dtype)
 
-    def _compute_backward(self, hidden: Tensor, grad_output: Tensor, mask: Tensor | None) -> Tensor:
+    def _compute_backward(
+        self,
+        blocks: Sequence[nn.Module],
+        hidden: Tensor,
+        grad_output: Tensor,
+        mask: Tensor | None,
+    ) -> Tensor:
         context = self._bulk_context(hidden, mask)
         x = hidden.to(device=self.device, dtype=self.dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             y = x  # (B, T, C)
-            for block in self.span.blocks:
+            for block in blocks:
                 y = block(y, None, context)
             # Gradient w.r.t. the input only: parameters stay frozen, no .grad is written.
             (grad_input,) = torch.autograd.grad(

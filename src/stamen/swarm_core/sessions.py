@@ -90,6 +90,7 @@ class Session:
     session_id: SessionId
     batch_size: int
     max_length: int
+    block_range: tuple[int, int]  # absolute block indices [start, end) this session runs
     peer_label: str | None = None
     opened_s: float = field(default_factory=time.monotonic)
     last_active_s: float = field(default_factory=time.monotonic)

@@ -116,6 +116,7 @@ class TensorSlot:
 
 _HIDDEN = TensorSlot(ndim=3, floating=True)  # (B, T, D)
 _PROMPTS = TensorSlot(required=False, ndim=4, floating=True)  # (n_blocks, B, P, D)
+_PADDING = TensorSlot(required=False, ndim=2)  # (B, T) bool/uint8: False = left padding
 
 
 class HostState(StrEnum):
@@ -228,6 +229,7 @@ class Step(_Message, frozen=True, tag="step"):
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
         "hidden": _HIDDEN,
         "prompts": _PROMPTS,
+        "padding_mask": _PADDING,
         "hypo_ids": TensorSlot(required=False, ndim=1),  # (B,) beam reorder
     }
     session_id: _SessionId
@@ -251,7 +253,11 @@ class SessionClosed(_Message, frozen=True, tag="session_closed"):
 class Forward(_SpanRequest, frozen=True, tag="forward"):
     """Stateless forward of a batch through the span (fine-tuning, bulk scoring)."""
 
-    TENSORS: ClassVar[Mapping[str, TensorSlot]] = {"hidden": _HIDDEN, "prompts": _PROMPTS}
+    TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
+        "hidden": _HIDDEN,
+        "prompts": _PROMPTS,
+        "padding_mask": _PADDING,
+    }
     adapter: _Name | None = None
     reply_codec: Codec = Codec.NONE
 
@@ -267,6 +273,7 @@ class Backward(_SpanRequest, frozen=True, tag="backward"):
         "hidden": _HIDDEN,
         "grad_output": _HIDDEN,
         "prompts": _PROMPTS,
+        "padding_mask": _PADDING,
     }
     adapter: _Name | None = None
     reply_codec: Codec = Codec.NONE

@@ -1,0 +1,333 @@
+"""The swarm as the client sees it: hosts from the DHT, reached over RPC.
+
+`SwarmClient` implements `remote.SwarmView` for one model: it reads host records from the
+DHT in the background (joining it in client mode, so nobody routes through us), measures
+each connected host's ping, and hands out `RpcSpanClient`s over pooled connections. Any
+failure of a host (lost connection, timeout, remote error, a reply of the wrong shape)
+surfaces as `remote.HopError`, which inference sessions answer by routing around it.
+
+    async with SwarmClient(model_name, num_blocks, initial_peers=[...]) as swarm:
+        async with InferenceSession(swarm, 0, num_blocks, max_length=512, batch_size=1) as s:
+            hidden = await s.step(hidden)
+
+This module knows nothing about tokens, heads or generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from stamen.swarm_core.codecs import Codec
+from stamen.swarm_core.discovery import Discovery
+from stamen.swarm_core.records import HostRecord, HostState
+from stamen.swarm_core.remote import HopError, HopSession, HostBusy, HostInfo, SpanClient
+from stamen.swarm_core.remote import HostState as ViewState
+from stamen.swarm_core.rpc import RemoteBusy, RpcClient, RpcError, RpcStream
+from stamen.swarm_core.wire import (
+    CloseSession,
+    Forward,
+    ForwardResult,
+    Hello,
+    OpenSession,
+    Ping,
+    SessionOpened,
+    Step,
+    StepResult,
+    WireError,
+)
+from stamen.transports.base import Credentials, Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+_HOST_FAILURES = (RpcError, TransportError, WireError, TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    refresh_interval_s: float = 5.0
+    connect_timeout_s: float = 10.0
+    step_timeout_s: float = 30.0
+    ping_timeout_s: float = 3.0
+    reply_codec: Codec = Codec.NONE
+
+
+def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
+    kind = HostBusy if isinstance(error, RemoteBusy) else HopError
+    return kind(
+        f"{what} on {peer_id[:12]} failed: {type(error).__name__}: {error}", peer_id=peer_id
+    )
+
+
+def _check_reply(hidden: Tensor | None, expected: Tensor, peer_id: str) -> Tensor:
+    """A host that answers with the wrong shape or non-floats is treated as failed."""
+    if hidden is None or hidden.shape != expected.shape or not hidden.is_floating_point():
+        got = None if hidden is None else (tuple(hidden.shape), hidden.dtype)
+        raise HopError(
+            f"host {peer_id[:12]} replied {got}, expected {tuple(expected.shape)}",
+            peer_id=peer_id,
+        )
+    return hidden.to(expected.dtype)
+
+
+class RpcHopSession(HopSession):
+    """One inference session on a host: a streaming RPC call kept open between steps."""
+
+    def __init__(
+        self, peer_id: str, stack: contextlib.AsyncExitStack, stream: RpcStream, session_id: str
+    ):
+        self._peer_id = peer_id
+        self._stack = stack
+        self._stream = stream
+        self.session_id = session_id
+        self._closed = False
+
+    async def step(
+        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+    ) -> Tensor:
+        tensors = {"hidden": hidden.contiguous()}
+        if padding_mask is not None:
+            tensors["padding_mask"] = padding_mask.contiguous()
+        message = Step(session_id=self.session_id, start_position=start_position)
+        try:
+            reply = await self._stream.call(message, tensors)
+        except _HOST_FAILURES as error:
+            raise _hop_error(error, self._peer_id, "step") from error
+        if not isinstance(reply.message, StepResult):
+            raise HopError(f"expected step_result, got {type(reply.message).__name__}")
+        return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with contextlib.suppress(*_HOST_FAILURES):
+                await self._stream.call(CloseSession(session_id=self.session_id), timeout_s=5.0)
+        finally:
+            with contextlib.suppress(*_HOST_FAILURES):
+                await self._stack.aclose()
+
+
+class RpcSpanClient(SpanClient):
+    def __init__(self, peer_id: str, rpc: RpcClient, settings: ClientSettings):
+        self._peer_id = peer_id
+        self._rpc = rpc
+        self._settings = settings
+
+    @property
+    def peer_id(self) -> str:
+        return self._peer_id
+
+    async def open_session(
+        self, start: int, end: int, max_length: int, batch_size: int
+    ) -> HopSession:
+        stack = contextlib.AsyncExitStack()
+        try:
+            stream = await stack.enter_async_context(
+                self._rpc.open_stream(timeout_s=self._settings.step_timeout_s)
+            )
+            request = OpenSession(
+                block_start=start,
+                block_end=end,
+                max_length=max_length,
+                batch_size=batch_size,
+                reply_codec=self._settings.reply_codec,
+            )
+            reply = await stream.call(request)
+            if not isinstance(reply.message, SessionOpened):
+                raise HopError(f"expected session_opened, got {type(reply.message).__name__}")
+        except BaseException as error:
+            await stack.aclose()
+            if isinstance(error, _HOST_FAILURES):
+                raise _hop_error(error, self._peer_id, "open_session") from error
+            raise
+        return RpcHopSession(self._peer_id, stack, stream, reply.message.session_id)
+
+    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+        message = Forward(block_start=start, block_end=end, reply_codec=self._settings.reply_codec)
+        try:
+            reply = await self._rpc.call(
+                message, {"hidden": hidden.contiguous()}, timeout_s=self._settings.step_timeout_s
+            )
+        except _HOST_FAILURES as error:
+            raise _hop_error(error, self._peer_id, "forward") from error
+        if not isinstance(reply.message, ForwardResult):
+            raise HopError(f"expected forward_result, got {type(reply.message).__name__}")
+        return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
+
+
+_VIEW_STATES = {
+    HostState.JOINING: ViewState.JOINING,
+    HostState.ONLINE: ViewState.ONLINE,
+    HostState.OFFLINE: ViewState.OFFLINE,
+}
+
+
+def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
+    """The routing view of a record, or None for a record routing cannot use."""
+    blocks = record.end_block - record.start_block
+    if blocks <= 0 or record.throughput_tokens_per_s <= 0:
+        return None
+    # The record gives tokens/s through the whole span; one block is `blocks` times faster.
+    return HostInfo(
+        peer_id=record.peer_id,
+        start=record.start_block,
+        end=record.end_block,
+        throughput_tokens_s=record.throughput_tokens_per_s * blocks,
+        free_cache_tokens=record.free_cache_tokens,
+        state=_VIEW_STATES.get(record.state, ViewState.OFFLINE),
+        ping_s=ping_s,
+    )
+
+
+class SwarmClient:
+    """A `SwarmView` of one model's hosts, kept fresh in the background."""
+
+    def __init__(
+        self,
+        model_name: str,
+        num_blocks: int,
+        transport: Transport,
+        credentials: Credentials,
+        *,
+        initial_peers: Sequence[str],
+        settings: ClientSettings | None = None,
+    ) -> None:
+        self.model_name = model_name
+        self.num_blocks = num_blocks
+        self.transport = transport
+        self.settings = settings or ClientSettings()
+        self._discovery = Discovery(
+            credentials, listen_port=0, initial_peers=tuple(initial_peers), client_mode=True
+        )
+        self._records: dict[str, HostRecord] = {}
+        self._pings: dict[str, float] = {}
+        self._connections: dict[str, RpcClient] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self.refreshed = asyncio.Event()
+
+    async def __aenter__(self) -> SwarmClient:
+        await self._discovery.start()
+        await self.refresh()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="stamen-swarm-refresh")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        for rpc in self._connections.values():
+            with contextlib.suppress(Exception):
+                await rpc.close()
+        self._connections.clear()
+        await self._discovery.stop()
+
+    # -- the view -----------------------------------------------------------------------
+
+    def hosts(self) -> list[HostInfo]:
+        infos = (host_info(r, self._pings.get(p)) for p, r in self._records.items())
+        return [info for info in infos if info is not None]
+
+    def records(self) -> list[HostRecord]:
+        return list(self._records.values())
+
+    def covered(self) -> bool:
+        """Whether online hosts cover every block."""
+        covered = [False] * self.num_blocks
+        for record in self._records.values():
+            if record.state is HostState.ONLINE:
+                for block in range(record.start_block, min(record.end_block, self.num_blocks)):
+                    covered[block] = True
+        return all(covered)
+
+    async def connect(self, peer_id: str) -> SpanClient:
+        rpc = self._connections.get(peer_id)
+        if rpc is None or rpc.connection.is_closed:
+            lock = self._connecting.setdefault(peer_id, asyncio.Lock())
+            async with lock:
+                rpc = self._connections.get(peer_id)
+                if rpc is None or rpc.connection.is_closed:
+                    rpc = await self._dial(peer_id)
+                    self._connections[peer_id] = rpc
+        return RpcSpanClient(peer_id, rpc, self.settings)
+
+    async def _dial(self, peer_id: str) -> RpcClient:
+        record = self._records.get(peer_id)
+        if record is None or not record.addresses:
+            raise HopError(f"no address known for {peer_id[:12]}", peer_id=peer_id)
+        errors = []
+        for address in record.addresses:
+            began = time.perf_counter()
+            try:
+                rpc = await RpcClient.connect(
+                    self.transport,
+                    address,
+                    Hello.local(),
+                    expected_public_key=record.public_key,
+                    timeout_s=self.settings.connect_timeout_s,
+                )
+            except (*_HOST_FAILURES, OSError) as error:
+                errors.append(f"{address}: {error}")
+                continue
+            self._pings.setdefault(peer_id, time.perf_counter() - began)
+            return rpc
+        raise HopError(f"cannot reach {peer_id[:12]}: " + "; ".join(errors), peer_id=peer_id)
+
+    # -- background refresh -------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read host records from the DHT and re-measure pings of connected hosts."""
+        found = await self._discovery.find_hosts(
+            self.model_name, (0, self.num_blocks), include_offline=True
+        )
+        newest: dict[str, HostRecord] = {}
+        for block_records in found.values():
+            for record in block_records:
+                known = newest.get(record.peer_id)
+                if known is None or record.freshness() > known.freshness():
+                    newest[record.peer_id] = record
+        self._records = newest
+        await asyncio.gather(*(self._ping(p) for p in list(self._connections)))
+        self.refreshed.set()
+
+    async def _ping(self, peer_id: str) -> None:
+        rpc = self._connections.get(peer_id)
+        if rpc is None:
+            return
+        began = time.perf_counter()
+        try:
+            await rpc.call(Ping(), timeout_s=self.settings.ping_timeout_s)
+        except _HOST_FAILURES:
+            self._connections.pop(peer_id, None)
+            with contextlib.suppress(Exception):
+                await rpc.close()
+            return
+        rtt = time.perf_counter() - began
+        previous = self._pings.get(peer_id)
+        self._pings[peer_id] = rtt if previous is None else 0.7 * previous + 0.3 * rtt
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.refresh_interval_s)
+            try:
+                await self.refresh()
+            except Exception as error:  # keep the last view; try again next round
+                logger.warning("swarm refresh failed: %s", error)
+
+    async def wait_for_coverage(self, timeout_s: float) -> None:
+        """Refresh until online hosts cover every block, or raise `TimeoutError`."""
+        async with asyncio.timeout(timeout_s):
+            while not self.covered():
+                await asyncio.sleep(0.5)
+                await self.refresh()

@@ -1,0 +1,406 @@
+"""A swarm host: one span of a model's blocks, served over RPC and announced in the DHT.
+
+`Host.run` does, in order:
+
+1. joins the DHT and, without a fixed span, picks the blocks the swarm serves least;
+2. announces itself JOINING, loads its span (block by block, progress logged), quantizes
+   it if asked, and measures its decode throughput;
+3. listens on its transport and serves `Info`, `OpenSession` (one stream per inference
+   session), `Forward` and `Backward`, translating runtime refusals into typed remote
+   errors;
+4. announces ONLINE every `announce_interval_s` with its free cache;
+5. when asked to stop: announces OFFLINE, refuses new sessions, lets in-flight steps
+   finish (up to `drain_timeout_s`), then closes everything.
+
+The compute itself (sessions, cache budget, priorities, worker thread) is `SpanRuntime`'s.
+This module knows nothing about command-line flags (`host_cli`) or how clients route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+import msgspec
+import torch
+
+import stamen
+from stamen.models.base import Block
+from stamen.models.loading import Span, load_config, load_span
+from stamen.models.quantization import quantize_block
+from stamen.models.registry import get_adapter
+from stamen.swarm_core.discovery import Discovery
+from stamen.swarm_core.identity import peer_id_from_public_key, peer_id_of, short_peer_id
+from stamen.swarm_core.records import HostRecord, HostState, new_host_record
+from stamen.swarm_core.rpc import (
+    CallContext,
+    Outgoing,
+    RemoteBadRequest,
+    RemoteBusy,
+    RemoteError,
+    RemoteNotFound,
+    RemoteTimeout,
+    Reply,
+    RpcServer,
+)
+from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime, measure_throughput
+from stamen.swarm_core.sessions import RuntimeRequestError
+from stamen.swarm_core.wire import (
+    Backward,
+    BackwardResult,
+    CloseSession,
+    Decoded,
+    Forward,
+    ForwardResult,
+    HelloReply,
+    Info,
+    InfoReply,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+    Step,
+    StepResult,
+)
+from stamen.swarm_core.wire import HostState as WireHostState
+from stamen.transports.base import Credentials, Listener, Transport
+
+logger = logging.getLogger(__name__)
+
+
+def model_name_of(model_ref: str | Path) -> str:
+    """The name a model is announced under when none is given: a hub id as is, a local
+    directory or GGUF file by its base name. Hosts and clients derive it the same way."""
+    text = str(model_ref)
+    path = Path(text)
+    if path.exists():
+        return path.stem if path.is_file() else path.name
+    return text
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    model_ref: str
+    model_name: str
+    blocks: tuple[int, int] | None = None  # absolute [start, end); None: choose
+    num_blocks: int | None = None  # span length when choosing; None: the whole model
+    listen: str = "tcp://127.0.0.1:0"
+    dht_host: str = "127.0.0.1"
+    dht_port: int = 0
+    dht_client_mode: bool = False  # not reachable from outside: query the DHT only
+    initial_peers: tuple[str, ...] = ()
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    quantization: str = "none"
+    max_cache_tokens: int = 16384
+    public_name: str = ""
+    announce_interval_s: float = 15.0
+    record_ttl_s: float = 45.0
+    drain_timeout_s: float = 10.0
+    limits: RuntimeLimits | None = None
+
+
+def choose_span(
+    records: Mapping[int, list[HostRecord]], total_blocks: int, num_blocks: int
+) -> tuple[int, int]:
+    """The window of `num_blocks` blocks with the least announced throughput.
+
+    A block's served throughput is the sum over online hosts covering it of their span
+    throughput; ties go to the leftmost window, so hosts started one after another cover
+    the model left to right.
+    """
+    num_blocks = max(1, min(num_blocks, total_blocks))
+    served = [0.0] * total_blocks
+    for block, block_records in records.items():
+        if 0 <= block < total_blocks:
+            served[block] = sum(
+                r.throughput_tokens_per_s for r in block_records if r.state is HostState.ONLINE
+            )
+    windows = [
+        (sum(served[start : start + num_blocks]), start)
+        for start in range(total_blocks - num_blocks + 1)
+    ]
+    _, best = min(windows)
+    return best, best + num_blocks
+
+
+_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
+    "busy": RemoteBusy,
+    "bad_request": RemoteBadRequest,
+    "not_found": RemoteNotFound,
+    "timeout": RemoteTimeout,
+}
+
+
+@contextlib.contextmanager
+def _as_remote_errors() -> Iterator[None]:
+    """Runtime refusals travel to the client as the remote error of the same code."""
+    try:
+        yield
+    except RuntimeRequestError as error:
+        raise _REMOTE_ERRORS.get(error.code, RemoteBadRequest)(str(error)) from error
+
+
+class Host:
+    def __init__(self, settings: HostSettings, credentials: Credentials, transport: Transport):
+        self.settings = settings
+        self.credentials = credentials
+        self.transport = transport
+        self.peer_id = peer_id_of(credentials)
+        self.state = HostState.JOINING
+        self.span_range: tuple[int, int] | None = None
+        self.throughput_tokens_s = 0.0
+        self.addresses: list[str] = []
+        self.runtime: SpanRuntime | None = None
+        self.ready = asyncio.Event()  # set once serving and announced ONLINE
+        self._discovery: Discovery | None = None
+        self._listener: Listener | None = None
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then shut down gracefully."""
+        settings = self.settings
+        discovery = Discovery(
+            self.credentials,
+            listen_host=settings.dht_host,
+            listen_port=settings.dht_port,
+            initial_peers=settings.initial_peers,
+            client_mode=settings.dht_client_mode,
+        )
+        async with discovery, contextlib.AsyncExitStack() as stack:
+            self._discovery = discovery
+            start, end = await self._choose_blocks()
+            self.span_range = (start, end)
+            await self._announce()
+            span = await asyncio.to_thread(self._load, start, end)
+            self.runtime = await stack.enter_async_context(SpanRuntime(span, self._limits()))
+            self.throughput_tokens_s = await asyncio.to_thread(measure_throughput, span)
+            logger.info("throughput: %.1f decode tokens/s over the span", self.throughput_tokens_s)
+            self._listener = await self.transport.listen(settings.listen, self._server().serve)
+            stack.push_async_callback(self._listener.close)
+            self.addresses = list(self._listener.addresses)
+            self.state = HostState.ONLINE
+            await self._announce()
+            logger.info(
+                "serving blocks [%d, %d) of %s as %s at %s",
+                start,
+                end,
+                settings.model_name,
+                short_peer_id(self.peer_id),
+                ", ".join(self.addresses),
+            )
+            self.ready.set()
+            announcer = asyncio.create_task(self._announce_forever(), name="stamen-announce")
+            try:
+                await stop.wait()
+            finally:
+                announcer.cancel()
+                await asyncio.gather(announcer, return_exceptions=True)
+                await self._drain()
+
+    async def _choose_blocks(self) -> tuple[int, int]:
+        settings = self.settings
+        config = await asyncio.to_thread(load_config, settings.model_ref)
+        total = get_adapter(config).num_blocks(config)
+        if settings.blocks is not None:
+            return settings.blocks
+        num_blocks = settings.num_blocks or total
+        assert self._discovery is not None
+        try:
+            records = await self._discovery.find_hosts(settings.model_name, (0, total))
+        except Exception as error:  # an empty or unreachable swarm must not stop a host
+            logger.warning("could not read the swarm's coverage (%s); starting at block 0", error)
+            records = {}
+        chosen = choose_span(records, total, num_blocks)
+        logger.info("chose blocks [%d, %d) of %d (least served)", *chosen, total)
+        return chosen
+
+    def _load(self, start: int, end: int) -> Span:
+        settings = self.settings
+        began = time.monotonic()
+        logger.info("loading blocks [%d, %d) of %s ...", start, end, settings.model_ref)
+        span = load_span(
+            settings.model_ref, start, end, dtype=settings.dtype, device=settings.device
+        )
+        if settings.quantization != "none":
+            for i, block in enumerate(span.blocks):
+                span.blocks[i] = quantize_block(cast(Block, block), settings.quantization)
+                logger.info("quantized block %d/%d", i + 1, len(span.blocks))
+        logger.info("loaded %d blocks in %.1f s", end - start, time.monotonic() - began)
+        return span
+
+    def _limits(self) -> RuntimeLimits:
+        return self.settings.limits or RuntimeLimits(
+            max_cache_tokens=self.settings.max_cache_tokens
+        )
+
+    async def _drain(self) -> None:
+        """Announce OFFLINE, refuse new sessions, let running steps finish."""
+        self.state = HostState.OFFLINE
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._announce(), timeout=5.0)
+        if self.runtime is None:
+            return
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_timeout_s)
+        except TimeoutError:
+            logger.warning("%d requests still running after the drain timeout", self._in_flight)
+        logger.info("stopped serving blocks [%d, %d)", *(self.span_range or (0, 0)))
+
+    # -- announcements ------------------------------------------------------------------
+
+    def record(self) -> HostRecord:
+        start, end = self.span_range or (0, 0)
+        free = self.runtime.info().cache_tokens_free if self.runtime else 0
+        record = new_host_record(
+            self.credentials,
+            model=self.settings.model_name,
+            start_block=start,
+            end_block=end,
+            state=self.state,
+            addresses=self.addresses,
+            ttl_s=self.settings.record_ttl_s,
+        )
+        return msgspec.structs.replace(
+            record,
+            throughput_tokens_per_s=self.throughput_tokens_s,
+            free_cache_tokens=free,
+            dtype=str(self.settings.dtype).removeprefix("torch."),
+            quantization="" if self.settings.quantization == "none" else self.settings.quantization,
+            version=stamen.__version__,
+            public_name=self.settings.public_name,
+        )
+
+    async def _announce(self) -> None:
+        assert self._discovery is not None
+        stored = await self._discovery.announce(self.record())
+        logger.debug("announced %s for %d blocks", self.state.value, stored)
+
+    async def _announce_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.announce_interval_s)
+            try:
+                await self._announce()
+            except Exception as error:  # keep serving; the next round retries
+                logger.warning("announce failed: %s", error)
+
+    # -- RPC handlers -------------------------------------------------------------------
+
+    def _server(self) -> RpcServer:
+        server = RpcServer(HelloReply.local(self.settings.public_name, ("inference", "forward")))
+        server.add_unary(Info, self._info)
+        server.add_stream(OpenSession, self._session)
+        server.add_unary(Forward, self._forward)
+        server.add_unary(Backward, self._backward)
+        return server
+
+    def _runtime(self) -> SpanRuntime:
+        if self.runtime is None or self.state is not HostState.ONLINE:
+            raise RemoteBusy(f"host is {self.state.value}, not serving")
+        return self.runtime
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """Count a running request (drain waits for none), translating runtime errors."""
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            with _as_remote_errors():
+                yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _info(self, request: Decoded, context: CallContext) -> Reply:
+        start, end = self.span_range or (0, 0)
+        info = self.runtime.info() if self.runtime else None
+        return InfoReply(
+            model=self.settings.model_name,
+            block_start=start,
+            block_end=end,
+            state=WireHostState(self.state.value),
+            torch_dtype=str(self.settings.dtype).removeprefix("torch."),
+            quantization=None
+            if self.settings.quantization == "none"
+            else self.settings.quantization,
+            cache_tokens_left=info.cache_tokens_free if info else 0,
+            max_batch_size=self._limits().max_batch_size,
+            throughput_tokens_s=self.throughput_tokens_s,
+        )
+
+    async def _session(
+        self, first: Decoded, requests: AsyncIterator[Decoded], context: CallContext
+    ) -> AsyncGenerator[Reply]:
+        request = first.message
+        assert isinstance(request, OpenSession)
+        runtime = self._runtime()
+        peer = short_peer_id(peer_id_from_public_key(context.remote_public_key))
+        with _as_remote_errors():
+            session_id = await runtime.open_session(
+                request.max_length,
+                request.batch_size,
+                block_range=(request.block_start, request.block_end),
+                peer_label=peer,
+            )
+        try:
+            yield SessionOpened(session_id=session_id, max_length=request.max_length)
+            async for decoded in requests:
+                match decoded.message:
+                    case Step(session_id=step_session, start_position=start_position):
+                        if step_session != session_id:
+                            raise RemoteNotFound(f"this stream serves session {session_id}")
+                        hidden = decoded.tensors["hidden"]
+                        with self._request():
+                            out = await runtime.step(
+                                session_id,
+                                hidden,
+                                start_position,
+                                decoded.tensors.get("padding_mask"),
+                            )
+                        position = start_position + hidden.shape[1]
+                        yield Outgoing(
+                            StepResult(session_id=session_id, position=position),
+                            {"hidden": out},
+                            codec=request.reply_codec,
+                        )
+                    case CloseSession():
+                        yield SessionClosed(session_id=session_id)
+                        return
+                    case other:
+                        raise RemoteBadRequest(f"unexpected {type(other).__name__} in a session")
+        finally:
+            with contextlib.suppress(RuntimeRequestError):
+                await runtime.close_session(session_id)
+
+    async def _forward(self, request: Decoded, context: CallContext) -> Reply:
+        message = request.message
+        assert isinstance(message, Forward)
+        with self._request():
+            out = await self._runtime().forward(
+                request.tensors["hidden"],
+                request.tensors.get("padding_mask"),
+                block_range=(message.block_start, message.block_end),
+            )
+        return Outgoing(ForwardResult(), {"hidden": out}, codec=message.reply_codec)
+
+    async def _backward(self, request: Decoded, context: CallContext) -> Reply:
+        message = request.message
+        assert isinstance(message, Backward)
+        with self._request():
+            grad = await self._runtime().backward(
+                request.tensors["hidden"],
+                request.tensors["grad_output"],
+                request.tensors.get("padding_mask"),
+                block_range=(message.block_start, message.block_end),
+            )
+        return Outgoing(BackwardResult(), {"grad_hidden": grad}, codec=message.reply_codec)
