@@ -41,7 +41,7 @@ from stamen.swarm_core.inference import InferenceSession
 from stamen.swarm_core.remote import HopError, HostBusy
 from stamen.swarm_core.routing import BanList, NoRouteError, plan_latency_route
 from stamen.transports.base import Credentials
-from stamen.transports.factory import make_transport
+from stamen.transports.factory import SchemeRouter
 
 _T = TypeVar("_T")
 
@@ -125,15 +125,16 @@ class DistributedModelForCausalLM:
         initial_peers: Sequence[str],
         model_name: str | None = None,
         dtype: torch.dtype = torch.float32,
-        transport: str = "tcp",
         swarm_key: bytes | None = None,
         wait_for_coverage_s: float = 60.0,
         settings: ClientSettings | None = None,
-        **transport_options: Any,
+        **transport_options: dict[str, Any],
     ) -> DistributedModelForCausalLM:
         """Load the head locally and join the swarm serving `model_ref`'s blocks.
 
-        Waits up to `wait_for_coverage_s` for hosts to cover every block."""
+        Hosts are dialled with the transport their address names; `transport_options`
+        tunes each by scheme, e.g. `tcp={"encrypt": False}`. Waits up to
+        `wait_for_coverage_s` for hosts to cover every block."""
         config = load_config(model_ref)
         num_blocks = get_adapter(config).num_blocks(config)
         head = load_head(model_ref, dtype=dtype)
@@ -148,7 +149,7 @@ class DistributedModelForCausalLM:
             swarm = SwarmClient(
                 model_name or model_name_of(model_ref),
                 num_blocks,
-                make_transport(transport, credentials, **transport_options),
+                SchemeRouter(credentials, **transport_options),
                 credentials,
                 initial_peers=initial_peers,
                 settings=settings,

@@ -155,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("kademlia", "rpcudp"):  # they log every datagram at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         swarm_key = args.swarm_key_file.read_bytes().strip() if args.swarm_key_file else None
         credentials = (

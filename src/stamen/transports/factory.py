@@ -13,7 +13,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stamen.transports.base import Credentials, Limits, Transport
+from stamen.transports.base import (
+    ConnectError,
+    Connection,
+    ConnectionHandler,
+    Credentials,
+    Limits,
+    Listener,
+    Transport,
+)
 from stamen.transports.memory import MemoryTransport
 from stamen.transports.tcp import TcpOptions, TcpTransport
 
@@ -78,3 +86,44 @@ def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> T
             keepalive_timeout_s=args.keepalive_timeout_s,
         )
     return make_transport(args.transport, credentials, limits=limits)
+
+
+class SchemeRouter(Transport):
+    """Dials each address with the transport of its scheme (`tcp://`, `webrtc://`, ...),
+    so a client reaches hosts whatever transport each one listens on. Transports are
+    created on first use."""
+
+    name = "any"
+
+    def __init__(self, credentials: Credentials, **options_by_scheme: dict[str, Any]) -> None:
+        self._credentials = credentials
+        self._options = options_by_scheme
+        self._transports: dict[str, Transport] = {}
+
+    def transport(self, scheme: str) -> Transport:
+        if scheme not in self._transports:
+            options = self._options.get(scheme, {})
+            self._transports[scheme] = make_transport(scheme, self._credentials, **options)
+        return self._transports[scheme]
+
+    async def connect(
+        self,
+        address: str,
+        *,
+        expected_public_key: bytes | None = None,
+        timeout_s: float = 10.0,
+    ) -> Connection:
+        scheme, sep, _ = address.partition("://")
+        if not sep or scheme not in TRANSPORT_NAMES:
+            raise ConnectError(f"unsupported address {address!r}")
+        return await self.transport(scheme).connect(
+            address, expected_public_key=expected_public_key, timeout_s=timeout_s
+        )
+
+    async def listen(self, address: str, handler: ConnectionHandler) -> Listener:
+        scheme = address.partition("://")[0]
+        return await self.transport(scheme).listen(address, handler)
+
+    async def aclose(self) -> None:
+        for transport in self._transports.values():
+            await transport.aclose()
