@@ -212,4 +212,5 @@ class Transport(ABC):
         (as its own task; the connection is closed when it returns)."""
 
     async def aclose(self) -> None:
-        """Release transport-wide resources (sockets, peer connections)."""
+        """Release transport-wide resources (sockets, peer connections), if any."""
+        return None
