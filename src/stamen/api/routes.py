@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from stamen.api import responses
 from stamen.api import schemas as s
@@ -20,24 +22,26 @@ from stamen.api.serving import chat_job, check_ready, completion_jobs
 from stamen.api.state import ApiState
 from stamen.api.streaming import sse_stream
 
+Api = NamedDependency[ApiState]
+
 
 def _model(api: ApiState, engine_id: str) -> s.Model:
     return s.Model(id=engine_id, created=api.started_at, owned_by="stamen")
 
 
 @get("/v1/models", sync_to_thread=False)
-def list_models(api: ApiState) -> s.ModelList:
+def list_models(api: Api) -> s.ModelList:
     return s.ModelList(data=[_model(api, model_id) for model_id in api.engines])
 
 
 @get("/v1/models/{model_id:path}", sync_to_thread=False)
-def retrieve_model(api: ApiState, model_id: str) -> s.Model:
+def retrieve_model(api: Api, model_id: FromPath[str]) -> s.Model:
     engine = api.engine(model_id.lstrip("/"))
     return _model(api, engine.model_id)
 
 
 @post("/v1/chat/completions", status_code=200)
-async def create_chat_completion(request: Request[Any, Any, Any], api: ApiState) -> Response[Any]:
+async def create_chat_completion(request: Request[Any, Any, Any], api: Api) -> Response[Any]:
     body = s.decode_request(await request.body(), s.ChatCompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
@@ -57,7 +61,7 @@ async def create_chat_completion(request: Request[Any, Any, Any], api: ApiState)
 
 
 @post("/v1/completions", status_code=200)
-async def create_completion(request: Request[Any, Any, Any], api: ApiState) -> Response[Any]:
+async def create_completion(request: Request[Any, Any, Any], api: Api) -> Response[Any]:
     body = s.decode_request(await request.body(), s.CompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
@@ -78,7 +82,7 @@ async def create_completion(request: Request[Any, Any, Any], api: ApiState) -> R
 
 
 @get("/v1/swarm", sync_to_thread=False)
-def swarm(api: ApiState) -> dict[str, Any]:
+def swarm(api: Api) -> dict[str, Any]:
     return {
         "object": "swarm",
         "ready": api.ready(),
@@ -87,7 +91,7 @@ def swarm(api: ApiState) -> dict[str, Any]:
 
 
 @get("/health", sync_to_thread=False)
-def health(api: ApiState) -> Response[dict[str, Any]]:
+def health(api: Api) -> Response[dict[str, Any]]:
     ready = api.ready()
     headers = {} if ready else {"Retry-After": str(api.settings.retry_after_s)}
     return Response(
@@ -98,7 +102,7 @@ def health(api: ApiState) -> Response[dict[str, Any]]:
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
-def metrics(api: ApiState) -> bytes:
+def metrics(api: Api) -> bytes:
     return api.metrics.render()
 
 

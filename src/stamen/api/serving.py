@@ -234,13 +234,14 @@ def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[li
     """OpenAI's four prompt shapes (text, texts, token ids, lists of token ids) as ids."""
     if prompt is None or prompt == [] or prompt == "":
         raise invalid_request("'prompt' must not be empty.", param="prompt")
-    if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+    if isinstance(prompt, str) or all(type(item) is int for item in prompt):
         prompts: list[Any] = [prompt]
     else:
         prompts = list(prompt)
+    texts = all(isinstance(item, str) for item in prompts)
     out = []
     for item in prompts:
-        if isinstance(item, str):
+        if texts:
             out.append(list(tokenizer.encode(item, add_special_tokens=False)))
             continue
         if not isinstance(item, list) or not item or not all(type(t) is int for t in item):
