@@ -1,4 +1,4 @@
-"""Llama-family blocks (llama, qwen2) against transformers, plus Llama-specific behaviour."""
+"""Llama-family blocks (llama, mistral, qwen2) against transformers, plus Llama behaviour."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from stamen.models.base import KVCache, StepContext
 from stamen.models.common import StepShapeError
 from stamen.models.registry import get_adapter
 
-VARIANTS = variants_of("llama") + variants_of("qwen2")
+VARIANTS = variants_of("llama") + variants_of("mistral") + variants_of("qwen2")
 
 
 @pytest.mark.parametrize("check", CHECKS)

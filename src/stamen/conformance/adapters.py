@@ -71,6 +71,21 @@ def _bloom(**overrides: Any) -> Any:
     return BloomConfig(**{**base, **overrides})
 
 
+def _mistral() -> Any:
+    from transformers import MistralConfig
+
+    return MistralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        sliding_window=None,
+    )
+
+
 def _qwen2() -> Any:
     from transformers import Qwen2Config
 
@@ -105,6 +120,7 @@ VARIANTS: dict[str, Callable[[], Any]] = {
     "llama-rope-linear": lambda: _llama(
         rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)
     ),
+    "mistral-gqa": _mistral,
     "qwen2-gqa": _qwen2,
     "falcon-7b-multi-query": lambda: _falcon(multi_query=True, parallel_attn=True),
     "falcon-40b-new-arch": lambda: _falcon(

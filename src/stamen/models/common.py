@@ -88,7 +88,7 @@ def interleaved_qkv_order(num_heads: int, num_kv_heads: int, head_dim: int) -> T
 
 
 class RMSNorm(nn.Module):
-    """RMS norm computed in float32, scaled in the input dtype (as Llama checkpoints expect)."""
+    """RMS norm computed in (at least) float32, scaled in the input dtype, as Llama expects."""
 
     def __init__(self, weight: Tensor, eps: float) -> None:
         super().__init__()
@@ -96,7 +96,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        normed = F.rms_norm(wide, (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -148,6 +149,20 @@ def _llama3_frequencies(inv_freq: Tensor, settings: Mapping[str, Any]) -> Tensor
     return torch.where(is_medium, blended, scaled)
 
 
+class _PerDevice:
+    """A small constant tensor, copied once to each device that asks for it."""
+
+    def __init__(self, tensor: Tensor) -> None:
+        self._copies = {tensor.device: tensor}
+
+    def on(self, device: torch.device) -> Tensor:
+        copy = self._copies.get(device)
+        if copy is None:
+            copy = next(iter(self._copies.values())).to(device)
+            self._copies = {**self._copies, device: copy}
+        return copy
+
+
 class RotaryEmbedding:
     """Rotates query and key heads by their positions (half-split layout, as in HF Llama).
 
@@ -157,7 +172,7 @@ class RotaryEmbedding:
 
     def __init__(self, head_dim: int, inv_freq: Tensor) -> None:
         self.head_dim = head_dim
-        self.inv_freq = inv_freq  # (D/2,) float32
+        self.inv_freq = _PerDevice(inv_freq)  # (D/2,) float32
         # (positions, dtype, cos (B, T, 1, D), signed sin (B, T, 1, D)); replaced whole,
         # so concurrent readers never see a torn entry.
         self._last: tuple[Tensor, torch.dtype, Tensor, Tensor] | None = None
@@ -166,8 +181,7 @@ class RotaryEmbedding:
         last = self._last
         if last is not None and last[0] is positions and last[1] == dtype:
             return last[2], last[3]
-        inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+        freqs = positions[..., None].float() * self.inv_freq.on(positions.device)  # (B, T, D/2)
         cos = freqs.cos().repeat(1, 1, 2)[:, :, None].to(dtype)  # (B, T, 1, D)
         sin = freqs.sin()
         # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
@@ -218,7 +232,7 @@ class AlibiBias:
     """
 
     def __init__(self, num_heads: int, scale: float, *, bfloat16_slopes: bool = False) -> None:
-        self.slopes = alibi_slopes(num_heads)
+        self.slopes = _PerDevice(alibi_slopes(num_heads))  # (H,) float32
         self.scale = scale
         self.bfloat16_slopes = bfloat16_slopes
         self._last: tuple[StepContext, torch.dtype, Tensor] | None = None
@@ -229,7 +243,7 @@ class AlibiBias:
         if last is not None and last[0] is context and last[1] == dtype:
             return last[2]
         key_positions = context.key_positions  # (B, S)
-        slopes = self.slopes.to(key_positions.device)
+        slopes = self.slopes.on(key_positions.device)
         if self.bfloat16_slopes:
             slopes = slopes.bfloat16()
         bias = (slopes[None, :, None, None] * key_positions[:, None, None, :]).float()

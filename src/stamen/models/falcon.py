@@ -95,18 +95,16 @@ class FalconBlock(Block):
         if order is not None:
             qkv_weight = qkv_weight[order]
             qkv_bias = None if qkv_bias is None else qkv_bias[order]
-        if config.alibi:
-            # The reference adds ALiBi to q.k before the 1/sqrt(D) scaling, in bfloat16.
-            positions = dict(alibi=shared_alibi(H, 1 / math.sqrt(D), bfloat16_slopes=True))
-        else:
-            positions = dict(rotary=shared_rotary(D, config))
+        # The reference adds ALiBi to q.k before the 1/sqrt(D) scaling, in bfloat16.
+        alibi = shared_alibi(H, 1 / math.sqrt(D), bfloat16_slopes=True) if config.alibi else None
         self.self_attention = SelfAttention(
             frozen_linear(qkv_weight, qkv_bias),
             frozen_linear(w["self_attention.dense.weight"], w.get("self_attention.dense.bias")),
             num_heads=H,
             num_kv_heads=_num_kv_heads(config),
             head_dim=D,
-            **positions,
+            rotary=None if config.alibi else shared_rotary(D, config),
+            alibi=alibi,
         )
         # [attention-side, MLP-side], or one norm feeding both
         self.norms = nn.ModuleList(
