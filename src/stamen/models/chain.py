@@ -8,7 +8,7 @@ local chain is the reference the swarm is compared with in tests and benchmarks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +48,7 @@ class SpanCache:
 
 @torch.inference_mode()
 def run_span(
-    blocks: Sequence[nn.Module],
+    blocks: Iterable[nn.Module],
     cache: SpanCache,
     hidden: Tensor,
     offset: int,
@@ -83,7 +83,7 @@ def run_span(
 class LocalChain:
     """Several spans run in this process as one chain; a `BlockChain` for decoding."""
 
-    def __init__(self, spans: Sequence[tuple[Sequence[nn.Module], SpanCache]]) -> None:
+    def __init__(self, spans: Iterable[tuple[Iterable[nn.Module], SpanCache]]) -> None:
         self._spans = list(spans)
         self._position = 0
 

@@ -37,6 +37,7 @@ from stamen.swarm_core.wire import (
     Hello,
     OpenSession,
     Ping,
+    SessionId,
     SessionOpened,
     Step,
     StepResult,
@@ -80,7 +81,11 @@ class RpcHopSession(HopSession):
     """One inference session on a host: a streaming RPC call kept open between steps."""
 
     def __init__(
-        self, peer_id: str, stack: contextlib.AsyncExitStack, stream: RpcStream, session_id: str
+        self,
+        peer_id: str,
+        stack: contextlib.AsyncExitStack,
+        stream: RpcStream,
+        session_id: SessionId,
     ):
         self._peer_id = peer_id
         self._stack = stack

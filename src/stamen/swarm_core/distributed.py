@@ -38,12 +38,16 @@ from stamen.swarm_core.client import ClientSettings, SwarmClient
 from stamen.swarm_core.generation import decode, plan_from_hf
 from stamen.swarm_core.host import model_name_of
 from stamen.swarm_core.inference import InferenceSession
-from stamen.swarm_core.remote import HopError, HostBusy
-from stamen.swarm_core.routing import BanList, NoRouteError, plan_latency_route
+from stamen.swarm_core.remote import HopError, HostBusy, SwarmClientError
+from stamen.swarm_core.routing import BanList, plan_latency_route
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 
 _T = TypeVar("_T")
+
+
+class SwarmCoverageError(SwarmClientError):
+    """The swarm's hosts do not cover every block of the model (yet)."""
 
 
 class _LoopThread:
@@ -159,7 +163,7 @@ class DistributedModelForCausalLM:
                 await swarm.wait_for_coverage(wait_for_coverage_s)
             except TimeoutError:
                 await swarm.aclose()
-                raise NoRouteError(
+                raise SwarmCoverageError(
                     f"hosts of {swarm.model_name} do not cover all {num_blocks} blocks "
                     f"after {wait_for_coverage_s:g} s"
                 ) from None

@@ -183,7 +183,7 @@ def _processors(
     if config.no_repeat_ngram_size:
         out.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.bad_words_ids:
-        out.append(NoBadWordsLogitsProcessor(config.bad_words_ids, eos_ids or None))
+        out.append(NoBadWordsLogitsProcessor(config.bad_words_ids, list(eos_ids) or None))
     if eos_ids and config.min_length:
         out.append(MinLengthLogitsProcessor(config.min_length, list(eos_ids)))
     if eos_ids and config.min_new_tokens:
@@ -225,7 +225,7 @@ async def decode(
     for _ in range(plan.max_new_tokens):
         out = await chain.step(hidden, padding_mask)
         logits = head.logits(out[:, -1:]).float()[:, -1]  # (B, V)
-        scores = plan.logits_processor(all_ids, logits)
+        scores = plan.logits_processor(all_ids, logits)  # type: ignore[arg-type]
         if plan.do_sample:
             probs = torch.softmax(scores, dim=-1)
             tokens = torch.multinomial(probs, 1, generator=plan.generator).squeeze(1)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol
@@ -94,7 +94,7 @@ class ServedSpan(Protocol):
     adapter: BlockAdapter
     start: int
     end: int
-    blocks: Sequence[nn.Module]
+    blocks: nn.ModuleList
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ class SpanRuntime:
             )
         return start, end
 
-    def _blocks(self, block_range: tuple[int, int]) -> Sequence[nn.Module]:
+    def _blocks(self, block_range: tuple[int, int]) -> nn.ModuleList:
         start, end = block_range
         return self.span.blocks[start - self.span.start : end - self.span.start]
 
@@ -414,7 +414,7 @@ class SpanRuntime:
         return StepContext.make(0, T, batch_size=B, key_padding_mask=mask, device=self.device)
 
     def _compute_forward(
-        self, blocks: Sequence[nn.Module], hidden: Tensor, mask: Tensor | None
+        self, blocks: Iterable[nn.Module], hidden: Tensor, mask: Tensor | None
     ) -> Tensor:
         context = self._bulk_context(hidden, mask)
         with torch.inference_mode():
@@ -426,7 +426,7 @@ class SpanRuntime:
 
     def _compute_backward(
         self,
-        blocks: Sequence[nn.Module],
+        blocks: Iterable[nn.Module],
         hidden: Tensor,
         grad_output: Tensor,
         mask: Tensor | None,

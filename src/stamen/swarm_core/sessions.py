@@ -22,14 +22,12 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import NewType
 
 import torch
 from torch import Tensor
 
 from stamen.models.chain import SpanCache
-
-SessionId = NewType("SessionId", str)
+from stamen.swarm_core.wire import SessionId
 
 
 def new_session_id() -> SessionId:
