@@ -54,7 +54,7 @@ class SwarmSnapshot(msgspec.Struct):
 
     @classmethod
     def from_hosts(cls, model: str, num_blocks: int, hosts: Sequence[HostView]) -> SwarmSnapshot:
-        covered = set()
+        covered: set[int] = set()
         for host in hosts:
             if host.state == "online":
                 covered.update(range(host.start, host.end))
@@ -142,7 +142,7 @@ class LocalEngine:
         config: Any,
         tokenizer: Any,
         head: ClientHead,
-        spans: Sequence[Sequence[nn.Module]],
+        spans: Sequence[Sequence[nn.Module] | nn.ModuleList],
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self._model_id = model_id

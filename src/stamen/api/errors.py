@@ -130,7 +130,7 @@ def _from_unexpected(request: Request[Any, Any, Any], error: Exception) -> Respo
     )
 
 
-exception_handlers: dict[type[Exception], Any] = {
+exception_handlers: Any = {
     APIError: _from_api_error,
     HTTPException: _from_http_exception,
     Exception: _from_unexpected,
