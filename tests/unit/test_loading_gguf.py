@@ -18,12 +18,8 @@ _LOAD_ONLY_FIELDS = {"_name_or_path", "_model_name_or_path", "dtype", "quantizat
 
 
 @pytest.fixture(scope="session")
-def reference(smollm2_gguf):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        smollm2_gguf.parent, gguf_file=smollm2_gguf.name
-    ).eval()
+def reference(smollm2_reference):
+    return smollm2_reference
 
 
 @pytest.fixture(scope="module")
