@@ -1,18 +1,23 @@
 """`swarm-api`: the OpenAI-compatible HTTP front end of a Stamen swarm.
 
-    swarm-api --model PATH_OR_HUB_ID [--model ...] [--initial-peers ADDR ...]
+    swarm-api [--model PATH_OR_HUB_ID ...] [--initial-peers HOST:PORT ...]
               [--host 127.0.0.1] [--port 8000] [--api-key KEY | --api-keys-file FILE]
 
 Settings come from flags, then `STAMEN_*` environment variables, then defaults, parsed
 once in `main()`. `build_engines` is the one place that decides what runs the models:
-for now every model runs in this process (`LocalEngine`); with peers, the swarm client
-will take its place.
+
+- with `--initial-peers`, the swarm those peers belong to (`SwarmEngine`);
+- without, the embedded default: a local swarm (one bootstrap and `--local-hosts` hosts
+  as child processes, `LocalSwarm`) serving each model, stopped on exit. With no
+  `--model` either, the bundled SmolLM2-135M-Instruct is served;
+- with `--in-process`, every block in this process (`LocalEngine`), no swarm at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -23,8 +28,15 @@ from pathlib import Path
 from stamen.api.app import EngineProvider, create_app
 from stamen.api.engine import EngineClient, LocalEngine
 from stamen.api.state import ServingSettings
+from stamen.api.swarm_engine import SwarmEngine
+from stamen.models.loading import load_config
+from stamen.models.registry import get_adapter
+from stamen.swarm_core.local_swarm import LocalSwarm
+from stamen.testing import bundled_smollm2_gguf
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True)
@@ -37,6 +49,8 @@ class ModelSpec:
 class ApiSettings:
     models: tuple[ModelSpec, ...]
     initial_peers: tuple[str, ...]
+    in_process: bool
+    local_hosts: int
     host: str
     port: int
     serving: ServingSettings
@@ -74,7 +88,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--initial-peers",
         nargs="*",
         default=(_env(environ, "INITIAL_PEERS") or "").split(),
-        help="addresses of swarm peers to join; none: run the models in this process",
+        help="DHT addresses (HOST:PORT) of the swarm to serve; none: start a local swarm",
+    )
+    parser.add_argument(
+        "--local-hosts",
+        type=int,
+        default=int(_env(environ, "LOCAL_HOSTS", "2") or 2),
+        help="hosts of the local swarm started when no --initial-peers are given (default 2)",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every block in this process instead of a swarm (no peers, no children)",
     )
     parser.add_argument("--host", default=_env(environ, "HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(_env(environ, "PORT", "8000") or 8000))
@@ -131,7 +156,10 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
     args = parser.parse_args(argv)
     model_texts = args.model or [m for m in (args.env_models or "").split(",") if m]
     if not model_texts:
-        parser.error("no model to serve: pass --model (or set STAMEN_MODEL)")
+        bundled = bundled_smollm2_gguf()
+        if bundled is None:
+            parser.error("no model to serve: pass --model (or set STAMEN_MODEL)")
+        model_texts = [f"{DEFAULT_MODEL_ID}={bundled}"]
     for name in ("max_concurrent_requests", "max_n", "max_body_bytes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -142,6 +170,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
     return ApiSettings(
         models=tuple(_model_spec(text) for text in model_texts),
         initial_peers=tuple(args.initial_peers),
+        in_process=args.in_process,
+        local_hosts=args.local_hosts,
         host=args.host,
         port=args.port,
         serving=ServingSettings(
@@ -156,25 +186,44 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
 
 
 def build_engines(settings: ApiSettings) -> EngineProvider:
-    """The engine provider for the app's lifespan: what runs the models.
-
-    Without peers every model is loaded into this process. With peers, the swarm client
-    replaces this function's body.
-    """
-    if settings.initial_peers:
-        raise SystemExit("swarm-api: serving through peers needs the swarm client (not yet here)")
+    """The engine provider for the app's lifespan: what runs the models (module docstring)."""
 
     @asynccontextmanager
     async def provide() -> AsyncIterator[Sequence[EngineClient]]:
-        engines = []
-        for spec in settings.models:
-            logger.info("loading %s in this process", spec.ref)
-            engines.append(
-                await asyncio.to_thread(LocalEngine.load, spec.ref, model_id=spec.model_id)
-            )
-        yield engines
+        async with contextlib.AsyncExitStack() as stack:
+            engines: list[EngineClient] = []
+            for spec in settings.models:
+                engines.append(await _engine(spec, settings, stack))
+            yield engines
 
     return provide
+
+
+async def _engine(
+    spec: ModelSpec, settings: ApiSettings, stack: contextlib.AsyncExitStack
+) -> EngineClient:
+    if settings.in_process:
+        logger.info("loading %s in this process", spec.ref)
+        return await asyncio.to_thread(LocalEngine.load, spec.ref, model_id=spec.model_id)
+    peers = list(settings.initial_peers)
+    if not peers:
+        config = await asyncio.to_thread(load_config, spec.ref)
+        num_blocks = get_adapter(config).num_blocks(config)
+        logger.info(
+            "no --initial-peers: starting a local swarm of %d hosts for %s",
+            settings.local_hosts,
+            spec.ref,
+        )
+        swarm = LocalSwarm(spec.ref, num_blocks, num_hosts=settings.local_hosts)
+        await stack.enter_async_context(swarm)
+        peers = swarm.initial_peers
+    engine = await SwarmEngine.connect(spec.ref, peers, model_id=spec.model_id)
+    stack.push_async_callback(engine.aclose)
+    try:
+        await engine.swarm.wait_for_coverage(timeout_s=120)
+    except TimeoutError:
+        logger.warning("%s: hosts do not cover every block yet; /health says 503", spec.ref)
+    return engine
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for noisy in ("kademlia", "rpcudp"):  # they log every datagram at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     import uvicorn
 
     app = create_app(settings.serving, build_engines(settings))

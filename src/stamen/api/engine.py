@@ -120,7 +120,7 @@ class _ThreadedChain:
         return hidden
 
 
-def _eos_ids(tokenizer: Any, config: Any) -> tuple[int, ...]:
+def eos_token_ids_of(tokenizer: Any, config: Any) -> tuple[int, ...]:
     ids: list[int] = []
     for candidate in (
         getattr(tokenizer, "eos_token_id", None),
@@ -152,7 +152,7 @@ class LocalEngine:
         self._head = head
         self._spans = [list(blocks) for blocks in spans]
         self._dtype = dtype
-        self._eos = _eos_ids(tokenizer, config)
+        self._eos = eos_token_ids_of(tokenizer, config)
         digest = hashlib.sha256(f"{model_id}:{dtype}".encode()).hexdigest()[:10]
         self._fingerprint = f"fp_{digest}"
         self.chains_opened = 0

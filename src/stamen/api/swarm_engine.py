@@ -1,0 +1,150 @@
+"""`SwarmEngine`: the API's `EngineClient` over the swarm.
+
+The API process keeps the tokenizer and the client head; every request's chain is an
+`InferenceSession` through the hosts (routing, failover and replay included), opened for
+exactly the request's batch and length and closed when the request ends, so a client that
+disconnects frees the hosts' cache at once. The swarm connection lives on the API's own
+event loop.
+
+This module knows nothing about HTTP or OpenAI schemas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stamen.api.engine import HostView, SwarmSnapshot, default_model_id, eos_token_ids_of
+from stamen.models.base import ClientHead
+from stamen.models.loading import load_config, load_head, load_tokenizer
+from stamen.models.registry import get_adapter
+from stamen.swarm_core.client import ClientSettings, SwarmClient
+from stamen.swarm_core.generation import BlockChain
+from stamen.swarm_core.host import model_name_of
+from stamen.swarm_core.inference import InferenceSession
+from stamen.swarm_core.routing import BanList
+from stamen.transports.base import Credentials
+from stamen.transports.factory import SchemeRouter
+
+
+class SwarmEngine:
+    """One model served by the swarm's hosts."""
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        config: Any,
+        tokenizer: Any,
+        head: ClientHead,
+        swarm: SwarmClient,
+    ) -> None:
+        self._model_id = model_id
+        self._config = config
+        self._tokenizer = tokenizer
+        self._head = head
+        self.swarm = swarm
+        self.ban_list = BanList()
+        self._eos = eos_token_ids_of(tokenizer, config)
+        digest = hashlib.sha256(f"swarm:{model_id}".encode()).hexdigest()[:10]
+        self._fingerprint = f"fp_{digest}"
+
+    @classmethod
+    async def connect(
+        cls,
+        model_ref: str | Path,
+        initial_peers: list[str],
+        *,
+        model_id: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        settings: ClientSettings | None = None,
+    ) -> SwarmEngine:
+        """Load the head and tokenizer (in a thread) and join the swarm."""
+        config = await asyncio.to_thread(load_config, model_ref)
+        tokenizer = await asyncio.to_thread(load_tokenizer, model_ref)
+        head = await asyncio.to_thread(load_head, model_ref, dtype=dtype)
+        credentials = Credentials.generate()
+        swarm = SwarmClient(
+            model_name_of(model_ref),
+            get_adapter(config).num_blocks(config),
+            SchemeRouter(credentials),
+            credentials,
+            initial_peers=initial_peers,
+            settings=settings,
+        )
+        await swarm.__aenter__()
+        return cls(
+            model_id or default_model_id(model_ref),
+            config=config,
+            tokenizer=tokenizer,
+            head=head,
+            swarm=swarm,
+        )
+
+    async def aclose(self) -> None:
+        await self.swarm.aclose()
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def head(self) -> ClientHead:
+        return self._head
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self._config, "max_position_embeddings", 2048))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    @property
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def ready(self) -> bool:
+        return self.swarm.covered()
+
+    @asynccontextmanager
+    async def open_chain(self, max_length: int, batch_size: int) -> AsyncIterator[BlockChain]:
+        session = InferenceSession(
+            self.swarm,
+            0,
+            self.swarm.num_blocks,
+            max_length,
+            batch_size,
+            ban_list=self.ban_list,
+        )
+        await session.open()
+        try:
+            yield session
+        finally:
+            # Shielded: a cancelled request (client gone) must still free the hosts' cache.
+            await asyncio.shield(session.close())
+
+    def swarm_snapshot(self) -> SwarmSnapshot:
+        hosts = [
+            HostView(
+                peer_id=record.peer_id,
+                start=record.start_block,
+                end=record.end_block,
+                state=record.state.value,
+                public_name=record.public_name or None,
+                throughput=record.throughput_tokens_per_s,
+                cache_tokens_left=record.free_cache_tokens,
+            )
+            for record in self.swarm.records()
+        ]
+        return SwarmSnapshot.from_hosts(self._model_id, self.swarm.num_blocks, hosts)
