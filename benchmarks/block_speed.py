@@ -55,6 +55,26 @@ def smollm2_config() -> Any:
     return config
 
 
+def llama7b_config() -> Any:
+    """A Llama-2-7B-shaped block, for GPU runs."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=1,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    )
+    config._attn_implementation = "sdpa"
+    return config
+
+
+SHAPES = {"smollm2": smollm2_config, "llama7b": llama7b_config}
+
+
 @dataclass
 class Pair:
     """Our block and transformers' layer built from the same random weights."""
@@ -65,33 +85,48 @@ class Pair:
     rotary: torch.nn.Module  # transformers' LlamaRotaryEmbedding
     past_key: torch.Tensor  # (1, H_kv, CACHE_TOKENS, D)
     past_value: torch.Tensor
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
 
     @classmethod
-    def build(cls, seed: int = 0) -> Pair:
+    def build(
+        cls,
+        seed: int = 0,
+        *,
+        shape: str = "smollm2",
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> Pair:
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
         torch.manual_seed(seed)
-        config = smollm2_config()
+        config = SHAPES[shape]()
         theirs = LlamaDecoderLayer(config, layer_idx=0).eval()
         with torch.no_grad():
             for param in theirs.parameters():
                 param.normal_(0.0, 0.05)
         ours = get_adapter(config).build_block(config, dict(theirs.state_dict())).eval()
-        kv_shape = (1, config.num_key_value_heads, CACHE_TOKENS, config.head_dim)
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        kv_shape = (1, config.num_key_value_heads, CACHE_TOKENS, head_dim)
+        target = torch.device(device)
         return cls(
             config,
-            ours,
-            theirs,
-            LlamaRotaryEmbedding(config),
-            torch.randn(kv_shape),
-            torch.randn(kv_shape),
+            ours.to(target, dtype),
+            theirs.to(target, dtype),
+            LlamaRotaryEmbedding(config).to(target),
+            torch.randn(kv_shape, device=target, dtype=dtype),
+            torch.randn(kv_shape, device=target, dtype=dtype),
+            target,
+            dtype,
         )
 
     # --- ours
 
     def our_cache(self) -> KVCache:
         cache = get_adapter(self.config).empty_cache(
-            self.config, 1, MAX_LENGTH, dtype=torch.float32
+            self.config, 1, MAX_LENGTH, dtype=self.dtype, device=self.device
         )
         cache.key[:, :, :CACHE_TOKENS] = self.past_key
         cache.value[:, :, :CACHE_TOKENS] = self.past_value
@@ -99,7 +134,8 @@ class Pair:
 
     def our_step(self, hidden: torch.Tensor, cache: KVCache, offset: int) -> torch.Tensor:
         with torch.no_grad():
-            return self.ours(hidden, cache, StepContext.make(offset, hidden.shape[1]))
+            context = StepContext.make(offset, hidden.shape[1], device=self.device)
+            return self.ours(hidden, cache, context)
 
     # --- theirs
 
@@ -113,7 +149,7 @@ class Pair:
 
     def their_step(self, hidden: torch.Tensor, cache: Any, offset: int) -> torch.Tensor:
         with torch.no_grad():
-            position_ids = torch.arange(offset, offset + hidden.shape[1])[None]
+            position_ids = torch.arange(offset, offset + hidden.shape[1], device=self.device)[None]
             position_embeddings = self.rotary(hidden, position_ids)
             return self.theirs(
                 hidden,
@@ -124,11 +160,12 @@ class Pair:
 
 
 def decode_inputs(pair: Pair) -> torch.Tensor:
-    return torch.randn(1, 1, pair.config.hidden_size)
+    return torch.randn(1, 1, pair.config.hidden_size, device=pair.device, dtype=pair.dtype)
 
 
 def prefill_inputs(pair: Pair) -> torch.Tensor:
-    return torch.randn(1, PREFILL_TOKENS, pair.config.hidden_size)
+    shape = (1, PREFILL_TOKENS, pair.config.hidden_size)
+    return torch.randn(shape, device=pair.device, dtype=pair.dtype)
 
 
 # (setup returning the step's arguments, untimed; the step, timed)
@@ -156,11 +193,18 @@ def cases(pair: Pair) -> dict[str, dict[str, Case]]:
     }
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_once(case: Case) -> float:
     setup, step = case
     args = setup()
+    _synchronize()
     start = time.perf_counter()
     step(*args)
+    _synchronize()  # CUDA kernels run asynchronously: time their completion
     return time.perf_counter() - start
 
 
@@ -186,7 +230,7 @@ def _git_revision() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="ours vs transformers, one SmolLM2-shaped block")
+    parser = argparse.ArgumentParser(description="ours vs transformers, one Llama block")
     parser.add_argument(
         "--rounds", type=int, default=200, help="decode rounds (prefill: rounds/10)"
     )
@@ -194,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (0: torch's default)"
     )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args(argv)
     import transformers
 
@@ -201,12 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         # On a busy shared machine, multi-threaded GEMMs spin-wait on preempted workers.
         torch.set_num_threads(args.threads)
 
-    pair = Pair.build()
+    pair = Pair.build(shape=args.shape, device=args.device, dtype=getattr(torch, args.dtype))
     by_case = cases(pair)
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, torch threads "
         f"{torch.get_num_threads()}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; git {_git_revision()}"
+        f"{transformers.__version__}; git {_git_revision()}; {args.shape} block, "
+        f"{args.dtype} on {torch.cuda.get_device_name() if pair.device.type == 'cuda' else 'cpu'}"
     )
     print(f"{'step':8} {'ours median ms':>15} {'transformers ms':>16} {'ratio':>7}")
     for name, sides in by_case.items():
