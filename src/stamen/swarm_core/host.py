@@ -112,14 +112,25 @@ def choose_span(
 
     A block's served throughput is the sum over online hosts covering it of their span
     throughput; ties go to the leftmost window, so hosts started one after another cover
-    the model left to right.
+    the model left to right. A host still JOINING has not measured itself yet: it counts
+    as fast as the fastest online host (at least 1 token/s), so that hosts started
+    together spread out instead of all loading the first window.
     """
     num_blocks = max(1, min(num_blocks, total_blocks))
+    online_speeds = [
+        r.throughput_tokens_per_s
+        for block_records in records.values()
+        for r in block_records
+        if r.state is HostState.ONLINE
+    ]
+    joining_speed = max([1.0, *online_speeds])
     served = [0.0] * total_blocks
     for block, block_records in records.items():
         if 0 <= block < total_blocks:
             served[block] = sum(
-                r.throughput_tokens_per_s for r in block_records if r.state is HostState.ONLINE
+                r.throughput_tokens_per_s if r.state is HostState.ONLINE else joining_speed
+                for r in block_records
+                if r.state in (HostState.ONLINE, HostState.JOINING)
             )
     windows = [
         (sum(served[start : start + num_blocks]), start)
