@@ -12,7 +12,6 @@ client provides the same seam over remote hosts. The API layer never looks furth
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -22,10 +21,10 @@ from typing import Any, Protocol
 
 import msgspec
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from stamen.models.base import ClientHead
-from stamen.models.chain import SpanCache, run_span
+from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import load_config, load_head, load_span, load_tokenizer
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.generation import BlockChain
@@ -96,28 +95,6 @@ class EngineClient(Protocol):
         ...
 
     def swarm_snapshot(self) -> SwarmSnapshot: ...
-
-
-class _ThreadedChain:
-    """Spans run in this process, each step in a worker thread so the event loop stays free."""
-
-    def __init__(self, spans: Sequence[tuple[Sequence[nn.Module], SpanCache]]) -> None:
-        self._spans = list(spans)
-        self._position = 0
-
-    @property
-    def position(self) -> int:
-        return self._position
-
-    async def step(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        hidden = await asyncio.to_thread(self._run, hidden, padding_mask, self._position)
-        self._position += hidden.shape[1]
-        return hidden
-
-    def _run(self, hidden: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
-        for blocks, cache in self._spans:
-            hidden = run_span(blocks, cache, hidden, offset, padding_mask)  # (B, T, C)
-        return hidden
 
 
 def eos_token_ids_of(tokenizer: Any, config: Any) -> tuple[int, ...]:
@@ -224,7 +201,7 @@ class LocalEngine:
         ]
         self.chains_opened += 1
         try:
-            yield _ThreadedChain(list(zip(self._spans, caches, strict=True)))
+            yield LocalChain(list(zip(self._spans, caches, strict=True)))
         finally:
             self.chains_closed += 1
             caches.clear()

@@ -8,6 +8,7 @@ local chain is the reference the swarm is compared with in tests and benchmarks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -81,7 +82,11 @@ def run_span(
 
 
 class LocalChain:
-    """Several spans run in this process as one chain; a `BlockChain` for decoding."""
+    """Several spans run in this process as one chain; a `BlockChain` for decoding.
+
+    Each step runs in a worker thread, so an event loop driving the chain (the API's, say)
+    stays responsive during long prefills.
+    """
 
     def __init__(self, spans: Iterable[tuple[Iterable[nn.Module], SpanCache]]) -> None:
         self._spans = list(spans)
@@ -92,7 +97,11 @@ class LocalChain:
         return self._position
 
     async def step(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        for blocks, cache in self._spans:
-            hidden = run_span(blocks, cache, hidden, self._position, padding_mask)
+        hidden = await asyncio.to_thread(self._run, hidden, padding_mask, self._position)
         self._position += hidden.shape[1]
+        return hidden
+
+    def _run(self, hidden: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
+        for blocks, cache in self._spans:
+            hidden = run_span(blocks, cache, hidden, offset, padding_mask)  # (B, T, C)
         return hidden
