@@ -7,7 +7,8 @@ demos and benchmarks:
         peers = swarm.initial_peers           # ["127.0.0.1:PORT"]
 
 Blocks are split evenly and given to hosts with `--blocks`, so startup does not wait on
-block selection. Children log to files in `log_dir` (a temporary directory by default);
+block selection; `spans` names the hosts' spans instead (overlaps give redundancy), and
+`host_processes` lets a test or a demo stop or kill one host. Children log to files in `log_dir` (a temporary directory by default);
 `start` waits for each to say it is ready and raises `LocalSwarmError` with the tail of
 its log if one exits or times out. `stop` sends SIGTERM (hosts announce OFFLINE) and
 kills what is still running after `stop_timeout_s`.
@@ -62,6 +63,7 @@ class LocalSwarm:
     model_ref: str | Path
     num_blocks: int
     num_hosts: int = 2
+    spans: Sequence[tuple[int, int]] | None = None  # [start, end) per host; None: split evenly
     transport: str = "tcp"
     host_args: Sequence[str] = ()
     log_dir: Path | None = None
@@ -111,10 +113,13 @@ class LocalSwarm:
         self.initial_peers = [match.group(1)]
         self.signaling_address = match.group(2)
         listen = (
-            f"webrtc://{self.signaling_address}" if self.transport == "webrtc" else "tcp://127.0.0.1:0"
+            f"webrtc://{self.signaling_address}"
+            if self.transport == "webrtc"
+            else "tcp://127.0.0.1:0"
         )
         hosts = []
-        for i, (start, end) in enumerate(split_blocks(self.num_blocks, self.num_hosts)):
+        spans = self.spans or split_blocks(self.num_blocks, self.num_hosts)
+        for i, (start, end) in enumerate(spans):
             hosts.append(
                 await self._spawn(
                     f"host{i}",
@@ -134,6 +139,11 @@ class LocalSwarm:
         # Hosts load their spans concurrently; wait for all of them.
         await asyncio.gather(*(self._wait_for(host, _HOST_READY) for host in hosts))
         logger.info("local swarm ready: %d hosts, DHT at %s", len(hosts), self.initial_peers[0])
+
+    @property
+    def host_processes(self) -> list[asyncio.subprocess.Process]:
+        """The hosts' processes, in the order of their spans."""
+        return [child.process for child in self._children[1:]]
 
     async def _spawn(self, name: str, module: str, *args: str) -> _Child:
         log_path = self.logs / f"{name}.log"
