@@ -185,8 +185,12 @@ class SwarmProcesses:
         raise KeyError(peer_id)
 
     def close(self) -> None:
-        # Hosts first, so that their OFFLINE announcements still find the bootstrap node.
-        for process in sorted(self.processes, key=lambda p: p.name == "bootstrap"):
+        # Hosts first (all at once: each drains for a while), so that their OFFLINE
+        # announcements still find the bootstrap node.
+        hosts = [p for p in self.hosts() if p.alive]
+        for host in hosts:
+            host.popen.send_signal(signal.SIGTERM)
+        for process in [*hosts, *self.processes]:
             process.terminate()
 
 
