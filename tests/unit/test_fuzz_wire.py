@@ -182,15 +182,7 @@ async def fuzz(client_transport, address, fuzzer: RpcClient, seconds: float) -> 
     return outcomes
 
 
-# The memory transport forgets only one end of a stream that both sides closed gracefully
-# (MemoryStream.close does not forget the peer's end), so a connection reaches its
-# max_streams after ~1000 unary calls. Drop the mark once memory.py frees both ends.
-MEMORY_STREAM_LEAK = pytest.mark.xfail(
-    raises=StreamClosed, reason="memory transport keeps closed streams", strict=False
-)
-
-
-@pytest.mark.parametrize("kind", [pytest.param("memory", marks=MEMORY_STREAM_LEAK), "tcp"])
+@pytest.mark.parametrize("kind", ["memory", "tcp"])
 async def test_server_survives_malformed_traffic(kind):
     server_transport, client_transport, address = make_transports(kind)
     server = RpcServer(HelloReply.local("host"))

@@ -95,16 +95,43 @@ async def test_stream_limit_of_the_peer_is_enforced(server: tuple[TcpTransport, 
             await stream.send([b"in limit"])
             assert await stream.recv() == [b"in limit"]
         await streams[0].close()
-        # The slot is free once the server has seen the close; until then it refuses.
+        # The slot counts as free only once the server closed its end too; from then on a
+        # new stream is never refused by the server.
         async with asyncio.timeout(5.0):
             while True:
-                extra = await connection.open_stream()
                 try:
-                    await extra.send([b"ok"])
-                    assert await extra.recv() == [b"ok"]
+                    extra = await connection.open_stream()
                     break
                 except StreamClosed:
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.01)
+        await extra.send([b"ok"])
+        assert await extra.recv() == [b"ok"]
+    finally:
+        await client.aclose()
+
+
+async def test_a_slot_freed_by_the_opener_is_free_for_the_acceptor_too(
+    server: tuple[TcpTransport, str],
+) -> None:
+    """The opener closes first and opens again at once, at the server's stream limit: a
+    stream that `open_stream` hands out must work, never be refused by the server."""
+    client = TcpTransport(Credentials.generate())
+    try:
+        connection = await client.connect(server[1])
+        streams = [await connection.open_stream() for _ in range(4)]
+        for round_ in range(100):
+            await streams.pop(0).close()
+            while True:
+                try:
+                    stream = await connection.open_stream()
+                    break
+                except StreamClosed:  # refused locally until the server closed its end
+                    await asyncio.sleep(0)
+            message = [round_.to_bytes(2, "big")]
+            await stream.send(message)
+            async with asyncio.timeout(5.0):
+                assert await stream.recv() == message
+            streams.append(stream)
     finally:
         await client.aclose()
 

@@ -9,8 +9,8 @@ Describe the transport once with a `TransportUnderTest`, then either run everyth
 
 Each case builds fresh transports, checks behaviour the layers above rely on (ordering,
 multi-frame messages of 0 B to `big_message_bytes`, 100 concurrent streams, backpressure,
-close/reset, dead peers, identity and swarm-key checks, unreachable addresses) and closes
-everything it opened. Cases raise `AssertionError` (or the unexpected transport error) on
+close/reset, more streams than `max_streams` one after another, dead peers, identity and
+swarm-key checks, unreachable addresses) and closes everything it opened. Cases raise `AssertionError` (or the unexpected transport error) on
 failure and are bounded by `case_timeout_s`.
 
 The suite knows only `stamen.transports.base`; how to kill a link or find a closed port
@@ -33,6 +33,7 @@ from stamen.transports.base import (
     Credentials,
     HandshakeError,
     IdentityMismatch,
+    Limits,
     MessageTooLarge,
     Stream,
     StreamClosed,
@@ -61,6 +62,9 @@ class TransportUnderTest:
     """How much a sender may push into a stream whose reader is stalled before blocking."""
     dead_peer_timeout_s: float = 5.0
     case_timeout_s: float = 60.0
+    sequential_streams: int = Limits().max_streams + 16
+    """How many streams `sequential_streams_are_forgotten` opens one after another for each
+    way of ending them: more than the transport's `max_streams`, so a leak fails the case."""
 
 
 @dataclass
@@ -270,6 +274,64 @@ async def close_semantics(tut: TransportUnderTest) -> None:
         await echo
 
 
+STREAM_ENDINGS = ("acceptor_closes_first", "opener_closes_first", "reset")
+"""How the layers above end a stream: a unary call the acceptor closes first, a one-way
+message the opener closes first, a reset. ("read_to_end", an acceptor that reads up to
+`StreamClosed` and never calls `close`, is a stricter ending not every transport frees.)"""
+
+
+async def sequential_streams_are_forgotten(
+    tut: TransportUnderTest, patterns: tuple[str, ...] = STREAM_ENDINGS
+) -> None:
+    """Streams opened one after another on one connection, more than `max_streams` for
+    each way of ending them in `patterns`: every ended stream frees its slot on both
+    sides, so a connection serving unary calls never runs out of streams."""
+    async with connected_pair(tut) as pair:
+        delivered: asyncio.Queue[list[bytes]] = asyncio.Queue()
+
+        async def serve() -> None:
+            for pattern in patterns:
+                for _ in range(tut.sequential_streams):
+                    stream = await pair.server.accept_stream()
+                    request = await stream.recv()
+                    if pattern == "acceptor_closes_first":
+                        await stream.send(request)
+                        await stream.close()
+                        continue
+                    if pattern == "reset":
+                        await stream.send(request)
+                    with _raises(StreamClosed):
+                        await stream.recv()
+                    if pattern == "opener_closes_first":
+                        await stream.close()
+                    await delivered.put(request)
+
+        async def call(pattern: str, message: list[bytes]) -> None:
+            stream = await pair.client.open_stream()
+            await stream.send(message)
+            if pattern == "acceptor_closes_first":
+                assert await stream.recv() == message
+                with _raises(StreamClosed):
+                    await stream.recv()
+                await stream.close()
+                return
+            if pattern == "reset":
+                assert await stream.recv() == message
+                stream.reset()
+            else:
+                await stream.close()
+            assert await delivered.get() == message
+
+        serving = asyncio.create_task(serve())
+        try:
+            for pattern in patterns:
+                for index in range(tut.sequential_streams):
+                    await call(pattern, [index.to_bytes(4, "big"), pattern.encode()])
+            await serving
+        finally:
+            serving.cancel()
+
+
 async def reset_semantics(tut: TransportUnderTest) -> None:
     """`reset` aborts one stream on both sides (waking a blocked sender and a waiting
     reader) and leaves the other streams of the connection working."""
@@ -432,6 +494,7 @@ CASES: dict[str, Callable[[TransportUnderTest], Awaitable[None]]] = {
         concurrent_streams,
         slow_reader_backpressure,
         close_semantics,
+        sequential_streams_are_forgotten,
         reset_semantics,
         both_sides_open_streams,
         connection_close,

@@ -4,30 +4,53 @@ sender-side check of a message against the receiver's `Limits`."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from stamen.transports.base import Frames, Limits, MessageTooLarge
 
 
 class Signal:
-    """A broadcast wake-up: every waiter of the current generation is released."""
+    """A broadcast wake-up: every waiter of the current generation is released.
+
+    Fired once per packet on the hot path, so firing with nobody waiting allocates
+    nothing; a waiter costs one future."""
+
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._waiters: list[asyncio.Future[None]] = []
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+        if not self._waiters:
+            return
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait(self) -> None:
-        await self._event.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            # A waiter that gives up (a timeout, say) must not pile up until the next fire.
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            raise
 
 
-def check_message(frames: Frames, limits: Limits) -> list[memoryview]:
-    """`frames` as flat byte views; raises `MessageTooLarge` when `limits` forbid them."""
+def check_message(frames: Frames, limits: Limits) -> list[bytes | bytearray | memoryview]:
+    """`frames` as flat byte buffers (`len` is their size in bytes); raises
+    `MessageTooLarge` when `limits` forbid them."""
     if len(frames) > limits.max_frames:
         raise MessageTooLarge(f"{len(frames)} frames > max_frames={limits.max_frames}")
-    views = [memoryview(frame).cast("B") for frame in frames]
-    size = sum(len(view) for view in views)
+    # bytes and bytearray are flat already; a memoryview may have another item size.
+    views = [
+        frame if type(frame) is bytes or type(frame) is bytearray else memoryview(frame).cast("B")
+        for frame in frames
+    ]
+    size = sum(map(len, views))
     if size > limits.max_message_bytes:
         raise MessageTooLarge(f"{size} bytes > max_message_bytes={limits.max_message_bytes}")
     return views

@@ -102,19 +102,28 @@ class MemoryStream(Stream):
                 self.changed.fire()  # a sender may be waiting for room
                 return frames
             if self.remote_closed:
+                # Everything the peer sent was read: the stream is over for both ends.
+                self._end_gracefully()
                 raise StreamClosed(f"stream {self._id} was closed by the peer")
             if self._connection.is_closed:
                 raise ConnectionClosed("connection closed")
             await self.changed.wait()
 
     async def close(self) -> None:
+        self._end_gracefully()
+
+    def _end_gracefully(self) -> None:
         if self.local_closed or self.was_reset:
             return
         self._finish()
-        if self._peer is not None:
-            self._peer.remote_closed = True
-            self._peer.changed.fire()
         self._connection.forget_if_done(self)
+        peer = self._peer
+        if peer is not None:
+            peer.remote_closed = True
+            peer.changed.fire()
+            # When the peer closed first, this close ends the stream for both ends: the
+            # peer's end must be forgotten too, or it counts against `max_streams` forever.
+            peer._connection.forget_if_done(peer)
 
     def reset(self) -> None:
         for end in (self, self._peer):

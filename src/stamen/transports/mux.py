@@ -23,6 +23,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -35,11 +36,19 @@ from stamen.transports.base import (
     TransportError,
 )
 from stamen.transports.flow import Signal
-from stamen.transports.handshake import RECORD_PREFIX, TAG_BYTES, RecordCipher
-from stamen.transports.mux_stream import MuxStream
+from stamen.transports.handshake import (
+    RECORD_PREFIX,
+    STREAM_CIPHER_BYTES,
+    TAG_BYTES,
+    RecordCipher,
+    RecordOpener,
+)
+from stamen.transports.mux_stream import MuxStream, frame_sizes
 from stamen.transports.packets import (
     CHUNK_BYTES,
     FLAG_SYN,
+    FRAME_BYTES,
+    FRAME_COUNT,
     PACKET,
     PING_BYTES,
     STREAM_KINDS,
@@ -49,6 +58,9 @@ from stamen.transports.packets import (
 )
 
 logger = logging.getLogger(__name__)
+
+INITIAL_INBOX_BYTES = 128 * 1024
+MIN_READ_BYTES = 32 * 1024  # free room offered to each socket read
 
 
 @dataclass(frozen=True)
@@ -95,13 +107,18 @@ class MuxConnection(Connection):
         self._ids = itertools.count(1 if is_dialer else 2, 2)
         self._next_local_id = 1 if is_dialer else 2
         self._highest_remote_id = 0
-        self.streams: dict[int, MuxStream] = {}
+        self.streams: dict[int, MuxStream] = {}  # live: neither end sent its terminal yet
+        # Streams we sent our terminal on, waiting for the peer's: they still hold a slot.
+        self._closing: set[int] = set()
+        self._outbound_count = 0  # our streams holding a slot (live or closing)
+        self._inbound_count = 0
         self._incoming: deque[MuxStream] = deque()
         self._unannounced: deque[MuxStream] = deque()
         self.changed = Signal()
         self._closed_error: ConnectionClosed | None = None
-        self._inbox = bytearray()  # bytes of an incomplete packet
         self._max_payload_bytes = settings.max_packet_payload_bytes()
+        self._max_sealed_bytes = PACKET.size + self._max_payload_bytes + TAG_BYTES
+        self._inbox = _Inbox(RECORD_PREFIX.size + self._max_sealed_bytes)
         self._write_resumed: asyncio.Future[None] | None = None
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -109,6 +126,8 @@ class MuxConnection(Connection):
         self._tasks = [loop.create_task(self._keepalive_loop())]
         # Packets are parsed in the protocol callback itself: no reader task between the
         # socket and the stream that waits, so a message costs no extra loop iteration.
+        # Bytes are received straight into `_inbox` (recv_into), and records are decrypted
+        # from there: no bytes object per read, no concatenation of partial packets.
         transport.set_protocol(_PacketProtocol(self))
 
     # --- Connection API ------------------------------------------------------------------
@@ -131,17 +150,17 @@ class MuxConnection(Connection):
 
     async def open_stream(self) -> MuxStream:
         self.raise_if_closed()
-        outbound = sum(1 for stream_id in self.streams if stream_id % 2 == self._own_parity)
-        if outbound >= self.remote_limits.max_streams:
+        if self._outbound_count >= self.remote_limits.max_streams:
             raise StreamClosed(f"the peer's stream limit ({self.remote_limits.max_streams})")
         stream_id = next(self._ids)
         self._next_local_id = stream_id + 2
         stream = MuxStream(self, stream_id, opened_locally=True)
         self.streams[stream_id] = stream
+        self._outbound_count += 1
         # The peer learns of the stream from its first packet; when the caller sends at
         # once the SYN rides on that message, otherwise an empty packet carries it.
         self._unannounced.append(stream)
-        asyncio.get_running_loop().call_soon(self.announce_streams, stream_id)
+        self._loop.call_soon(self.announce_streams, stream_id)
         return stream
 
     def announce_streams(self, up_to_id: int) -> None:
@@ -186,19 +205,31 @@ class MuxConnection(Connection):
         parts: tuple[bytes | bytearray | memoryview, ...] = (),
     ) -> None:
         """Queue one packet on the socket; never waits (see `drain`)."""
-        self.raise_if_closed()
         payload_bytes = sum(len(part) for part in parts)
         header = PACKET.pack(kind, flags, 0, stream_id, payload_bytes)
+        self.write_message(header, parts, payload_bytes)
+
+    def write_message(
+        self, head: bytes, parts: Sequence[bytes | bytearray | memoryview], payload_bytes: int
+    ) -> None:
+        """Queue one packet: `head` starts with its PACKET header, `parts` follow."""
+        if self._closed_error is not None:
+            raise ConnectionClosed(str(self._closed_error))
         write = self._transport.write
+        packet_bytes = PACKET.size + payload_bytes
         if self._send_cipher is not None:
-            write(self._send_cipher.seal(b"".join((header, *parts))))
-        elif payload_bytes < 64 * 1024:
-            write(b"".join((header, *parts)))
+            write(self._send_cipher.seal_parts((head, *parts), packet_bytes))
+        elif packet_bytes < 64 * 1024:
+            write(b"".join((head, *parts)))
         else:
             # Big chunks go as they are: one extra write beats copying the chunk.
-            write(header)
+            write(head)
             for part in parts:
                 write(part)
+
+    @property
+    def write_paused(self) -> bool:
+        return self._write_resumed is not None
 
     async def drain(self) -> None:
         """Wait while the socket's send buffer is full."""
@@ -217,89 +248,141 @@ class MuxConnection(Connection):
 
     # --- reading -------------------------------------------------------------------------
 
+    def receive_buffer(self) -> memoryview:
+        """Where the socket's next bytes go (see `received`)."""
+        return self._inbox.space()
+
     def feed(self, data: bytes | bytearray) -> None:
-        """Parse every complete packet in what arrived; keep the incomplete rest."""
-        if self.is_closed:
+        """Take bytes that arrived outside the protocol (buffered by the handshake)."""
+        view = memoryview(data)
+        while view and not self.is_closed:
+            space = self._inbox.space()
+            taken = min(len(space), len(view))
+            space[:taken] = view[:taken]
+            self.received(taken)
+            view = view[taken:]
+
+    def received(self, nbytes: int) -> None:
+        """`nbytes` more bytes sit in the receive buffer: dispatch every complete packet."""
+        self._inbox.end += nbytes
+        if self._closed_error is not None:
             return
-        if self._inbox:
-            self._inbox += data
-            data = self._inbox
+        self._last_received_s = self._loop.time()
         try:
-            consumed = self._parse(data)
+            self._parse(self._inbox)
         except ProtocolError as exc:
             logger.warning("dropping connection to %s: %s", self._remote_address, exc)
             self._transport.abort()
             self._shutdown(ConnectionClosed(f"protocol error: {exc}"))
-            return
         except _GoAway:
             self._shutdown(ConnectionClosed("the peer closed the connection"))
-            return
-        if data is self._inbox:
-            del self._inbox[:consumed]
-        elif consumed < len(data):
-            self._inbox = bytearray(data[consumed:])
-        self._last_received_s = self._loop.time()
 
-    def _parse(self, data: bytes | bytearray) -> int:
-        """Dispatch the complete packets at the start of `data`; bytes consumed."""
-        position, end = 0, len(data)
-        copy = isinstance(data, bytearray)  # views of the inbox must not outlive this call
-        view = memoryview(data)
+    def _parse(self, inbox: _Inbox) -> None:
+        """Dispatch the complete packets (records) in the inbox; keep the incomplete rest."""
+        buffer, position, end = inbox.buffer, inbox.start, inbox.end
+        view = memoryview(buffer)
+        cipher = self._recv_cipher
+        inbox.wanted_bytes = 0
         try:
-            while not self.is_closed:
-                if self._recv_cipher is not None:
+            while self._closed_error is None:
+                if cipher is not None:
                     if end - position < RECORD_PREFIX.size:
                         break
-                    (sealed_bytes,) = RECORD_PREFIX.unpack_from(data, position)
-                    if not PACKET.size + TAG_BYTES <= sealed_bytes:
-                        raise ProtocolError(f"record of {sealed_bytes} bytes refused")
-                    if sealed_bytes > PACKET.size + self._max_payload_bytes + TAG_BYTES:
+                    (sealed_bytes,) = RECORD_PREFIX.unpack_from(buffer, position)
+                    if not PACKET.size + TAG_BYTES <= sealed_bytes <= self._max_sealed_bytes:
                         raise ProtocolError(f"record of {sealed_bytes} bytes refused")
                     record_end = position + RECORD_PREFIX.size + sealed_bytes
                     if record_end > end:
+                        inbox.wanted_bytes = record_end - position
                         break
-                    try:
-                        record = self._recv_cipher.open(
-                            view[position : position + RECORD_PREFIX.size].tobytes(),
-                            view[position + RECORD_PREFIX.size : record_end],
-                        )
-                    except InvalidTag as exc:
-                        raise ProtocolError("a record failed authentication") from exc
-                    packet = memoryview(record)
-                    position = record_end
+                    self._open_record(cipher, view, position, record_end)
                 else:
                     if end - position < PACKET.size:
                         break
-                    payload_bytes = PACKET.unpack_from(data, position)[4]
+                    payload_bytes = PACKET.unpack_from(buffer, position)[4]
                     if payload_bytes > self._max_payload_bytes:
                         raise ProtocolError(f"packet of {payload_bytes} bytes refused")
-                    packet_end = position + PACKET.size + payload_bytes
-                    if packet_end > end:
+                    record_end = position + PACKET.size + payload_bytes
+                    if record_end > end:
+                        inbox.wanted_bytes = record_end - position
                         break
-                    packet = view[position:packet_end]
-                    if copy:
-                        packet = memoryview(packet.tobytes())
-                    position = packet_end
-                self._on_packet(packet)
+                    self._on_packet(view[position:record_end], owned=False)
+                position = record_end
         finally:
-            view.release()
-        return position
+            inbox.start = position
 
-    def _on_packet(self, packet: memoryview) -> None:
+    def _open_record(self, cipher: RecordCipher, view: memoryview, start: int, end: int) -> None:
+        prefix = view[start : start + RECORD_PREFIX.size]
+        sealed = view[start + RECORD_PREFIX.size : end]
+        if len(sealed) - TAG_BYTES >= STREAM_CIPHER_BYTES:
+            self._open_big_record(cipher.opener(prefix), sealed)
+            return
+        try:
+            packet = cipher.open(prefix, sealed)
+        except InvalidTag as exc:
+            raise ProtocolError("a record failed authentication") from exc
+        self._on_packet(memoryview(packet), owned=True)
+
+    def _open_big_record(self, opener: RecordOpener, sealed: memoryview) -> None:
+        """Decrypt a big record piece by piece so that a whole message comes out as its
+        frames, without copying them out of the plaintext. The header bytes read first are
+        unauthenticated: they only choose how to cut; nothing is dispatched before `verify`."""
+        body, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:].tobytes()
+        kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack(
+            opener.read(body[: PACKET.size])
+        )
+        if payload_bytes != len(body) - PACKET.size:
+            raise ProtocolError("packet length disagrees with its record")
+        if kind != Kind.MSG:
+            rest = opener.read(body[PACKET.size :])
+            _verify(opener, tag)
+            self._on_packet_fields(kind, flags, reserved, stream_id, memoryview(rest), True)
+            return
+        count_at = PACKET.size + FRAME_COUNT.size
+        (frame_count,) = FRAME_COUNT.unpack(opener.read(body[PACKET.size : count_at]))
+        data_at = count_at + FRAME_BYTES.size * frame_count
+        if frame_count > self.settings.limits.max_frames or data_at > len(body):
+            raise ProtocolError(f"message header with {frame_count} frames refused")
+        sizes = frame_sizes(frame_count).unpack(opener.read(body[count_at:data_at]))
+        if sum(sizes) != len(body) - data_at:
+            rest = opener.read(body[data_at:])  # the message goes on in DATA packets
+            _verify(opener, tag)
+            stream = self._stream_for_packet(kind, flags, reserved, stream_id)
+            if stream is not None:
+                stream.start_message(sizes, rest, payload_bytes)
+            return
+        frames, offset = [], data_at
+        for size in sizes:
+            frames.append(opener.read(body[offset : offset + size]))
+            offset += size
+        _verify(opener, tag)
+        stream = self._stream_for_packet(kind, flags, reserved, stream_id)
+        if stream is not None:
+            stream.take_message(sizes, frames, payload_bytes)
+
+    def _on_packet(self, packet: memoryview, owned: bool) -> None:
         kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(packet)
         if payload_bytes != len(packet) - PACKET.size:
             raise ProtocolError("packet length disagrees with its record")
-        if reserved != 0 or flags & ~FLAG_SYN:
-            raise ProtocolError("unknown packet flags")
-        self._dispatch(kind, flags, stream_id, packet[PACKET.size :])
+        self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :], owned)
 
-    def _dispatch(self, kind: int, flags: int, stream_id: int, payload: memoryview) -> None:
+    def _on_packet_fields(
+        self,
+        kind: int,
+        flags: int,
+        reserved: int,
+        stream_id: int,
+        payload: memoryview,
+        owned: bool,
+    ) -> None:
         if kind in STREAM_KINDS:
-            stream = self._stream_for(kind, flags, stream_id)
+            stream = self._stream_for_packet(kind, flags, reserved, stream_id)
             if stream is not None:
-                stream.on_packet(kind, payload)
+                stream.on_packet(kind, payload, owned)
             return
-        if stream_id != 0 or flags:
+        if reserved != 0 or flags:
+            raise ProtocolError("unknown packet flags")
+        if stream_id != 0:
             raise ProtocolError("connection packet on a stream")
         if kind == Kind.PING:
             if len(payload) != PING_BYTES:
@@ -312,24 +395,35 @@ class MuxConnection(Connection):
         else:
             raise ProtocolError(f"unknown packet type {kind}")
 
-    def _stream_for(self, kind: int, flags: int, stream_id: int) -> MuxStream | None:
+    def _stream_for_packet(
+        self, kind: int, flags: int, reserved: int, stream_id: int
+    ) -> MuxStream | None:
         """The stream a packet belongs to; None for one that is already forgotten."""
+        if reserved != 0 or flags & ~FLAG_SYN:
+            raise ProtocolError("unknown packet flags")
         stream = self.streams.get(stream_id)
+        if stream is not None and not flags:
+            return stream  # the common case
         from_peer_side = stream_id % 2 != self._own_parity
         if flags & FLAG_SYN:
             if stream is not None or not from_peer_side or stream_id <= self._highest_remote_id:
                 raise ProtocolError(f"bad stream open {stream_id}")
             self._highest_remote_id = stream_id
-            inbound = sum(1 for known in self.streams if known % 2 != self._own_parity)
-            if inbound >= self.settings.limits.max_streams:
+            if self._inbound_count >= self.settings.limits.max_streams:
                 self.write_packet(Kind.RESET, 0, stream_id)
                 return None
             stream = MuxStream(self, stream_id, opened_locally=False)
             self.streams[stream_id] = stream
+            self._inbound_count += 1
             self._incoming.append(stream)
             self.changed.fire()
             return stream
         if stream is None:
+            if stream_id in self._closing:
+                if kind == Kind.CLOSE or kind == Kind.RESET:  # the peer's terminal: slot free
+                    self._closing.discard(stream_id)
+                    self._release(stream_id)
+                return None
             known_past = (
                 stream_id < self._next_local_id
                 if not from_peer_side
@@ -358,9 +452,21 @@ class MuxConnection(Connection):
     def lost(self, reason: ConnectionClosed) -> None:
         self._shutdown(reason)
 
-    def forget(self, stream: MuxStream) -> None:
+    def retire(self, stream: MuxStream, *, peer_done: bool) -> None:
+        """`stream` sent its terminal packet: stop routing packets to it. Its slot stays
+        taken until the peer's terminal has arrived too (`peer_done`, or later)."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
+        if peer_done:
+            self._release(stream.stream_id)
+        else:
+            self._closing.add(stream.stream_id)
+
+    def _release(self, stream_id: int) -> None:
+        if stream_id % 2 == self._own_parity:
+            self._outbound_count -= 1
+        else:
+            self._inbound_count -= 1
 
     def _shutdown(self, reason: ConnectionClosed) -> None:
         if self._closed_error is not None:
@@ -381,14 +487,61 @@ class _GoAway(Exception):
     """The peer announced it is closing the connection."""
 
 
-class _PacketProtocol(asyncio.Protocol):
-    """Feeds the socket's bytes to a `MuxConnection` and reports its fate."""
+def _verify(opener: RecordOpener, tag: bytes) -> None:
+    try:
+        opener.verify(tag)
+    except InvalidTag as exc:
+        raise ProtocolError("a record failed authentication") from exc
+
+
+class _Inbox:
+    """The receive buffer: bytes [start, end) arrived but are not parsed yet. It grows to
+    fit the record being received (`wanted_bytes`, known from its header), up to the
+    largest record the peer may send."""
+
+    def __init__(self, max_record_bytes: int) -> None:
+        self.buffer = bytearray(INITIAL_INBOX_BYTES)
+        self.start = 0
+        self.end = 0
+        self.wanted_bytes = 0
+        self._max_capacity_bytes = 2 * (max_record_bytes + MIN_READ_BYTES)
+
+    def space(self) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+        capacity = len(self.buffer)
+        if capacity - self.start < self.wanted_bytes or capacity - self.end < MIN_READ_BYTES:
+            self._make_room()
+        return memoryview(self.buffer)[self.end :]
+
+    def _make_room(self) -> None:
+        pending = self.end - self.start
+        capacity = len(self.buffer)
+        while capacity < max(self.wanted_bytes, pending + MIN_READ_BYTES):
+            capacity *= 2
+        if capacity > self._max_capacity_bytes:
+            raise ProtocolError("receive buffer limit exceeded")  # the parser refuses first
+        if capacity == len(self.buffer):
+            # Same length: allowed even while asyncio still holds a view of the buffer.
+            self.buffer[:pending] = self.buffer[self.start : self.end]
+        else:
+            grown = bytearray(capacity)
+            grown[:pending] = self.buffer[self.start : self.end]
+            self.buffer = grown
+        self.start, self.end = 0, pending
+
+
+class _PacketProtocol(asyncio.BufferedProtocol):
+    """Receives the socket's bytes into a `MuxConnection` and reports its fate."""
 
     def __init__(self, connection: MuxConnection) -> None:
         self._connection = connection
 
-    def data_received(self, data: bytes) -> None:
-        self._connection.feed(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._connection.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._connection.received(nbytes)
 
     def eof_received(self) -> bool:
         self._connection.lost(ConnectionClosed("the peer closed the connection"))

@@ -5,14 +5,22 @@ Messages are sent as one MSG packet (frame sizes, then data) and as many DATA pa
 needed; a stream's messages never interleave (a lock), while different streams' packets
 do. Received frames are validated against our `Limits` before anything is kept.
 
+Each end sends exactly one terminal packet on a stream the peer knows of: CLOSE (graceful)
+or RESET (abort). An end that receives the peer's terminal first answers with its own as
+soon as its application is done with the stream (right away for a RESET). A stream id
+counts against `max_streams` on each side until that side has both sent and received a
+terminal, so the opener never counts a slot free before the acceptor does.
+
 This module knows nothing about records, sockets or keepalives: it calls
-`MuxConnection.write_packet` / `drain` and is fed packets through `on_packet`.
+`MuxConnection.write_packet` / `write_message` / `drain` / `retire` and is fed packets
+through `on_packet` and `take_message`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
 from collections import deque
 from typing import TYPE_CHECKING
@@ -27,12 +35,18 @@ from stamen.transports.packets import (
     WINDOW,
     Kind,
     ProtocolError,
+    message_packet,
 )
 
 if TYPE_CHECKING:
     from stamen.transports.mux import MuxConnection
 
 MAX_CREDIT_BYTES = 1 << 62  # more than any sane window; beyond it the peer is lying
+
+
+@functools.cache
+def frame_sizes(frame_count: int) -> struct.Struct:
+    return struct.Struct(f"!{frame_count}Q")
 
 
 class MuxStream(Stream):
@@ -49,12 +63,14 @@ class MuxStream(Stream):
         self._messages: deque[list[bytes]] = deque()
         self._frame_sizes: tuple[int, ...] | None = None  # of the message being assembled
         self._frames: list[bytes] = []
-        self._chunks: list[memoryview] = []
+        self._chunks: list[bytes | memoryview] = []
         self._chunk_bytes = 0
         self._remaining_bytes = 0
-        self._local_closed = False
+        self._local_closed = False  # we closed, reset, or read the peer's close
         self._remote_closed = False
         self._was_reset = False
+        self._terminal_sent = False
+        self._terminal_received = False
         self.changed = Signal()
 
     @property
@@ -85,36 +101,44 @@ class MuxStream(Stream):
 
     async def send(self, frames: Frames) -> None:
         self._raise_if_cannot_send()
-        views = check_message(frames, self._connection.remote_limits)
+        connection = self._connection
+        views = check_message(frames, connection.remote_limits)
         sizes = [len(view) for view in views]
-        header = struct.pack(f"!I{len(sizes)}Q", len(sizes), *sizes)
-        packet_bytes = len(header) + sum(sizes)
+        payload_bytes = FRAME_COUNT.size + FRAME_BYTES.size * len(sizes) + sum(sizes)
         if (
-            packet_bytes <= CHUNK_BYTES
-            and packet_bytes <= self._send_credit
+            payload_bytes <= CHUNK_BYTES
+            and payload_bytes <= self._send_credit
             and not self._send_lock.locked()
         ):
-            # The common small message: one packet, no lock round, no chunking.
-            self._send_credit -= packet_bytes
-            parts: tuple[bytes | memoryview, ...] = (header, *views)
-            self._connection.write_packet(Kind.MSG, self._take_flags(), self._id, parts)
-            await self._connection.drain()
+            # The common message: one packet whose headers are packed in one call, no lock
+            # round, no chunking.
+            self._send_credit -= payload_bytes
+            head = message_packet(len(sizes)).pack(
+                Kind.MSG, self._take_flags(), 0, self._id, payload_bytes, len(sizes), *sizes
+            )
+            connection.write_message(head, views, payload_bytes)
+            if connection.write_paused:
+                await connection.drain()
             return
+        header = struct.pack(f"!I{len(sizes)}Q", len(sizes), *sizes)
         async with self._send_lock:
             await self._send_packets(header, deque(view for view in views if len(view)))
 
-    async def _send_packets(self, header: bytes, data: deque[memoryview]) -> None:
+    async def _send_packets(
+        self, header: bytes, data: deque[bytes | bytearray | memoryview]
+    ) -> None:
         first = True
         while first or data:
             await self._wait_for_credit(len(header) if first else 1)
             room = min(CHUNK_BYTES, self._send_credit - (len(header) if first else 0))
-            parts: list[bytes | memoryview] = [header] if first else []
+            parts: list[bytes | bytearray | memoryview] = [header] if first else []
             while data and room > 0:
                 view = data[0]
                 if len(view) <= room:
                     parts.append(data.popleft())
                     room -= len(view)
                 else:
+                    view = memoryview(view)
                     parts.append(view[:room])
                     data[0] = view[room:]
                     room = 0
@@ -144,7 +168,8 @@ class MuxStream(Stream):
                         self._grant(owed)
                 return message
             if self._remote_closed:
-                self._connection.forget(self)
+                # Everything the peer sent was read: the stream is over for both ends.
+                self._end(Kind.CLOSE)
                 raise StreamClosed(f"stream {self._id} was closed by the peer")
             self._connection.raise_if_closed()
             await self.changed.wait()
@@ -166,10 +191,13 @@ class MuxStream(Stream):
         else:
             self._grant(received_bytes)
 
-    def on_packet(self, kind: int, payload: memoryview) -> None:
-        """Called by the connection's reader for each packet of this stream."""
-        if kind == Kind.MSG and not self._remote_closed:
-            self._on_message_start(payload)
+    def on_packet(self, kind: int, payload: memoryview, owned: bool) -> None:
+        """Called by the connection's reader for each packet of this stream. `owned`: the
+        payload's memory is not reused after this call, so views of it may be kept."""
+        if kind == Kind.MSG:
+            if self._remote_closed:
+                raise ProtocolError(f"stream {self._id}: packet after close")
+            self._on_message_start(payload, owned)
         elif kind == Kind.WINDOW:
             if len(payload) != WINDOW.size:
                 raise ProtocolError("malformed window update")
@@ -177,37 +205,56 @@ class MuxStream(Stream):
             if self._send_credit > MAX_CREDIT_BYTES:
                 raise ProtocolError("window overflow")
         elif kind == Kind.RESET:
+            self._terminal_received = True
             self._was_reset = True
-            self._drop_received()
-            self._connection.forget(self)
+            self._end(Kind.RESET)  # answers with our RESET: both ends then forget the id
         elif self._remote_closed:
             raise ProtocolError(f"stream {self._id}: packet after close")
         elif kind == Kind.DATA:
             if self._frame_sizes is None:
                 raise ProtocolError(f"stream {self._id}: data outside a message")
             self._account(len(payload))
-            self._take_data(payload)
+            self._take_data(payload, owned)
         elif kind == Kind.CLOSE:
             if self._frame_sizes is not None or len(payload):
                 raise ProtocolError(f"stream {self._id}: close inside a message")
             self._remote_closed = True
+            self._terminal_received = True
         self.changed.fire()
 
-    def _on_message_start(self, payload: memoryview) -> None:
+    def take_message(self, sizes: tuple[int, ...], frames: list[bytes], payload_bytes: int) -> None:
+        """A whole message that the connection already cut into frames (a big record)."""
+        if self._remote_closed:
+            raise ProtocolError(f"stream {self._id}: packet after close")
+        if self._frame_sizes is not None:
+            raise ProtocolError(f"stream {self._id}: message inside a message")
+        self._account(payload_bytes)
+        self._check_sizes(sizes)
+        self._messages.append(frames)
+        self.changed.fire()
+
+    def _check_sizes(self, sizes: tuple[int, ...]) -> None:
+        limits = self._connection.settings.limits
+        if len(sizes) > limits.max_frames:
+            raise ProtocolError(f"message header with {len(sizes)} frames refused")
+        if sum(sizes) > limits.max_message_bytes:
+            raise ProtocolError(f"message of {sum(sizes)} bytes refused")
+
+    def _on_message_start(self, payload: memoryview, owned: bool) -> None:
         if self._frame_sizes is not None:
             raise ProtocolError(f"stream {self._id}: message inside a message")
         self._account(len(payload))
-        limits = self._connection.settings.limits
         if len(payload) < FRAME_COUNT.size:
             raise ProtocolError("truncated message header")
         (frame_count,) = FRAME_COUNT.unpack_from(payload)
         header_bytes = FRAME_COUNT.size + FRAME_BYTES.size * frame_count
-        if frame_count > limits.max_frames or header_bytes > len(payload):
+        if frame_count > self._connection.settings.limits.max_frames:
             raise ProtocolError(f"message header with {frame_count} frames refused")
-        sizes = struct.unpack_from(f"!{frame_count}Q", payload, FRAME_COUNT.size)
+        if header_bytes > len(payload):
+            raise ProtocolError(f"message header with {frame_count} frames refused")
+        sizes = frame_sizes(frame_count).unpack_from(payload, FRAME_COUNT.size)
+        self._check_sizes(sizes)
         total_bytes = sum(sizes)
-        if total_bytes > limits.max_message_bytes:
-            raise ProtocolError(f"message of {total_bytes} bytes refused")
         if total_bytes == len(payload) - header_bytes:
             # The whole message is in this packet: cut the frames out directly.
             frames, offset = [], header_bytes
@@ -217,9 +264,22 @@ class MuxStream(Stream):
             self._messages.append(frames)
             return
         self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], total_bytes
-        self._take_data(payload[header_bytes:])
+        self._take_data(payload[header_bytes:], owned)
 
-    def _take_data(self, data: memoryview) -> None:
+    def start_message(self, sizes: tuple[int, ...], data: bytes, payload_bytes: int) -> None:
+        """The first packet of a message that continues in DATA packets, its header already
+        parsed by the connection (a big record); `data` is the rest of the packet."""
+        if self._remote_closed:
+            raise ProtocolError(f"stream {self._id}: packet after close")
+        if self._frame_sizes is not None:
+            raise ProtocolError(f"stream {self._id}: message inside a message")
+        self._account(payload_bytes)
+        self._check_sizes(sizes)
+        self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], sum(sizes)
+        self._take_data(memoryview(data), owned=True)
+        self.changed.fire()
+
+    def _take_data(self, data: memoryview, owned: bool) -> None:
         sizes = self._frame_sizes
         assert sizes is not None  # checked by the callers
         if len(data) > self._remaining_bytes:
@@ -229,12 +289,18 @@ class MuxStream(Stream):
             wanted = sizes[len(self._frames)] - self._chunk_bytes
             if wanted == 0:
                 chunks, self._chunks, self._chunk_bytes = self._chunks, [], 0
-                self._frames.append(chunks[0].tobytes() if len(chunks) == 1 else b"".join(chunks))
+                if len(chunks) == 1:
+                    only = chunks[0]
+                    self._frames.append(only if type(only) is bytes else bytes(only))
+                else:
+                    self._frames.append(b"".join(chunks))
                 continue
             if not data:
                 return
             taken = min(wanted, len(data))
-            self._chunks.append(data[:taken])
+            chunk = data[:taken]
+            # A view into the connection's receive buffer must not outlive this call.
+            self._chunks.append(chunk if owned or taken == wanted else chunk.tobytes())
             self._chunk_bytes += taken
             data = data[taken:]
         self._messages.append(self._frames)
@@ -252,23 +318,26 @@ class MuxStream(Stream):
         async with self._send_lock:  # a message being sent goes out whole first
             if self._local_closed or self._was_reset:
                 return
-            self._local_closed = True
-            if not self._remote_closed:
-                with contextlib.suppress(TransportError):
-                    self._connection.write_packet(Kind.CLOSE, self._take_flags(), self._id)
-            self._finish()
+            self._end(Kind.CLOSE)
 
     def reset(self) -> None:
         if self._local_closed or self._was_reset:
             return
         self._was_reset = True
-        # A peer that never heard of the stream, or already forgot it, needs no RESET.
-        if not self._syn_pending and not self._remote_closed:
-            with contextlib.suppress(TransportError):
-                self._connection.write_packet(Kind.RESET, 0, self._id)
-        self._finish()
+        self._end(Kind.RESET)
 
-    def _finish(self) -> None:
+    def _end(self, kind: int) -> None:
+        """We are done with the stream: send our terminal packet (unless the peer never
+        heard of the stream) and let the connection retire it."""
+        self._local_closed = True
+        if not self._terminal_sent:
+            self._terminal_sent = True
+            if self._syn_pending and kind == Kind.RESET:
+                self._syn_pending = False  # never announced: nothing to tell, nothing to wait for
+                self._terminal_received = True
+            else:
+                with contextlib.suppress(TransportError):
+                    self._connection.write_packet(kind, self._take_flags(), self._id)
+            self._connection.retire(self, peer_done=self._terminal_received)
         self._drop_received()
-        self._connection.forget(self)
         self.changed.fire()

@@ -16,6 +16,7 @@ This module only names things; `mux` and `mux_stream` give them meaning.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 from stamen.transports.base import TransportError
@@ -49,6 +50,12 @@ ALL_KINDS = (*STREAM_KINDS, Kind.PING, Kind.PONG, Kind.GOAWAY)
 
 class ProtocolError(TransportError):
     """The peer broke the packet protocol; its connection is dropped."""
+
+
+@functools.cache
+def message_packet(frame_count: int) -> struct.Struct:
+    """PACKET, then a MSG payload's frame count and sizes, packed in one call."""
+    return struct.Struct(f"!BBHIQI{frame_count}Q")
 
 
 def message_header_bytes(max_frames: int) -> int:
