@@ -84,22 +84,28 @@ class RecordCipher:
         self._counter += 1
         return nonce
 
-    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, plaintext: bytes | bytearray | memoryview) -> bytes | memoryview:
         """`u64 length | ciphertext+tag`, ready to write."""
         return self.seal_parts((plaintext,), len(plaintext))
 
-    def seal_parts(self, parts: Sequence[Buffer], plaintext_bytes: int) -> bytes | bytearray:
-        """One record whose plaintext is the concatenation of `parts`."""
+    def seal_parts(
+        self, parts: Sequence[Buffer], plaintext_bytes: int, spare: bytearray | None = None
+    ) -> bytes | memoryview:
+        """One record whose plaintext is the concatenation of `parts`. A big record is
+        written into `spare` when it is large enough (the caller owns it and must not
+        reuse it while the record is still queued)."""
         prefix = RECORD_PREFIX.pack(plaintext_bytes + TAG_BYTES)
         nonce = self._next_nonce()
         if plaintext_bytes < STREAM_CIPHER_BYTES:
             plaintext = parts[0] if len(parts) == 1 else b"".join(parts)
             return prefix + self._aead.encrypt(nonce, plaintext, prefix)
-        record = bytearray(RECORD_PREFIX.size + plaintext_bytes + TAG_BYTES)
-        record[: RECORD_PREFIX.size] = prefix
+        record_bytes = RECORD_PREFIX.size + plaintext_bytes + TAG_BYTES
+        if spare is None or len(spare) < record_bytes:
+            spare = bytearray(record_bytes)
+        out = memoryview(spare)[:record_bytes]
+        out[: RECORD_PREFIX.size] = prefix
         encryptor = Cipher(algorithms.AES(self._key), modes.GCM(nonce)).encryptor()
         encryptor.authenticate_additional_data(prefix)
-        out = memoryview(record)
         position = RECORD_PREFIX.size
         for part in parts:
             # GCM is a stream mode: each update writes exactly its input's length, and the
@@ -107,7 +113,7 @@ class RecordCipher:
             position += encryptor.update_into(part, out[position:])
         encryptor.finalize()
         out[position:] = encryptor.tag
-        return record
+        return out
 
     def open(self, prefix: Buffer, sealed: Buffer) -> bytes:
         """The plaintext of one record; raises `InvalidTag` if it was tampered with."""

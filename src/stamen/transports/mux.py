@@ -1,9 +1,11 @@
 """Many flow-controlled streams over one byte pipe (the tcp transport's connection).
 
 The packet format is in `packets`. The opener marks its first packet on a stream with
-SYN; dialers use odd stream ids and acceptors even ones. Every length and count is checked against `Limits` before anything
-is allocated; any violation, or a packet the state machine does not expect, closes the
-connection (the peer is broken or hostile; other connections are untouched).
+SYN; dialers use odd stream ids and acceptors even ones. Every length and count is
+checked against `Limits` before anything is allocated; any violation, or a packet the
+state machine does not expect, closes the connection (the peer is broken or hostile;
+other connections are untouched). Closing is acknowledged (see `mux_stream`): a stream
+holds one of `max_streams` slots on each side until both ends sent their terminal packet.
 
 Flow control is per stream and credit based: a sender may have at most the receiver's
 `window_bytes` of payload unacknowledged. The receiver grants credit back at once while
@@ -12,8 +14,12 @@ and holds it while the application is not reading, so a stalled reader costs at 
 message plus one window, and never blocks the other streams. Keepalive pings close a
 connection whose peer has been silent for `keepalive_timeout_s`.
 
+The hot path costs: bytes are received into one growing buffer (`BufferedProtocol`, no
+bytes object per read), packets are parsed in the protocol callback (no reader task), and
+a big record is decrypted straight into its message's frames (`RecordOpener`).
+
 This module knows nothing about sockets, addresses or handshakes: it is given a
-connected `StreamReader`/`StreamWriter` pair and, optionally, the record ciphers.
+connected asyncio transport and, optionally, the record ciphers.
 """
 
 from __future__ import annotations
@@ -120,6 +126,7 @@ class MuxConnection(Connection):
         self._max_sealed_bytes = PACKET.size + self._max_payload_bytes + TAG_BYTES
         self._inbox = _Inbox(RECORD_PREFIX.size + self._max_sealed_bytes)
         self._write_resumed: asyncio.Future[None] | None = None
+        self._spare: bytearray | None = None  # see write_message
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_received_s = loop.time()
@@ -218,7 +225,18 @@ class MuxConnection(Connection):
         write = self._transport.write
         packet_bytes = PACKET.size + payload_bytes
         if self._send_cipher is not None:
-            write(self._send_cipher.seal_parts((head, *parts), packet_bytes))
+            if packet_bytes < STREAM_CIPHER_BYTES:
+                write(self._send_cipher.seal_parts((head, *parts), packet_bytes))
+                return
+            # Big records reuse one buffer: a fresh 256 KiB allocation costs more than its
+            # encryption. Reusable only if the socket took the whole record at once, since
+            # asyncio may keep a reference to what it queues.
+            record = self._send_cipher.seal_parts((head, *parts), packet_bytes, self._spare)
+            spare = record.obj if isinstance(record, memoryview) else None
+            self._spare = spare if isinstance(spare, bytearray) else None
+            write(record)
+            if self._transport.get_write_buffer_size():
+                self._spare = None
         elif packet_bytes < 64 * 1024:
             write(b"".join((head, *parts)))
         else:

@@ -247,6 +247,10 @@ class TcpTransport(Transport):
         )
         transport = writer.transport
         assert isinstance(transport, asyncio.Transport)  # what asyncio.open_connection makes
+        # Packets the peer sent right after its handshake may already sit in the reader.
+        # The socket is not read meanwhile, so that nothing can overtake them.
+        transport.pause_reading()
+        leftover = await _drain_reader(reader)
         connection = MuxConnection(
             transport,
             settings=settings,
@@ -259,12 +263,12 @@ class TcpTransport(Transport):
             recv_cipher=result.recv_cipher,
             keep_alive=(writer,),
         )
-        # Packets the peer sent right after its handshake may already sit in the reader.
-        leftover = await _drain_reader(reader)
         if leftover:
             connection.feed(leftover)
         if reader.at_eof():
             connection.lost(ConnectionClosed("the peer closed the connection"))
+        elif not transport.is_closing():
+            transport.resume_reading()
         return connection
 
     async def aclose(self) -> None:
