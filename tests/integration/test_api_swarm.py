@@ -362,6 +362,8 @@ def test_host_killed_mid_stream_does_not_change_the_text(stack: Stack) -> None:
         victim = SPANS.index(spans_by_peer[busy[0]])
         _kill_host(stack, victim)
         received.extend(lines)
+    killed = stack.swarm.host_processes[victim]
+    assert stack.swarm_loop.run(killed.wait(), timeout_s=10) < 0  # it did die, by signal
     chunks, done = parse_stream(received)
     assert check_chat_stream(chunks, done, usage=False) == expected
 

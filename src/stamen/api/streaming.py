@@ -56,7 +56,9 @@ async def _events(
     try:
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), timeout=keepalive_s)
+                # A timeout scope, not `wait_for`: no task is created per relayed chunk.
+                async with asyncio.timeout(keepalive_s):
+                    item = await queue.get()
             except TimeoutError:
                 yield ServerSentEventMessage(data=None, comment="keep-alive")
                 continue
