@@ -32,6 +32,9 @@ async def _pump(chunks: AsyncIterator[dict], queue: asyncio.Queue[object]) -> No
     try:
         async for chunk in chunks:
             await queue.put(chunk)
+            # Let the relay send this chunk before the producer starts the next token: that
+            # work (embedding, the next step's send or thread) would otherwise delay it.
+            await asyncio.sleep(0)
     except asyncio.CancelledError:
         raise
     except APIError as error:
