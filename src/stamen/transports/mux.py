@@ -14,9 +14,11 @@ and holds it while the application is not reading, so a stalled reader costs at 
 message plus one window, and never blocks the other streams. Keepalive pings close a
 connection whose peer has been silent for `keepalive_timeout_s`.
 
-The hot path costs: bytes are received into one growing buffer (`BufferedProtocol`, no
-bytes object per read), packets are parsed in the protocol callback (no reader task), and
-a big record is decrypted straight into its message's frames (`RecordOpener`).
+On the hot path, bytes are received into one growing buffer (`BufferedProtocol`: no
+bytes object per read), records are decrypted into one reused buffer, packets are parsed
+in the protocol callback (no reader task), and the only copy is the frames handed out.
+The price is memory: a connection that has carried big messages keeps about 1 MiB of
+buffers (receive, plaintext, and the cipher's send buffers).
 
 This module knows nothing about sockets, addresses or handshakes: it is given a
 connected asyncio transport and, optionally, the record ciphers.
@@ -43,18 +45,15 @@ from stamen.transports.base import (
 )
 from stamen.transports.flow import Signal
 from stamen.transports.handshake import (
+    BIG_RECORD_BYTES,
     RECORD_PREFIX,
-    STREAM_CIPHER_BYTES,
     TAG_BYTES,
     RecordCipher,
-    RecordOpener,
 )
-from stamen.transports.mux_stream import MuxStream, frame_sizes
+from stamen.transports.mux_stream import MuxStream
 from stamen.transports.packets import (
     CHUNK_BYTES,
     FLAG_SYN,
-    FRAME_BYTES,
-    FRAME_COUNT,
     PACKET,
     PING_BYTES,
     STREAM_KINDS,
@@ -65,7 +64,7 @@ from stamen.transports.packets import (
 
 logger = logging.getLogger(__name__)
 
-INITIAL_INBOX_BYTES = 128 * 1024
+INITIAL_INBOX_BYTES = 64 * 1024
 MIN_READ_BYTES = 32 * 1024  # free room offered to each socket read
 
 
@@ -125,6 +124,9 @@ class MuxConnection(Connection):
         self._max_payload_bytes = settings.max_packet_payload_bytes()
         self._max_sealed_bytes = PACKET.size + self._max_payload_bytes + TAG_BYTES
         self._inbox = _Inbox(RECORD_PREFIX.size + self._max_sealed_bytes)
+        # Records are decrypted into one buffer (grown on demand); streams copy out what
+        # they keep.
+        self._plaintext = memoryview(bytearray())
         self._write_resumed: asyncio.Future[None] | None = None
         self._spare: bytearray | None = None  # see write_message
         loop = asyncio.get_running_loop()
@@ -225,7 +227,7 @@ class MuxConnection(Connection):
         write = self._transport.write
         packet_bytes = PACKET.size + payload_bytes
         if self._send_cipher is not None:
-            if packet_bytes < STREAM_CIPHER_BYTES:
+            if packet_bytes < BIG_RECORD_BYTES:
                 write(self._send_cipher.seal_parts((head, *parts), packet_bytes))
                 return
             # Big records reuse one buffer: a fresh 256 KiB allocation costs more than its
@@ -324,65 +326,31 @@ class MuxConnection(Connection):
                     if record_end > end:
                         inbox.wanted_bytes = record_end - position
                         break
-                    self._on_packet(view[position:record_end], owned=False)
+                    self._on_packet(view[position:record_end])
                 position = record_end
         finally:
             inbox.start = position
 
     def _open_record(self, cipher: RecordCipher, view: memoryview, start: int, end: int) -> None:
-        prefix = view[start : start + RECORD_PREFIX.size]
-        sealed = view[start + RECORD_PREFIX.size : end]
-        if len(sealed) - TAG_BYTES >= STREAM_CIPHER_BYTES:
-            self._open_big_record(cipher.opener(prefix), sealed)
-            return
+        plaintext_bytes = end - start - RECORD_PREFIX.size - TAG_BYTES
+        if len(self._plaintext) < plaintext_bytes:
+            self._plaintext = memoryview(bytearray(max(plaintext_bytes, MIN_READ_BYTES)))
+        packet = self._plaintext[:plaintext_bytes]
         try:
-            packet = cipher.open(prefix, sealed)
+            cipher.open_into(
+                view[start : start + RECORD_PREFIX.size],
+                view[start + RECORD_PREFIX.size : end],
+                packet,
+            )
         except InvalidTag as exc:
             raise ProtocolError("a record failed authentication") from exc
-        self._on_packet(memoryview(packet), owned=True)
+        self._on_packet(packet)
 
-    def _open_big_record(self, opener: RecordOpener, sealed: memoryview) -> None:
-        """Decrypt a big record piece by piece so that a whole message comes out as its
-        frames, without copying them out of the plaintext. The header bytes read first are
-        unauthenticated: they only choose how to cut; nothing is dispatched before `verify`."""
-        body, tag = sealed[:-TAG_BYTES], sealed[-TAG_BYTES:].tobytes()
-        kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack(
-            opener.read(body[: PACKET.size])
-        )
-        if payload_bytes != len(body) - PACKET.size:
-            raise ProtocolError("packet length disagrees with its record")
-        if kind != Kind.MSG:
-            rest = opener.read(body[PACKET.size :])
-            _verify(opener, tag)
-            self._on_packet_fields(kind, flags, reserved, stream_id, memoryview(rest), True)
-            return
-        count_at = PACKET.size + FRAME_COUNT.size
-        (frame_count,) = FRAME_COUNT.unpack(opener.read(body[PACKET.size : count_at]))
-        data_at = count_at + FRAME_BYTES.size * frame_count
-        if frame_count > self.settings.limits.max_frames or data_at > len(body):
-            raise ProtocolError(f"message header with {frame_count} frames refused")
-        sizes = frame_sizes(frame_count).unpack(opener.read(body[count_at:data_at]))
-        if sum(sizes) != len(body) - data_at:
-            rest = opener.read(body[data_at:])  # the message goes on in DATA packets
-            _verify(opener, tag)
-            stream = self._stream_for_packet(kind, flags, reserved, stream_id)
-            if stream is not None:
-                stream.start_message(sizes, rest, payload_bytes)
-            return
-        frames, offset = [], data_at
-        for size in sizes:
-            frames.append(opener.read(body[offset : offset + size]))
-            offset += size
-        _verify(opener, tag)
-        stream = self._stream_for_packet(kind, flags, reserved, stream_id)
-        if stream is not None:
-            stream.take_message(sizes, frames, payload_bytes)
-
-    def _on_packet(self, packet: memoryview, owned: bool) -> None:
+    def _on_packet(self, packet: memoryview) -> None:
         kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(packet)
         if payload_bytes != len(packet) - PACKET.size:
             raise ProtocolError("packet length disagrees with its record")
-        self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :], owned)
+        self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :])
 
     def _on_packet_fields(
         self,
@@ -391,12 +359,11 @@ class MuxConnection(Connection):
         reserved: int,
         stream_id: int,
         payload: memoryview,
-        owned: bool,
     ) -> None:
         if kind in STREAM_KINDS:
             stream = self._stream_for_packet(kind, flags, reserved, stream_id)
             if stream is not None:
-                stream.on_packet(kind, payload, owned)
+                stream.on_packet(kind, payload)
             return
         if reserved != 0 or flags:
             raise ProtocolError("unknown packet flags")
@@ -503,13 +470,6 @@ class MuxConnection(Connection):
 
 class _GoAway(Exception):
     """The peer announced it is closing the connection."""
-
-
-def _verify(opener: RecordOpener, tag: bytes) -> None:
-    try:
-        opener.verify(tag)
-    except InvalidTag as exc:
-        raise ProtocolError("a record failed authentication") from exc
 
 
 class _Inbox:

@@ -13,7 +13,7 @@ terminal, so the opener never counts a slot free before the acceptor does.
 
 This module knows nothing about records, sockets or keepalives: it calls
 `MuxConnection.write_packet` / `write_message` / `drain` / `retire` and is fed packets
-through `on_packet` and `take_message`.
+through `on_packet`.
 """
 
 from __future__ import annotations
@@ -191,13 +191,13 @@ class MuxStream(Stream):
         else:
             self._grant(received_bytes)
 
-    def on_packet(self, kind: int, payload: memoryview, owned: bool) -> None:
-        """Called by the connection's reader for each packet of this stream. `owned`: the
-        payload's memory is not reused after this call, so views of it may be kept."""
+    def on_packet(self, kind: int, payload: memoryview) -> None:
+        """Called by the connection's reader for each packet of this stream. The payload
+        is a view of a buffer that is reused after this call: what is kept is copied."""
         if kind == Kind.MSG:
             if self._remote_closed:
                 raise ProtocolError(f"stream {self._id}: packet after close")
-            self._on_message_start(payload, owned)
+            self._on_message_start(payload)
         elif kind == Kind.WINDOW:
             if len(payload) != WINDOW.size:
                 raise ProtocolError("malformed window update")
@@ -214,7 +214,7 @@ class MuxStream(Stream):
             if self._frame_sizes is None:
                 raise ProtocolError(f"stream {self._id}: data outside a message")
             self._account(len(payload))
-            self._take_data(payload, owned)
+            self._take_data(payload)
         elif kind == Kind.CLOSE:
             if self._frame_sizes is not None or len(payload):
                 raise ProtocolError(f"stream {self._id}: close inside a message")
@@ -222,25 +222,7 @@ class MuxStream(Stream):
             self._terminal_received = True
         self.changed.fire()
 
-    def take_message(self, sizes: tuple[int, ...], frames: list[bytes], payload_bytes: int) -> None:
-        """A whole message that the connection already cut into frames (a big record)."""
-        if self._remote_closed:
-            raise ProtocolError(f"stream {self._id}: packet after close")
-        if self._frame_sizes is not None:
-            raise ProtocolError(f"stream {self._id}: message inside a message")
-        self._account(payload_bytes)
-        self._check_sizes(sizes)
-        self._messages.append(frames)
-        self.changed.fire()
-
-    def _check_sizes(self, sizes: tuple[int, ...]) -> None:
-        limits = self._connection.settings.limits
-        if len(sizes) > limits.max_frames:
-            raise ProtocolError(f"message header with {len(sizes)} frames refused")
-        if sum(sizes) > limits.max_message_bytes:
-            raise ProtocolError(f"message of {sum(sizes)} bytes refused")
-
-    def _on_message_start(self, payload: memoryview, owned: bool) -> None:
+    def _on_message_start(self, payload: memoryview) -> None:
         if self._frame_sizes is not None:
             raise ProtocolError(f"stream {self._id}: message inside a message")
         self._account(len(payload))
@@ -253,8 +235,9 @@ class MuxStream(Stream):
         if header_bytes > len(payload):
             raise ProtocolError(f"message header with {frame_count} frames refused")
         sizes = frame_sizes(frame_count).unpack_from(payload, FRAME_COUNT.size)
-        self._check_sizes(sizes)
         total_bytes = sum(sizes)
+        if total_bytes > self._connection.settings.limits.max_message_bytes:
+            raise ProtocolError(f"message of {total_bytes} bytes refused")
         if total_bytes == len(payload) - header_bytes:
             # The whole message is in this packet: cut the frames out directly.
             frames, offset = [], header_bytes
@@ -264,22 +247,9 @@ class MuxStream(Stream):
             self._messages.append(frames)
             return
         self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], total_bytes
-        self._take_data(payload[header_bytes:], owned)
+        self._take_data(payload[header_bytes:])
 
-    def start_message(self, sizes: tuple[int, ...], data: bytes, payload_bytes: int) -> None:
-        """The first packet of a message that continues in DATA packets, its header already
-        parsed by the connection (a big record); `data` is the rest of the packet."""
-        if self._remote_closed:
-            raise ProtocolError(f"stream {self._id}: packet after close")
-        if self._frame_sizes is not None:
-            raise ProtocolError(f"stream {self._id}: message inside a message")
-        self._account(payload_bytes)
-        self._check_sizes(sizes)
-        self._frame_sizes, self._frames, self._remaining_bytes = sizes, [], sum(sizes)
-        self._take_data(memoryview(data), owned=True)
-        self.changed.fire()
-
-    def _take_data(self, data: memoryview, owned: bool) -> None:
+    def _take_data(self, data: memoryview) -> None:
         sizes = self._frame_sizes
         assert sizes is not None  # checked by the callers
         if len(data) > self._remaining_bytes:
@@ -299,8 +269,9 @@ class MuxStream(Stream):
                 return
             taken = min(wanted, len(data))
             chunk = data[:taken]
-            # A view into the connection's receive buffer must not outlive this call.
-            self._chunks.append(chunk if owned or taken == wanted else chunk.tobytes())
+            # A view of the connection's buffer must not outlive this call: a chunk that
+            # does not complete its frame here is copied.
+            self._chunks.append(chunk if taken == wanted else chunk.tobytes())
             self._chunk_bytes += taken
             data = data[taken:]
         self._messages.append(self._frames)
