@@ -350,6 +350,11 @@ class MuxConnection(Connection):
         kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(packet)
         if payload_bytes != len(packet) - PACKET.size:
             raise ProtocolError("packet length disagrees with its record")
+        if not (flags or reserved) and kind in STREAM_KINDS:
+            stream = self.streams.get(stream_id)
+            if stream is not None:  # the common case: a packet of a live stream
+                stream.on_packet(kind, packet[PACKET.size :])
+                return
         self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :])
 
     def _on_packet_fields(
@@ -388,7 +393,7 @@ class MuxConnection(Connection):
             raise ProtocolError("unknown packet flags")
         stream = self.streams.get(stream_id)
         if stream is not None and not flags:
-            return stream  # the common case
+            return stream
         from_peer_side = stream_id % 2 != self._own_parity
         if flags & FLAG_SYN:
             if stream is not None or not from_peer_side or stream_id <= self._highest_remote_id:
