@@ -24,12 +24,14 @@ import orjson
 import pytest
 import torch
 import uvicorn
+from litestar.testing import AsyncTestClient
 
-from stamen.api.app import create_app
+from stamen.api.app import create_app, static_engines
 from stamen.api.engine import EngineClient
 from stamen.api.state import ServingSettings
 from stamen.api.swarm_engine import SwarmEngine
 from stamen.conformance.openai import format_table, run_suite
+from stamen.models.loading import load_config, load_head, load_tokenizer
 from stamen.swarm_core.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
@@ -336,6 +338,41 @@ def test_malformed_and_huge_bodies_get_4xx(stack: Stack) -> None:
     _assert_openai_error(completion, "token id outside the vocabulary")
 
 
+class _NoHosts:
+    """A swarm view whose hosts are all gone, while its records still say they cover."""
+
+    num_blocks = NUM_BLOCKS
+
+    def hosts(self) -> list[Any]:
+        return []
+
+    def covered(self) -> bool:
+        return True
+
+    def records(self) -> list[Any]:
+        return []
+
+
+async def test_a_swarm_that_cannot_serve_gives_503_not_500(smollm2_gguf: Path) -> None:
+    config, tokenizer, head = await asyncio.gather(
+        asyncio.to_thread(load_config, smollm2_gguf),
+        asyncio.to_thread(load_tokenizer, smollm2_gguf),
+        asyncio.to_thread(load_head, smollm2_gguf),
+    )
+    swarm: Any = _NoHosts()
+    engine = SwarmEngine(MODEL_ID, config=config, tokenizer=tokenizer, head=head, swarm=swarm)
+    app = create_app(ServingSettings(retry_after_s=RETRY_AFTER_S), static_engines(engine))
+    async with AsyncTestClient(app) as client:
+        body = chat_body(conversation("hi"), 4)
+        response = await client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == str(RETRY_AFTER_S)
+        _assert_openai_error_shape(response)  # type: ignore[arg-type]
+        streamed = await client.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks, done = parse_stream(streamed.text.splitlines())
+    assert not done and chunks[-1]["error"]["code"] == "service_unavailable"
+
+
 def _kill_host(stack: Stack, index: int) -> None:
     process = stack.swarm.host_processes[index]
     stack.swarm_loop.loop.call_soon_threadsafe(process.kill)
@@ -375,6 +412,15 @@ def test_health_says_503_when_blocks_are_uncovered(stack: Stack) -> None:
     for process in stack.swarm.host_processes:
         if process.returncode is None:
             stack.swarm_loop.loop.call_soon_threadsafe(process.terminate)
+    for process in stack.swarm.host_processes:
+        stack.swarm_loop.run(process.wait(), timeout_s=30)
+    # Whether the API still believes the old records or has seen the hosts leave, a
+    # request now is refused as unavailable (503), not failed as a server error (500).
+    chat_url = f"{stack.base_url}/v1/chat/completions"
+    refused = httpx.post(chat_url, json=chat_body(conversation("hi"), 4), timeout=60)
+    assert refused.status_code == 503, refused.text
+    _assert_openai_error_shape(refused)
+    assert refused.headers["retry-after"] == str(RETRY_AFTER_S)
 
     def unavailable() -> bool:
         return httpx.get(f"{stack.base_url}/health").status_code == 503

@@ -61,6 +61,11 @@ class SwarmSnapshot(msgspec.Struct):
         return cls(model, num_blocks, len(covered), coverage, list(hosts))
 
 
+class EngineUnavailable(Exception):
+    """The engine cannot serve the model right now (no chain of hosts, or it broke beyond
+    repair); raised by `open_chain` or by the chain's steps. Retrying later may succeed."""
+
+
 class EngineClient(Protocol):
     """What the API needs from a model runner (in-process or the swarm)."""
 
@@ -87,7 +92,10 @@ class EngineClient(Protocol):
     def open_chain(
         self, max_length: int, batch_size: int
     ) -> AbstractAsyncContextManager[BlockChain]:
-        """A chain through every block for `batch_size` sequences of up to `max_length`."""
+        """A chain through every block for `batch_size` sequences of up to `max_length`.
+
+        Raises `EngineUnavailable` (when opening or from a step) if the model cannot be
+        served right now."""
         ...
 
     def ready(self) -> bool:

@@ -2,6 +2,7 @@
 
     Exception
      ├── APIError               raised by our code: status, type, param, code, headers
+     ├── EngineUnavailable      an engine cannot serve now (`stamen.api.engine`): 503
      └── (Litestar HTTPException, anything else)
                                 translated at the boundary by `exception_handlers`
 
@@ -21,6 +22,8 @@ from typing import Any
 import orjson
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
+
+from stamen.api.engine import EngineUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +126,24 @@ def _from_http_exception(_: Request[Any, Any, Any], error: HTTPException) -> Res
     return error_response(APIError(status, message, code=code, headers=dict(error.headers or {})))
 
 
+def _from_engine_unavailable(
+    request: Request[Any, Any, Any], error: EngineUnavailable
+) -> Response[bytes]:
+    logger.warning("cannot serve %s: %s", request.url.path, error)
+    api = getattr(request.app.state, "api", None)
+    retry_after_s = api.settings.retry_after_s if api is not None else 5
+    return error_response(unavailable(error, retry_after_s))
+
+
+def unavailable(error: EngineUnavailable, retry_after_s: int) -> APIError:
+    return APIError(
+        503,
+        f"The swarm cannot serve this model right now; retry shortly. ({error})",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def _from_unexpected(request: Request[Any, Any, Any], error: Exception) -> Response[bytes]:
     logger.exception("unexpected error serving %s %s", request.method, request.url.path)
     return error_response(
@@ -132,6 +153,7 @@ def _from_unexpected(request: Request[Any, Any, Any], error: Exception) -> Respo
 
 exception_handlers: Any = {
     APIError: _from_api_error,
+    EngineUnavailable: _from_engine_unavailable,
     HTTPException: _from_http_exception,
     Exception: _from_unexpected,
 }

@@ -21,7 +21,8 @@ import orjson
 from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
-from stamen.api.errors import APIError
+from stamen.api.engine import EngineUnavailable
+from stamen.api.errors import APIError, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,9 @@ async def _pump(chunks: AsyncIterator[dict], queue: asyncio.Queue[object]) -> No
         raise
     except APIError as error:
         await queue.put(error)
+    except EngineUnavailable as error:
+        logger.warning("stream stopped: %s", error)
+        await queue.put(unavailable(error, retry_after_s=5))
     except Exception as error:
         logger.exception("generation failed mid-stream")
         await queue.put(

@@ -20,14 +20,21 @@ from typing import Any
 
 import torch
 
-from stamen.api.engine import HostView, SwarmSnapshot, default_model_id, eos_token_ids_of
+from stamen.api.engine import (
+    EngineUnavailable,
+    HostView,
+    SwarmSnapshot,
+    default_model_id,
+    eos_token_ids_of,
+)
 from stamen.models.base import ClientHead
 from stamen.models.loading import load_config, load_head, load_tokenizer
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.client import ClientSettings, SwarmClient
 from stamen.swarm_core.generation import BlockChain
 from stamen.swarm_core.host import model_name_of
-from stamen.swarm_core.inference import InferenceSession
+from stamen.swarm_core.inference import InferenceSession, InvalidStepError
+from stamen.swarm_core.remote import SwarmClientError
 from stamen.swarm_core.routing import BanList
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
@@ -127,9 +134,15 @@ class SwarmEngine:
             batch_size,
             ban_list=self.ban_list,
         )
-        await session.open()
         try:
+            await session.open()
             yield session
+        except InvalidStepError:
+            raise  # our own bug, not the swarm's state
+        except SwarmClientError as error:
+            # No route, or failover gave up: the swarm cannot serve this now (a 503), which
+            # is not a server bug (a 500).
+            raise EngineUnavailable(str(error)) from error
         finally:
             # Shielded: a cancelled request (client gone) must still free the hosts' cache.
             await asyncio.shield(session.close())
