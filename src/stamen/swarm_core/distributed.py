@@ -266,13 +266,17 @@ class DistributedModelForCausalLM:
     # -- forward ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Logits (B, T, V) for a batch, through stateless remote forwards."""
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The last block's output (B, T, C) for a batch, before the final norm."""
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("forward with padding is not supported; send sequences unpadded")
         hidden = self.head.embed(input_ids)
-        hidden = self._loop.run(self._forward_hidden(hidden, 0, self.num_blocks))
-        return self.head.logits(hidden)
+        return self._loop.run(self._forward_hidden(hidden, 0, self.num_blocks))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) for a batch, through stateless remote forwards."""
+        return self.head.logits(self.hidden_states(input_ids, attention_mask))
 
     __call__ = forward
 
