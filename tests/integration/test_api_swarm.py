@@ -3,6 +3,7 @@
 thread, and the Python client (`AutoDistributedModelForCausalLM`) on the same swarm as
 the reference for greedy text.
 
+One test swaps in a swarm view with no hosts (a failing swarm is a 503, not a 500).
 The last two tests take hosts down (one killed mid-stream, then enough stopped to leave
 blocks uncovered), so they run last and are marked slow.
 """
