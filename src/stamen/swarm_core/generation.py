@@ -14,6 +14,7 @@ them.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -204,6 +205,11 @@ def _processors(
     return out
 
 
+@torch.inference_mode()
+def _last_logits(head: ClientHead, hidden: Tensor) -> Tensor:
+    return head.logits(hidden[:, -1:])[:, -1]
+
+
 async def decode(
     head: ClientHead,
     chain: BlockChain,
@@ -224,7 +230,9 @@ async def decode(
     hidden = head.embed(input_ids)  # (B, T, C)
     for _ in range(plan.max_new_tokens):
         out = await chain.step(hidden, padding_mask)
-        logits = head.logits(out[:, -1:]).float()[:, -1]  # (B, V)
+        # The LM head is the client's one big matmul (milliseconds for a large vocabulary):
+        # off the event loop, so that concurrent sessions keep streaming.
+        logits = (await asyncio.to_thread(_last_logits, head, out)).float()  # (B, V)
         scores = plan.logits_processor(all_ids, logits)  # type: ignore[arg-type]
         if plan.do_sample:
             probs = torch.softmax(scores, dim=-1)
