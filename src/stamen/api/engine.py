@@ -117,52 +117,20 @@ def eos_token_ids_of(tokenizer: Any, config: Any) -> tuple[int, ...]:
     return tuple(ids)
 
 
-class LocalEngine:
-    """Every block of one model in this process: the reference engine, and the no-peer mode."""
+class ClientSide:
+    """What every engine keeps in the API process: the model's id, config, tokenizer and
+    head, and what follows from them (the `EngineClient` properties)."""
 
     def __init__(
-        self,
-        model_id: str,
-        *,
-        config: Any,
-        tokenizer: Any,
-        head: ClientHead,
-        spans: Sequence[Sequence[nn.Module] | nn.ModuleList],
-        dtype: torch.dtype = torch.float32,
+        self, model_id: str, *, config: Any, tokenizer: Any, head: ClientHead, flavour: str
     ) -> None:
         self._model_id = model_id
         self._config = config
-        self._adapter = get_adapter(config)
         self._tokenizer = tokenizer
         self._head = head
-        self._spans = [list(blocks) for blocks in spans]
-        self._dtype = dtype
         self._eos = eos_token_ids_of(tokenizer, config)
-        digest = hashlib.sha256(f"{model_id}:{dtype}".encode()).hexdigest()[:10]
+        digest = hashlib.sha256(f"{flavour}:{model_id}".encode()).hexdigest()[:10]
         self._fingerprint = f"fp_{digest}"
-        self.chains_opened = 0
-        self.chains_closed = 0
-
-    @classmethod
-    def load(
-        cls,
-        model_ref: str | Path,
-        *,
-        model_id: str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> LocalEngine:
-        """Load tokenizer, head and every block of `model_ref` (slow: run it in a thread)."""
-        config = load_config(model_ref)
-        num_blocks = get_adapter(config).num_blocks(config)
-        span = load_span(model_ref, 0, num_blocks, dtype=dtype)
-        return cls(
-            model_id or default_model_id(model_ref),
-            config=config,
-            tokenizer=load_tokenizer(model_ref),
-            head=load_head(model_ref, dtype=dtype),
-            spans=[span.blocks],
-            dtype=dtype,
-        )
 
     @property
     def model_id(self) -> str:
@@ -187,6 +155,50 @@ class LocalEngine:
     @property
     def fingerprint(self) -> str:
         return self._fingerprint
+
+
+class LocalEngine(ClientSide):
+    """Every block of one model in this process: the reference engine, and the no-peer mode."""
+
+    def __init__(
+        self,
+        model_id: str,
+        *,
+        config: Any,
+        tokenizer: Any,
+        head: ClientHead,
+        spans: Sequence[Sequence[nn.Module] | nn.ModuleList],
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(
+            model_id, config=config, tokenizer=tokenizer, head=head, flavour=f"local:{dtype}"
+        )
+        self._adapter = get_adapter(config)
+        self._spans = [list(blocks) for blocks in spans]
+        self._dtype = dtype
+        self.chains_opened = 0
+        self.chains_closed = 0
+
+    @classmethod
+    def load(
+        cls,
+        model_ref: str | Path,
+        *,
+        model_id: str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> LocalEngine:
+        """Load tokenizer, head and every block of `model_ref` (slow: run it in a thread)."""
+        config = load_config(model_ref)
+        num_blocks = get_adapter(config).num_blocks(config)
+        span = load_span(model_ref, 0, num_blocks, dtype=dtype)
+        return cls(
+            model_id or default_model_id(model_ref),
+            config=config,
+            tokenizer=load_tokenizer(model_ref),
+            head=load_head(model_ref, dtype=dtype),
+            spans=[span.blocks],
+            dtype=dtype,
+        )
 
     @property
     def num_blocks(self) -> int:

@@ -12,7 +12,6 @@ This module knows nothing about HTTP or OpenAI schemas.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,11 +20,11 @@ from typing import Any
 import torch
 
 from stamen.api.engine import (
+    ClientSide,
     EngineUnavailable,
     HostView,
     SwarmSnapshot,
     default_model_id,
-    eos_token_ids_of,
 )
 from stamen.models.base import ClientHead
 from stamen.models.loading import load_config, load_head, load_tokenizer
@@ -40,7 +39,7 @@ from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 
 
-class SwarmEngine:
+class SwarmEngine(ClientSide):
     """One model served by the swarm's hosts."""
 
     def __init__(
@@ -52,15 +51,9 @@ class SwarmEngine:
         head: ClientHead,
         swarm: SwarmClient,
     ) -> None:
-        self._model_id = model_id
-        self._config = config
-        self._tokenizer = tokenizer
-        self._head = head
+        super().__init__(model_id, config=config, tokenizer=tokenizer, head=head, flavour="swarm")
         self.swarm = swarm
         self.ban_list = BanList()
-        self._eos = eos_token_ids_of(tokenizer, config)
-        digest = hashlib.sha256(f"swarm:{model_id}".encode()).hexdigest()[:10]
-        self._fingerprint = f"fp_{digest}"
 
     @classmethod
     async def connect(
@@ -96,30 +89,6 @@ class SwarmEngine:
 
     async def aclose(self) -> None:
         await self.swarm.aclose()
-
-    @property
-    def model_id(self) -> str:
-        return self._model_id
-
-    @property
-    def tokenizer(self) -> Any:
-        return self._tokenizer
-
-    @property
-    def head(self) -> ClientHead:
-        return self._head
-
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self._config, "max_position_embeddings", 2048))
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        return self._eos
-
-    @property
-    def fingerprint(self) -> str:
-        return self._fingerprint
 
     def ready(self) -> bool:
         return self.swarm.covered()
