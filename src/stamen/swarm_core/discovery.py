@@ -25,6 +25,14 @@ What we change in stock kademlia, and why (each piece is small and local):
    nobody routes queries to a peer that cannot be reached. A client answers no requests.
 5. Background work (table refresh, hand-over of records to newly seen nodes) runs in tasks
    owned by the node and cancelled by `stop()`.
+6. Dead peers cost one timeout, not one per lookup. A contact that fails to answer is
+   removed from the routing table (stock kademlia) AND remembered as silent for
+   `silent_contact_ttl_s`: other nodes still list it in their answers, and without that
+   memory every crawl would ask it again. Silent contacts are skipped without sending
+   anything until they are heard from again. Lookup RPCs have their own, shorter timeout
+   (`lookup_rpc_timeout_s`), and crawls keep `alpha` requests in flight and use each answer
+   as it arrives, so silent nodes are waited for side by side, not round after round.
+   A node stopping gracefully tells its contacts (`leave`), who forget it at once.
 
 This module does not know what a host does with the records, nor how peers reach each
 other's addresses; records carry addresses opaquely.
@@ -39,14 +47,15 @@ import functools
 import hashlib
 import hmac
 import logging
+import os
 import socket
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, NoReturn, Self
+from typing import Annotated, Any, NoReturn, Self, TypeVar
 
 import msgspec
-from kademlia.crawling import NodeSpiderCrawl
+import umsgpack
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
@@ -78,6 +87,7 @@ _BundleEntries = Annotated[
     msgspec.Meta(max_length=_MAX_BUNDLE_ENTRIES),
 ]
 _bundle_decoder = msgspec.msgpack.Decoder(_BundleEntries)
+_T = TypeVar("_T")
 
 
 class DiscoveryError(Exception):
@@ -89,7 +99,12 @@ class DiscoveryConfig:
     ksize: int = 20  # replicas per key, and bucket size
     alpha: int = 3  # parallel requests per crawl step
     rpc_timeout_s: float = 5.0
+    # find_node / find_value answers are small and quick; a peer silent for this long is
+    # taken for dead (capped by rpc_timeout_s). The whole lookup is bounded by
+    # lookup_timeout_s.
+    lookup_rpc_timeout_s: float = 2.0
     lookup_timeout_s: float = 30.0
+    silent_contact_ttl_s: float = 120.0  # how long a peer that did not answer is skipped
     refresh_interval_s: float = 600.0
     max_parallel_lookups: int = 16
     # UDP has no flow control: a burst of answers larger than the socket's receive buffer
@@ -313,10 +328,15 @@ class _SealingTransport:
 
 
 _REQUEST = b"\x00"  # rpcudp's first payload byte for requests (0x01: responses)
+_MSG_ID_BYTES = 20  # rpcudp's message id length
+_MAX_REQUEST_BYTES = 8192  # rpcudp refuses larger requests
+_RpcResult = tuple[bool, Any]  # (answered, answer), as kademlia's call_* return
+_Contact = tuple[bytes, str, int]  # (node id, ip, port)
 
 
 class _SwarmProtocol(KademliaProtocol):
-    """Kademlia RPCs with sealed datagrams, client mode, merging stores, owned tasks."""
+    """Kademlia RPCs with sealed datagrams, client mode, merging stores, owned tasks, and
+    a memory of contacts that did not answer."""
 
     def __init__(
         self,
@@ -328,12 +348,16 @@ class _SwarmProtocol(KademliaProtocol):
     ) -> None:
         super().__init__(node, storage, config.ksize)
         self._wait_timeout = config.rpc_timeout_s
+        self._lookup_rpc_timeout_s = min(config.lookup_rpc_timeout_s, config.rpc_timeout_s)
+        self._silent_contact_ttl_s = config.silent_contact_ttl_s
         self._envelope = envelope
         self._client_mode = client_mode
         self._record_storage = storage
         self._tasks: set[asyncio.Task[Any]] = set()
         self._rpc_slots = asyncio.Semaphore(config.max_rpcs_in_flight)
         self._socket_buffer_bytes = config.socket_buffer_bytes
+        self._silent_until: dict[_Contact, float] = {}  # contact -> monotonic deadline
+        self._closed = False
 
     def connection_made(self, transport: Any) -> None:
         sock = transport.get_extra_info("socket")
@@ -359,7 +383,10 @@ class _SwarmProtocol(KademliaProtocol):
     def welcome_if_new(self, node: Node) -> None:
         """Add a server-mode peer to the routing table and hand it the records it should
         now hold (Kademlia paper, section 2.5). Client-mode peers are never added."""
-        if _SENDER_IS_CLIENT.get() or not self.router.is_new_node(node):
+        if _SENDER_IS_CLIENT.get():
+            return
+        self._silent_until.pop(_contact(node), None)  # heard from: alive again
+        if not self.router.is_new_node(node):
             return
         if not self._client_mode:
             for key, value in self.storage:
@@ -382,27 +409,125 @@ class _SwarmProtocol(KademliaProtocol):
         self.welcome_if_new(Node(nodeid, sender[0], sender[1]))
         return self._record_storage.merge(key, value) > 0
 
+    def rpc_leave(self, sender: Any, nodeid: Any) -> bool:
+        """A peer stopping gracefully: forget it now instead of timing out on it later.
+        Only the contact at the sender's own address is affected."""
+        if not _is_key(nodeid) or _SENDER_IS_CLIENT.get():
+            return False
+        leaving = Node(nodeid, sender[0], sender[1])
+        known = self.router.buckets[self.router.get_bucket_for(leaving)][nodeid]
+        if known is not None and known.same_home_as(leaving):
+            self.router.remove_contact(leaving)
+        self._mark_silent(leaving)
+        logger.debug("DHT peer %s left", leaving)
+        return True
+
+    def say_goodbye(self) -> None:
+        """Tell every contact we are leaving (best effort, no answer awaited)."""
+        if self._client_mode or self.transport is None:
+            return  # nobody routes to a client
+        for bucket in self.router.buckets:
+            for node in [*bucket.get_nodes(), *bucket.replacement_nodes.values()]:
+                self._send_request((node.ip, node.port), "leave", [self.source_node.id])
+
+    def is_silent(self, node: Node) -> bool:
+        """Whether `node` failed to answer (or left) recently and has not been heard since."""
+        contact = _contact(node)
+        deadline = self._silent_until.get(contact)
+        if deadline is None:
+            return False
+        if deadline <= time.monotonic():
+            del self._silent_until[contact]
+            return False
+        return True
+
+    def _mark_silent(self, node: Node) -> None:
+        self._silent_until[_contact(node)] = time.monotonic() + self._silent_contact_ttl_s
+
     async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> Any:
         # Bundles held for a key can outgrow one store request; send them in pieces.
-        result: Any = (False, None)
+        result: _RpcResult = (False, None)
         for chunk in _split_bundle(value):
-            async with self._rpc_slots:
-                result = await super().call_store(node_to_ask, key, chunk)
+            result = await self._call(
+                node_to_ask, "store", [self.source_node.id, key, chunk], self._wait_timeout
+            )
             if not result[0]:
                 break
         return result
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> Any:
-        async with self._rpc_slots:
-            return await super().call_find_node(node_to_ask, node_to_find)
+        args = [self.source_node.id, node_to_find.id]
+        return await self._call(node_to_ask, "find_node", args, self._lookup_rpc_timeout_s)
 
     async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> Any:
-        async with self._rpc_slots:
-            return await super().call_find_value(node_to_ask, node_to_find)
+        args = [self.source_node.id, node_to_find.id]
+        return await self._call(node_to_ask, "find_value", args, self._lookup_rpc_timeout_s)
 
     async def call_ping(self, node_to_ask: Node) -> Any:
+        return await self._call(node_to_ask, "ping", [self.source_node.id], self._wait_timeout)
+
+    async def ping_address(self, address: tuple[str, int]) -> Node | None:
+        """The node answering at `address` (an initial peer), or None if none answers."""
         async with self._rpc_slots:
-            return await super().call_ping(node_to_ask)
+            ok, peer_id = await self._request(
+                address, "ping", [self.source_node.id], self._wait_timeout
+            )
+        return Node(peer_id, *address) if ok and _is_key(peer_id) else None
+
+    async def _call(self, node: Node, name: str, args: list[Any], timeout_s: float) -> _RpcResult:
+        """Call `name` on `node`. A silent contact is not asked at all; one that does not
+        answer within `timeout_s` is removed from the table (stock kademlia) and silenced."""
+        if self._closed or self.is_silent(node):
+            return False, None
+        async with self._rpc_slots:
+            result = await self._request((node.ip, node.port), name, args, timeout_s)
+        if not result[0] and not self._closed:
+            self._mark_silent(node)
+        return self.handle_call_response(result, node)
+
+    async def _request(
+        self, address: Any, name: str, args: list[Any], timeout_s: float
+    ) -> _RpcResult:
+        """Send one request and wait up to `timeout_s` for its answer. rpcudp's own sender
+        has one timeout for every RPC and breaks if its caller is cancelled."""
+        message_id = self._send_request(address, name, args)
+        future: asyncio.Future[_RpcResult] = asyncio.get_running_loop().create_future()
+        expiry = asyncio.get_running_loop().call_later(timeout_s, self._expire, message_id)
+        self._outstanding[message_id] = (future, expiry)
+        try:
+            return await future
+        finally:  # answered, expired or cancelled: nothing may stay outstanding
+            expiry.cancel()
+            self._outstanding.pop(message_id, None)
+
+    def _send_request(self, address: Any, name: str, args: list[Any]) -> bytes:
+        """Send one request datagram; returns its message id."""
+        message_id = os.urandom(_MSG_ID_BYTES)
+        payload = umsgpack.packb([name, args])
+        if len(payload) > _MAX_REQUEST_BYTES:
+            raise ValueError(f"a {name} request of {len(payload)} B exceeds one datagram")
+        if self.transport is not None:
+            self.transport.sendto(_REQUEST + message_id + payload, address)
+        return message_id
+
+    def _expire(self, message_id: bytes) -> None:
+        entry = self._outstanding.pop(message_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result((False, None))
+
+    # rpcudp's handlers assume the waiting future was never cancelled; ours may be.
+    def _timeout(self, msg_id: bytes) -> None:
+        self._expire(msg_id)
+
+    def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
+        entry = self._outstanding.pop(msg_id, None)
+        if entry is None:
+            logger.debug("ignoring an answer from %s to no pending request", address)
+            return
+        future, expiry = entry
+        expiry.cancel()
+        if not future.done():
+            future.set_result((True, data))
 
     def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -411,6 +536,7 @@ class _SwarmProtocol(KademliaProtocol):
 
     def shut_down(self) -> None:
         """Cancel owned tasks and fail every pending request (their callers return)."""
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         for future, timeout in list(self._outstanding.values()):
@@ -418,6 +544,75 @@ class _SwarmProtocol(KademliaProtocol):
             if not future.done():
                 future.set_result((False, None))
         self._outstanding.clear()
+
+
+def _contact(node: Node) -> _Contact:
+    return node.id, node.ip, node.port
+
+
+def _parse_contacts(answer: Any, limit: int) -> list[Node]:
+    """The well-formed (id, ip, port) triples of a find_node answer, at most `limit`."""
+    if not isinstance(answer, list):
+        return []
+    nodes = []
+    for entry in answer[:limit]:
+        if (
+            isinstance(entry, list | tuple)
+            and len(entry) == 3
+            and _is_key(entry[0])
+            and isinstance(entry[1], str)
+            and isinstance(entry[2], int)
+            and 0 < entry[2] < 65536
+        ):
+            nodes.append(Node(entry[0], entry[1], entry[2]))
+    return nodes
+
+
+async def _closest_live_nodes(
+    protocol: _SwarmProtocol, target: Node, seeds: Iterable[Node], ksize: int, alpha: int
+) -> list[Node]:
+    """The `ksize` nodes closest to `target` that answered find_node: an iterative Kademlia
+    lookup that keeps up to `alpha` requests in flight and uses each answer as it arrives,
+    so a silent node holds one slot until its timeout instead of stalling a whole round."""
+    known: dict[bytes, Node] = {}
+    asked: set[bytes] = set()
+    failed: set[bytes] = set()
+
+    def learn(nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            if node.id != protocol.source_node.id and not protocol.is_silent(node):
+                known.setdefault(node.id, node)
+
+    def closest() -> list[Node]:
+        alive = (node for node_id, node in known.items() if node_id not in failed)
+        return sorted(alive, key=target.distance_to)[:ksize]
+
+    learn(seeds)
+    in_flight: dict[asyncio.Task[_RpcResult], Node] = {}
+    try:
+        while True:
+            for node in closest():
+                if len(in_flight) >= alpha:
+                    break
+                if node.id not in asked:
+                    asked.add(node.id)
+                    task = asyncio.create_task(protocol.call_find_node(node, target))
+                    in_flight[task] = node
+            if not in_flight:  # every one of the closest has answered
+                return closest()
+            done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                node = in_flight.pop(task)
+                ok, answer = task.result()
+                if ok:
+                    learn(_parse_contacts(answer, limit=ksize))
+                else:
+                    failed.add(node.id)
+    finally:
+        for task in in_flight:
+            task.cancel()
+        if in_flight:
+            await asyncio.wait(in_flight)
 
 
 def _is_key(value: object) -> bool:
@@ -443,7 +638,7 @@ def _split_bundle(value: bytes) -> list[bytes]:
 
 
 class _SwarmServer(Server):
-    """kademlia's Server with our protocol and an owned refresh task."""
+    """kademlia's Server with our protocol, crawl and an owned refresh task."""
 
     def __init__(
         self,
@@ -462,6 +657,26 @@ class _SwarmServer(Server):
             self.node, self.storage, self._config, self._envelope, self._client_mode
         )
 
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        """Ping the initial peers, then find the nodes closest to our own id."""
+        protocol = self._swarm_protocol
+        seeds = await asyncio.gather(*(protocol.ping_address(address) for address in addrs))
+        found = [node for node in seeds if node is not None]
+        return await _closest_live_nodes(protocol, self.node, found, self.ksize, self.alpha)
+
+    async def closest_nodes(self, key: bytes) -> list[Node]:
+        """The `ksize` live nodes closest to `key`."""
+        protocol = self._swarm_protocol
+        target = Node(key)
+        nearest = protocol.router.find_neighbors(target, k=self.ksize)
+        return await _closest_live_nodes(protocol, target, nearest, self.ksize, self.alpha)
+
+    @property
+    def _swarm_protocol(self) -> _SwarmProtocol:
+        if not isinstance(self.protocol, _SwarmProtocol):
+            raise DiscoveryError("the DHT node is not started")
+        return self.protocol
+
     def refresh_table(self, interval: float = 0.0) -> None:
         if self._refresh_task is None:
             self._refresh_task = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -478,6 +693,7 @@ class _SwarmServer(Server):
         if self._refresh_task is not None:
             self._refresh_task.cancel()
         if self.protocol is not None:
+            self.protocol.say_goodbye()
             self.protocol.shut_down()
         super().stop()
 
@@ -584,8 +800,8 @@ class Discovery:
         signed = sign_record(record, self._credentials)
         bundle = encode_bundle([encode_signed(signed)])
         blocks = range(record.start_block, record.end_block)
-        stored = await self._gather_bounded(
-            self._store(block_key(record.model, b), bundle) for b in blocks
+        stored = await self._run_bounded(
+            [functools.partial(self._store, block_key(record.model, b), bundle) for b in blocks]
         )
         return sum(stored)
 
@@ -599,7 +815,9 @@ class Discovery:
         blocks = block_range if isinstance(block_range, range) else range(*block_range)
         if len(blocks) > MAX_LOOKUP_BLOCKS:
             raise ValueError(f"{len(blocks)} blocks requested; at most {MAX_LOOKUP_BLOCKS}")
-        found = await self._gather_bounded(self._lookup(block_key(model, b)) for b in blocks)
+        found = await self._run_bounded(
+            [functools.partial(self._lookup, block_key(model, b)) for b in blocks]
+        )
         result = {}
         for block, records in zip(blocks, found):
             visible = [r for r in records if include_offline or r.state is not HostState.OFFLINE]
@@ -628,35 +846,32 @@ class Discovery:
             raise DiscoveryError("the DHT node is not started")
         return self._server.protocol
 
-    async def _gather_bounded(self, coroutines: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
-        async def bounded(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    async def _run_bounded(self, jobs: Sequence[Callable[[], Awaitable[_T]]]) -> list[_T]:
+        """Run `jobs` at most `max_parallel_lookups` at a time under the lookup deadline;
+        their results in order. A job's coroutine is created only once it holds a slot, so
+        jobs still queued at the deadline leave no coroutine behind that nobody awaits."""
+
+        async def bounded(job: Callable[[], Awaitable[_T]]) -> _T:
             async with self._lookup_slots:
-                return await coroutine
+                return await job()
 
         try:
-            async with asyncio.timeout(self._config.lookup_timeout_s):
-                return await asyncio.gather(*(bounded(c) for c in coroutines))
+            async with asyncio.timeout(self._config.lookup_timeout_s), asyncio.TaskGroup() as group:
+                tasks = [group.create_task(bounded(job)) for job in jobs]
         except TimeoutError as exc:
             raise DiscoveryError(f"DHT lookup took over {self._config.lookup_timeout_s} s") from exc
-
-    async def _closest_nodes(self, key: bytes) -> list[Node]:
-        target = Node(key)
-        nearest = self._protocol.router.find_neighbors(target, k=self._config.ksize)
-        if not nearest:
-            return []
-        crawl = NodeSpiderCrawl(
-            self._protocol, target, nearest, self._config.ksize, self._config.alpha
-        )
-        return await crawl.find()
+        except ExceptionGroup as group_error:  # callers expect the job's own error type
+            raise group_error.exceptions[0] from group_error
+        return [task.result() for task in tasks]
 
     async def _store(self, key: bytes, bundle: bytes) -> bool:
         stored_here = not self._client_mode and self._storage.merge(key, bundle) > 0
-        nodes = await self._closest_nodes(key)
+        nodes = await self._server.closest_nodes(key)
         answers = await asyncio.gather(*(self._protocol.call_store(n, key, bundle) for n in nodes))
         return stored_here or any(ok and accepted for ok, accepted in answers)
 
     async def _lookup(self, key: bytes) -> list[HostRecord]:
-        nodes = await self._closest_nodes(key)
+        nodes = await self._server.closest_nodes(key)
         answers = await asyncio.gather(
             *(self._protocol.call_find_value(n, Node(key)) for n in nodes)
         )
