@@ -11,6 +11,7 @@ This module knows the transports' option types, not what the layers above do wit
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from stamen.transports.base import (
@@ -71,6 +72,30 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-message-bytes", type=int, default=Limits().max_message_bytes)
     group.add_argument("--max-streams", type=int, default=Limits().max_streams)
+    group.add_argument(
+        "--ice-server",
+        action="append",
+        metavar="URL",
+        help="webrtc: a STUN or TURN server (stun:HOST:PORT, turn:HOST:PORT), repeatable "
+        "[STAMEN_ICE_SERVERS, space-separated] (default: none, host candidates only)",
+    )
+    group.add_argument(
+        "--ice-username",
+        default=os.environ.get("STAMEN_ICE_USERNAME"),
+        help="webrtc: TURN user name [STAMEN_ICE_USERNAME]",
+    )
+    group.add_argument(
+        "--ice-credential",
+        default=os.environ.get("STAMEN_ICE_CREDENTIAL"),
+        help="webrtc: TURN password; prefer the environment, command lines are visible to "
+        "other users [STAMEN_ICE_CREDENTIAL]",
+    )
+    group.add_argument(
+        "--ice-relay-only",
+        action="store_true",
+        help="webrtc: connect through the TURN server only, never revealing this machine's "
+        "addresses to peers",
+    )
 
 
 def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> Transport:
@@ -85,7 +110,21 @@ def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> T
             keepalive_interval_s=args.keepalive_interval_s,
             keepalive_timeout_s=args.keepalive_timeout_s,
         )
+    if args.transport == "webrtc":
+        return make_transport("webrtc", credentials, limits=limits, config=_webrtc_config(args))
     return make_transport(args.transport, credentials, limits=limits)
+
+
+def _webrtc_config(args: argparse.Namespace) -> Any:
+    from stamen.transports.webrtc import IceServer, WebRTCConfig
+
+    servers = tuple(
+        IceServer((url,), args.ice_username, args.ice_credential)
+        if url.startswith(("turn:", "turns:"))
+        else IceServer((url,))
+        for url in args.ice_server or os.environ.get("STAMEN_ICE_SERVERS", "").split()
+    )
+    return WebRTCConfig(ice_servers=servers, relay_only=args.ice_relay_only)
 
 
 class SchemeRouter(Transport):

@@ -49,7 +49,13 @@ from enum import IntEnum
 from urllib.parse import urlsplit
 
 import msgspec
-from aiortc import RTCConfiguration, RTCDataChannel, RTCIceServer, RTCPeerConnection
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+)
 from aiortc import RTCSessionDescription as SDP
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -609,14 +615,25 @@ class IceServer:
 
 @dataclass(frozen=True)
 class WebRTCConfig:
-    """Tunables; the defaults suit a LAN or the internet. No ICE servers: host candidates."""
+    """Tunables; the defaults suit a LAN or the internet. No ICE servers: host candidates.
+
+    `relay_only` offers and accepts TURN relay candidates alone (the peer never learns this
+    machine's addresses); it needs a `turn:` server among `ice_servers`."""
 
     ice_servers: tuple[IceServer, ...] = ()
+    relay_only: bool = False
     mux: MuxSettings = MuxSettings()
     handshake_timeout_s: float = 15.0
     # aioice asks for 256 KiB; bulk transfers drop datagrams with that on a busy host.
     udp_buffer_bytes: int = 4 * 1024 * 1024
     backoff_max_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        has_turn = any(
+            url.startswith(("turn:", "turns:")) for s in self.ice_servers for url in s.urls
+        )
+        if self.relay_only and not has_turn:
+            raise ValueError("relay_only needs a turn: server among ice_servers")
 
 
 def parse_address(address: str) -> tuple[str, bytes | None]:
@@ -720,8 +737,11 @@ class WebRTCTransport(Transport):
         servers = [
             RTCIceServer(list(s.urls), s.username, s.credential) for s in self.config.ice_servers
         ]
+        policy = (
+            RTCIceTransportPolicy.RELAY if self.config.relay_only else RTCIceTransportPolicy.ALL
+        )
         # An explicit list, even empty: `None` would make aiortc contact Google's STUN server.
-        return RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        return RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
 
     async def connect(
         self,
