@@ -29,7 +29,8 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
 test-netns: $(STAMP)
-	$(BIN)/python -m pytest -q -m netns
+	./scripts/setup-netns-deps.sh
+	$(BIN)/python -m pytest -q -m netns tests/netns
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
