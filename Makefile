@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamen-installed
 
-.PHONY: demo test test-all test-slow test-gpu test-netns lint typecheck format bench clean
+.PHONY: demo test test-slow test-gpu test-netns lint typecheck format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
