@@ -8,10 +8,15 @@ demos and benchmarks:
 
 Blocks are split evenly and given to hosts with `--blocks`, so startup does not wait on
 block selection; `spans` names the hosts' spans instead (overlaps give redundancy), and
-`host_processes` lets a test or a demo stop or kill one host. Children log to files in `log_dir` (a temporary directory by default);
-`start` waits for each to say it is ready and raises `LocalSwarmError` with the tail of
-its log if one exits or times out. `stop` sends SIGTERM (hosts announce OFFLINE) and
-kills what is still running after `stop_timeout_s`.
+`host_processes` lets a test or a demo stop or kill one host. Children log to files in
+`log_dir` (a temporary directory by default); `start` waits for each to say it is ready
+and raises `LocalSwarmError` with the tail of its log if one exits or times out. `stop`
+sends SIGTERM (hosts announce OFFLINE) and kills what is still running after
+`stop_timeout_s`.
+
+The children share this machine's cores, so they run with `OMP_WAIT_POLICY=PASSIVE`
+(unless the environment says otherwise): with OpenMP's default spinning, an idle host's
+threads keep burning the cores that the computing host needs.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -156,6 +162,7 @@ class LocalSwarm:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
+            env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ},
         )
         child = _Child(name, process, log_path, log_file)
         self._children.append(child)
