@@ -1,5 +1,5 @@
-"""Small pieces shared by the in-process and tcp transports: a broadcast wake-up and the
-sender-side check of a message against the receiver's `Limits`."""
+"""Small pieces shared by the in-process, tcp and webrtc transports: a broadcast wake-up
+and the sender-side check of a message against the receiver's `Limits`."""
 
 from __future__ import annotations
 
