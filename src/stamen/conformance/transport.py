@@ -274,10 +274,10 @@ async def close_semantics(tut: TransportUnderTest) -> None:
         await echo
 
 
-STREAM_ENDINGS = ("acceptor_closes_first", "opener_closes_first", "reset")
+STREAM_ENDINGS = ("acceptor_closes_first", "opener_closes_first", "read_to_end", "reset")
 """How the layers above end a stream: a unary call the acceptor closes first, a one-way
-message the opener closes first, a reset. ("read_to_end", an acceptor that reads up to
-`StreamClosed` and never calls `close`, is a stricter ending not every transport frees.)"""
+message the opener closes first, an acceptor that reads up to `StreamClosed` and never
+calls `close` (an RPC handler may end that way), a reset."""
 
 
 async def sequential_streams_are_forgotten(
