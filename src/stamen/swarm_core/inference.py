@@ -80,6 +80,8 @@ class _Hop:
 
     def truncate(self, position: int) -> None:
         """Forget inputs at positions `>= position`."""
+        if not self.history or self.history[-1].end_position <= position:
+            return  # the usual decode step appends: nothing to forget, no O(steps) scan
         kept = [e for e in self.history if e.start_position < position]
         if kept and kept[-1].end_position > position:
             last = kept[-1]
@@ -358,9 +360,10 @@ class InferenceSession:
     async def _run_hop(
         self, hop: _Hop, hidden: Tensor, position: int, padding_mask: Tensor | None
     ) -> Tensor:
-        out = await asyncio.wait_for(
-            hop.session.step(hidden, position, padding_mask), timeout=self.step_timeout_s
-        )
+        # asyncio.timeout, not wait_for: wait_for wraps the step in a task of its own,
+        # which costs a task and extra event-loop turns on every hop of every step.
+        async with asyncio.timeout(self.step_timeout_s):
+            out = await hop.session.step(hidden, position, padding_mask)
         if not isinstance(out, Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
             got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out)
             raise HopError(
