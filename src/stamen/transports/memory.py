@@ -22,6 +22,7 @@ import hmac
 import itertools
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from stamen.transports.base import (
     ConnectError,
@@ -172,6 +173,9 @@ class MemoryConnection(Connection):
         self._ids = itertools.count(1 if is_dialer else 2, 2)
         self._closed = False
         self.changed = Signal()
+        # Called once on close, so that whoever tracks open connections lets go of this one
+        # (and of every frame its streams still hold).
+        self.on_close: Callable[[MemoryConnection], None] | None = None
 
     @property
     def remote_public_key(self) -> bytes:
@@ -224,6 +228,8 @@ class MemoryConnection(Connection):
                 end.changed.fire()
                 for stream in list(end._streams.values()):
                     stream.changed.fire()
+                if end.on_close is not None:
+                    end.on_close(end)
 
 
 class MemoryHub:
@@ -352,6 +358,7 @@ class MemoryTransport(Transport):
             is_dialer=False,
         )
         client_end._peer, server_end._peer = server_end, client_end
+        client_end.on_close = self._connections.discard
         self._connections.add(client_end)
         listener.accept(server_end)
         return client_end
