@@ -22,6 +22,9 @@ from stamen.models.base import BlockAdapter, KVCache, StepContext
 class SpanCache:
     caches: list[KVCache]  # one per block of the span
     key_padding_mask: Tensor  # (B, S_max) bool: True where a slot holds a real token
+    # The first slot that may hold padding, None while every written slot is real: lets
+    # a step skip reading the mask back (a device sync on GPU) when nothing is padded.
+    padding_from: int | None = None
 
     @classmethod
     def empty(
@@ -66,11 +69,15 @@ def run_span(
     if end > cache.max_length:
         raise ValueError(f"step ends at {end}, beyond the cache length {cache.max_length}")
     history = cache.key_padding_mask
+    if cache.padding_from is not None and cache.padding_from >= offset:
+        cache.padding_from = None  # every slot from `offset` on is being rewritten
     if padding_mask is not None:
         history[:, offset:end] = padding_mask
+        if cache.padding_from is None and not bool(padding_mask.all()):
+            cache.padding_from = offset
     else:
         history[:, offset:end] = True
-    if bool(history[:, :end].all()):
+    if cache.padding_from is None or cache.padding_from >= end:
         context = StepContext.make(offset, T, batch_size=B, device=hidden.device)
     else:
         context = StepContext.make(

@@ -426,6 +426,9 @@ class RpcStream:
     async def recv(self, *, timeout_s: float | None = None) -> Decoded:
         """The next reply; raises the `RemoteError` an `ErrorReply` stands for."""
         frames = await _client_wait(timeout_s or self.timeout_s, self._stream.recv())
+        return self._decode(frames)
+
+    def _decode(self, frames: list[bytes]) -> Decoded:
         try:
             decoded = decode_message(frames, self._wire_limits)
         except WireError as e:
@@ -442,9 +445,18 @@ class RpcStream:
         codec: Codec | Mapping[str, Codec] = Codec.NONE,
         timeout_s: float | None = None,
     ) -> Decoded:
-        """Send one message and wait for its reply."""
-        await self.send(message, tensors, codec=codec, timeout_s=timeout_s)
-        return await self.recv(timeout_s=timeout_s)
+        """Send one message and wait for its reply, both within one `timeout_s`."""
+        frames = encode_message(message, tensors, codec=codec)
+        timeout_s = timeout_s or self.timeout_s
+        # One deadline for the round trip: a deadline costs a timer and a context per
+        # await, paid on every step of every hop.
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._stream.send(frames)
+                reply = await self._stream.recv()
+        except TimeoutError:
+            raise RpcTimeout(f"no answer within {timeout_s} s") from None
+        return self._decode(reply)
 
     def reset(self) -> None:
         self._stream.reset()
