@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import uuid
 
@@ -12,7 +11,6 @@ from stamen.conformance.transport import (
     CASES,
     TransportUnderTest,
     run_case,
-    sequential_streams_are_forgotten,
 )
 from stamen.transports.base import Connection
 from stamen.transports.memory import MemoryHub, MemoryTransport
@@ -80,12 +78,3 @@ TRANSPORTS = {
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_conformance(transport: str, case: str) -> None:
     await run_case(case, TRANSPORTS[transport]())
-
-
-@pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_a_stream_read_to_its_end_is_forgotten(transport: str) -> None:
-    """An acceptor that reads up to `StreamClosed` without calling `close` frees the slot
-    (stricter than the shared suite asks; the RPC layer's handlers may end that way)."""
-    tut = TRANSPORTS[transport]()
-    async with asyncio.timeout(tut.case_timeout_s):
-        await sequential_streams_are_forgotten(tut, patterns=("read_to_end",))
