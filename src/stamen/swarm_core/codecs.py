@@ -35,6 +35,10 @@ _INT8_MAX = 127.0
 # Frames below this size are copied on decode: they are cheap to copy, and small `bytes`
 # objects may be interned singletons that a writable view must never alias.
 ZERO_COPY_MIN_BYTES = 1024
+# Read-only frames (received `bytes`) below this size are copied too: the copy costs less
+# than silencing torch's read-only-buffer warning for a view, and a decode step's hidden
+# states are a few KiB.
+READONLY_ZERO_COPY_MIN_BYTES = 16 * 1024
 
 
 class Codec(StrEnum):
@@ -136,7 +140,7 @@ def decode_tensor(
     if codec is Codec.NONE:
         if raw.data_ptr() % dtype.itemsize:
             raw = raw.clone()  # a misaligned view would break vectorized kernels
-        return raw.view(dtype).reshape(shape)
+        return raw.view(dtype).view(shape)
     if codec in _CAST_CODECS:
         if raw.data_ptr() % 2:
             raw = raw.clone()
@@ -182,8 +186,14 @@ def _bytes_view(flat: torch.Tensor) -> memoryview:
 
 def _uint8_view(frame: bytes | bytearray | memoryview, *, copy: bool) -> torch.Tensor:
     view = memoryview(frame).cast("B")
-    if copy or view.nbytes < ZERO_COPY_MIN_BYTES:
+    if (
+        copy
+        or view.nbytes < ZERO_COPY_MIN_BYTES
+        or (view.readonly and view.nbytes < READONLY_ZERO_COPY_MIN_BYTES)
+    ):
         return torch.frombuffer(bytearray(view), dtype=torch.uint8)
+    if not view.readonly:
+        return torch.frombuffer(view, dtype=torch.uint8)
     with warnings.catch_warnings():
         # Received frames are owned by us alone; torch only warns that `bytes` is read-only.
         warnings.simplefilter("ignore", UserWarning)

@@ -165,6 +165,7 @@ class SpanRuntime:
         self.device = _span_device(span)
         self._budget = CacheBudget(limits.max_cache_tokens)
         self._sessions: dict[SessionId, Session] = {}
+        self._block_slices: dict[tuple[int, int], nn.ModuleList] = {}
         self._scheduler = ComputeScheduler(max_queued_jobs=limits.max_queued_jobs)
         self._reaper: asyncio.Task[None] | None = None
         self._steps = 0
@@ -225,8 +226,14 @@ class SpanRuntime:
         return start, end
 
     def _blocks(self, block_range: tuple[int, int]) -> nn.ModuleList:
-        start, end = block_range
-        return self.span.blocks[start - self.span.start : end - self.span.start]
+        # Slicing a ModuleList builds a new module each time (~15 us); steps ask for the
+        # same few ranges over and over.
+        blocks = self._block_slices.get(block_range)
+        if blocks is None:
+            start, end = block_range
+            blocks = self.span.blocks[start - self.span.start : end - self.span.start]
+            self._block_slices[block_range] = blocks
+        return blocks
 
     async def open_session(
         self,
@@ -400,14 +407,14 @@ class SpanRuntime:
         # Slots from `start` on are being rewritten: if a block fails midway they are
         # neither old nor new, so the valid prefix shrinks first.
         session.length = start
-        x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
+        x = _on(hidden, self.device, self.dtype)  # (B, T, C)
         mask = None if mask is None else mask.to(self.device)
         x = run_span(blocks, session.cache, x, start, mask)
         session.length = start + T
         session.tokens_processed += B * T
         self._steps += 1
         self._tokens_processed += B * T
-        return x.to(device=hidden.device, dtype=hidden.dtype)
+        return _on(x, hidden.device, hidden.dtype)
 
     def _bulk_context(self, hidden: Tensor, mask: Tensor | None) -> StepContext:
         B, T, _ = hidden.shape
@@ -443,6 +450,13 @@ class SpanRuntime:
             )
         self._tokens_processed += hidden.shape[0] * hidden.shape[1]
         return grad_input.to(device=hidden.device, dtype=hidden.dtype)
+
+
+def _on(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`tensor` on `device` as `dtype`, skipping `.to` (a dispatcher round) when it is."""
+    if tensor.dtype == dtype and tensor.device == device:
+        return tensor
+    return tensor.to(device=device, dtype=dtype)
 
 
 def measure_throughput(

@@ -396,8 +396,9 @@ def decode_message(
 ) -> Decoded:
     """The message and tensors held by `frames`; raises only `WireError`.
 
-    Raw (`none` codec) tensors are zero-copy views of their frames unless `copy=True`:
-    clone them before writing in place.
+    Raw (`none` codec) tensors are zero-copy views of their frames unless `copy=True`
+    (small frames are copied anyway; see `codecs.ZERO_COPY_MIN_BYTES`): clone them before
+    writing in place.
     """
     limits = limits or WireLimits()
     if not frames:
