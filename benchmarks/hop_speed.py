@@ -88,7 +88,7 @@ async def _time_steps(step, hidden_size: int, steps: int) -> float:  # type: ign
     return 1000 * statistics.median(samples)
 
 
-async def _measure(blocks: int, steps: int, threads: int) -> dict[str, float]:
+async def _measure(blocks: int, steps: int, threads: int, host: dict[str, str]) -> dict[str, float]:
     import torch
 
     from stamen.models.chain import SpanCache, run_span
@@ -119,6 +119,31 @@ async def _measure(blocks: int, steps: int, threads: int) -> dict[str, float]:
 
         results["runtime_ms"] = await _time_steps(in_runtime, C, steps)
 
+    transport = TcpTransport(Credentials.generate())
+    rpc = await RpcClient.connect(
+        transport,
+        host["address"],
+        Hello.local(),
+        expected_public_key=bytes.fromhex(host["key"]),
+    )
+    async with rpc:
+        client = RpcSpanClient("hop-host", rpc, ClientSettings(step_timeout_s=60.0))
+        hop = await client.open_session(0, blocks, MAX_LENGTH, 1)
+        results["hop_ms"] = await _time_steps(hop.step, C, steps)
+        await hop.close()
+        pings = []
+        for _ in range(steps):
+            began = time.perf_counter()
+            await rpc.call(Ping(), timeout_s=5.0)
+            pings.append(time.perf_counter() - began)
+        results["ping_ms"] = 1000 * statistics.median(pings)
+    await transport.aclose()
+    # Local compute again after the hop: the lower of the two is the compute floor.
+    results["local2_ms"] = await _time_steps(local, C, steps)
+    return results
+
+
+def _measure_with_host(blocks: int, steps: int, threads: int) -> dict[str, float]:
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--blocks", str(blocks)],
         stdin=subprocess.PIPE,
@@ -127,30 +152,12 @@ async def _measure(blocks: int, steps: int, threads: int) -> dict[str, float]:
     )
     try:
         assert server.stdout is not None
-        hello = json.loads(server.stdout.readline())
-        transport = TcpTransport(Credentials.generate())
-        rpc = await RpcClient.connect(
-            transport, hello["address"], Hello.local(), expected_public_key=bytes.fromhex(hello["key"])
-        )
-        async with rpc:
-            client = RpcSpanClient("hop-host", rpc, ClientSettings(step_timeout_s=60.0))
-            hop = await client.open_session(0, blocks, MAX_LENGTH, 1)
-            results["hop_ms"] = await _time_steps(hop.step, C, steps)
-            await hop.close()
-            pings = []
-            for _ in range(steps):
-                began = time.perf_counter()
-                await rpc.call(Ping(), timeout_s=5.0)
-                pings.append(time.perf_counter() - began)
-            results["ping_ms"] = 1000 * statistics.median(pings)
-        await transport.aclose()
-        # The runtime row alternates with the hop row so both see the same load.
-        results["local2_ms"] = await _time_steps(local, C, steps)
+        host = json.loads(server.stdout.readline())
+        return asyncio.run(_measure(blocks, steps, threads, host))
     finally:
         if server.stdin is not None:
             server.stdin.close()
         server.wait(30)
-    return results
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -166,14 +173,17 @@ def _run_round(src: str | None, args: argparse.Namespace) -> dict[str, float]:
 
 
 def _summary(rounds: list[dict[str, float]]) -> dict[str, float]:
-    med = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-    local = statistics.median([min(r["local_ms"], r["local2_ms"]) for r in rounds])
+    local = [min(r["local_ms"], r["local2_ms"]) for r in rounds]
     return {
-        "hop step ms": med["hop_ms"],
-        "local ms (compute)": local,
-        "added ms per hop": statistics.median(r["hop_ms"] - r["local_ms"] for r in rounds),
-        "ping ms": med["ping_ms"],
-        "runtime added ms": statistics.median(r["runtime_ms"] - r["local_ms"] for r in rounds),
+        "hop step ms": statistics.median(r["hop_ms"] for r in rounds),
+        "local ms (compute)": statistics.median(local),
+        "added ms per hop": statistics.median(
+            r["hop_ms"] - floor for r, floor in zip(rounds, local)
+        ),
+        "ping ms": statistics.median(r["ping_ms"] for r in rounds),
+        "runtime added ms": statistics.median(
+            r["runtime_ms"] - floor for r, floor in zip(rounds, local)
+        ),
     }
 
 
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(_serve(args.blocks))
         return 0
     if args.measure:
-        print(json.dumps(asyncio.run(_measure(args.blocks, args.steps, args.threads))))
+        print(json.dumps(_measure_with_host(args.blocks, args.steps, args.threads)))
         return 0
     trees = {"this tree": None} | ({"compare": str(Path(args.compare))} if args.compare else {})
     rounds: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
