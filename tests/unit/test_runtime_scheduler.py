@@ -110,3 +110,30 @@ async def test_queue_timeout_only_applies_before_a_job_starts(scheduler) -> None
     await asyncio.sleep(0.1)
     gate.set()
     assert await job == "finished"
+
+
+async def test_a_job_that_timed_out_in_the_queue_never_runs(scheduler) -> None:
+    gate, ran = threading.Event(), []
+    blocker = await _block_worker(scheduler, gate)
+    with pytest.raises(Timeout):
+        await scheduler.run(
+            lambda: ran.append(1), priority=Priority.INFERENCE, queue_timeout_s=0.05
+        )
+    assert scheduler.queue_depth == 0
+    gate.set()
+    await blocker
+    assert await scheduler.run(
+        lambda: "after", priority=Priority.INFERENCE, queue_timeout_s=10
+    ) == ("after")
+    assert ran == []
+
+
+async def test_a_caller_cancelled_mid_job_leaves_the_worker_serving(scheduler) -> None:
+    gate = threading.Event()
+    running = await _block_worker(scheduler, gate)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    assert running.cancelled()
+    gate.set()  # the job finishes on the worker; its result has nobody to go to
+    result = await scheduler.run(lambda: "next", priority=Priority.INFERENCE, queue_timeout_s=10)
+    assert result == "next"
