@@ -30,6 +30,7 @@ from stamen.models.common import (
     frozen_layer_norm,
     frozen_linear,
     interleaved_qkv_order,
+    lm_head_for,
     require_weights,
     shared_alibi,
 )
@@ -102,11 +103,7 @@ class BloomHead(ClientHead):
         self.ln_f = frozen_layer_norm(
             weights["transformer.ln_f.weight"], weights["transformer.ln_f.bias"], eps
         )
-        self.lm_head = frozen_linear(
-            embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.word_embeddings.weight
+        self.lm_head = lm_head_for(self.word_embeddings, weights, config.tie_word_embeddings)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.word_embeddings_layernorm(self.word_embeddings(input_ids))

@@ -58,6 +58,15 @@ def frozen_linear(weight: Tensor, bias: Tensor | None = None) -> nn.Linear:
     return linear
 
 
+def lm_head_for(embedding: nn.Embedding, weights: Mapping[str, Tensor], tied: bool) -> nn.Linear:
+    """The LM head: its own `lm_head.weight`, or with tied embeddings the embedding's own
+    Parameter (shared, so it is stored and moved once)."""
+    head = frozen_linear(embedding.weight if tied else weights["lm_head.weight"])
+    if tied:
+        head.weight = embedding.weight
+    return head
+
+
 def frozen_layer_norm(weight: Tensor, bias: Tensor, eps: float) -> nn.LayerNorm:
     norm = nn.LayerNorm(weight.shape[0], eps=eps, device="meta")
     norm.weight = nn.Parameter(weight, requires_grad=False)

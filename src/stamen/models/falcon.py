@@ -38,6 +38,7 @@ from stamen.models.common import (
     frozen_layer_norm,
     frozen_linear,
     interleaved_qkv_order,
+    lm_head_for,
     require_weights,
     rope_settings,
     shared_alibi,
@@ -142,11 +143,7 @@ class FalconHead(ClientHead):
             weights["transformer.ln_f.bias"],
             config.layer_norm_epsilon,
         )
-        self.lm_head = frozen_linear(
-            embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.word_embeddings.weight
+        self.lm_head = lm_head_for(self.word_embeddings, weights, config.tie_word_embeddings)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.word_embeddings(input_ids)

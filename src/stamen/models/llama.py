@@ -33,6 +33,7 @@ from stamen.models.common import (
     RMSNorm,
     SelfAttention,
     frozen_linear,
+    lm_head_for,
     require_weights,
     rope_settings,
     shared_rotary,
@@ -99,12 +100,7 @@ class LlamaHead(ClientHead):
         embedding = weights["model.embed_tokens.weight"]
         self.embed_tokens = nn.Embedding.from_pretrained(embedding, freeze=True)
         self.norm = RMSNorm(weights["model.norm.weight"], config.rms_norm_eps)
-        # Tied heads share the embedding's Parameter, so it is stored and moved once.
-        self.lm_head = frozen_linear(
-            embedding if config.tie_word_embeddings else weights["lm_head.weight"]
-        )
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.lm_head = lm_head_for(self.embed_tokens, weights, config.tie_word_embeddings)
 
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
