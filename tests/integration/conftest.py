@@ -279,7 +279,9 @@ class FavouringView:
         hosts = self._inner.hosts()
         fastest = max(h.throughput_tokens_s for h in hosts)
         return [
-            HostInfo(h.peer_id, h.start, h.end, fastest * 100, 1 << 20, h.state, h.ping_s)
+            HostInfo(
+                h.peer_id, h.start, h.end, fastest * 100, 1 << 20, h.state, h.ping_s, h.started_at_s
+            )
             if h.peer_id == self._favoured
             else h
             for h in hosts

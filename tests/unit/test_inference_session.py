@@ -18,7 +18,14 @@ import torch
 from torch import Tensor
 
 from stamen.swarm_core.inference import InferenceSession, InvalidStepError, SessionFailedError
-from stamen.swarm_core.remote import HopError, HopSession, HostBusy, HostInfo, SpanClient
+from stamen.swarm_core.remote import (
+    HopError,
+    HopSession,
+    HostBusy,
+    HostInfo,
+    Incarnation,
+    SpanClient,
+)
 from stamen.swarm_core.routing import BanList
 
 P = 1_000_003
@@ -46,6 +53,7 @@ class FakeHost(SpanClient):
     info: HostInfo
     fail_at_step: int | None = None  # dies (for good) on this step, counted across sessions
     busy: bool = False
+    busy_steps: int = 0  # refuses this many steps as busy (without running them) first
     wrong_shape: bool = False
     hang_at_step: int | None = None  # never answers this step nor any close
     steps: list[tuple[int, int]] = field(default_factory=list)  # (start_position, T)
@@ -87,6 +95,9 @@ class FakeHopSession(HopSession):
         self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
     ) -> Tensor:
         host = self.host
+        if host.busy_steps > 0:
+            host.busy_steps -= 1
+            raise HostBusy("no room to grow the cache", retry_after_s=0.0)
         host.steps.append((start_position, hidden.shape[1]))
         if host.hang_at_step == len(host.steps):
             host.dead = True
@@ -119,6 +130,8 @@ class FakeHopSession(HopSession):
 class FakeSwarm:
     def __init__(self, *hosts: FakeHost | SpanHost) -> None:
         self.by_id = {h.peer_id: h for h in hosts}
+        self.refreshes = 0
+        self.on_refresh: list[FakeHost] = []  # hosts that appear at the next refresh
 
     def hosts(self) -> list[HostInfo]:
         return [h.info for h in self.by_id.values()]
@@ -126,9 +139,19 @@ class FakeSwarm:
     async def connect(self, peer_id: str) -> SpanClient:
         return self.by_id[peer_id]
 
+    async def refresh(self) -> None:
+        self.refreshes += 1
+        for host in self.on_refresh:
+            self.by_id[host.peer_id] = host
+        self.on_refresh = []
+
 
 def fake(peer_id: str, start: int, end: int, *, throughput: float = 1000.0, **kw) -> FakeHost:
     return FakeHost(HostInfo(peer_id, start, end, throughput, free_cache_tokens=10_000), **kw)
+
+
+def inc(peer_id: str) -> Incarnation:
+    return Incarnation(peer_id, 0.0)
 
 
 def tokens(T: int, seed: int) -> Tensor:
@@ -188,7 +211,7 @@ async def test_host_dying_mid_generation_is_replaced_with_identical_outputs() ->
         assert route_of(s) == [("a", 0, 4), ("backup", 4, 8)]
     assert_same(outputs, undisturbed)
     assert_same(outputs, expected(steps))
-    assert "b" in bans and bans.strikes("b") == 1
+    assert inc("b") in bans and bans.strikes(inc("b")) == 1
     assert dying.sessions[0].closed  # closing the dead hop was attempted
     # The 6 tokens the dead host had seen are replayed in one step, then decoding goes on.
     assert backup.steps == [(0, 6), (6, 1), (7, 1), (8, 1)]
@@ -218,19 +241,82 @@ async def test_wrong_shape_reply_counts_as_a_failure() -> None:
         outputs = await generate(s, steps)
         assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
     assert_same(outputs, expected(steps))
-    assert "liar" in bans
+    assert inc("liar") in bans
 
 
-async def test_busy_host_is_routed_around_with_a_short_ban() -> None:
-    now = [0.0]
-    bans = BanList(base_ban_s=15.0, busy_ban_s=2.0, clock=lambda: now[0])
+async def test_busy_host_is_routed_around_and_never_banned() -> None:
+    bans = BanList()
     swarm = FakeSwarm(fake("busy", 0, 8, busy=True), fake("a", 0, 4), fake("b", 4, 8))
     steps = prefill_and_decode(2)
     async with session(swarm, ban_list=bans) as s:
         assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
         assert_same(await generate(s, steps), expected(steps))
-    assert "busy" in bans and bans.strikes("busy") == 0
-    assert bans.remaining_s("busy") == 2.0
+    assert inc("busy") not in bans and bans.strikes(inc("busy")) == 0
+
+
+async def test_busy_only_replica_is_waited_for_until_it_has_room() -> None:
+    full = fake("full", 4, 8, busy=True)
+    swarm = FakeSwarm(fake("a", 0, 4), full)
+    bans = BanList()
+
+    async def room_frees_later() -> None:
+        await asyncio.sleep(0.2)
+        full.busy = False
+
+    steps = prefill_and_decode(2)
+    freeing = asyncio.create_task(room_frees_later())
+    async with session(swarm, ban_list=bans, retry_delay_s=0.05) as s:
+        assert route_of(s) == [("a", 0, 4), ("full", 4, 8)]
+        assert_same(await generate(s, steps), expected(steps))
+    await freeing
+    assert inc("full") not in bans
+    assert swarm.refreshes >= 1  # no route: the view was re-read while waiting
+
+
+async def test_a_step_refused_as_busy_is_retried_on_the_same_session() -> None:
+    crowded = fake("b", 4, 8)
+    swarm = FakeSwarm(fake("a", 0, 4), crowded, fake("backup", 4, 8, throughput=100.0))
+    bans = BanList()
+    steps = prefill_and_decode(3)
+    async with session(swarm, ban_list=bans) as s:
+        await s.step(steps[0])
+        crowded.busy_steps = 3
+        outputs = [await s.step(step) for step in steps[1:]]
+        assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]  # not moved, not banned
+    assert inc("b") not in bans
+    assert len(crowded.sessions) == 1
+    assert_same(outputs, expected(steps)[1:])
+
+
+async def test_failover_waits_for_a_host_that_restarts_within_the_deadline() -> None:
+    steps = prefill_and_decode(2)
+    swarm = FakeSwarm(fake("a", 0, 4), fake("b", 4, 8, fail_at_step=2))
+    async with session(swarm, retry_delay_s=0.05, failover_timeout_s=5.0) as s:
+        await s.step(steps[0])
+        # b dies for good; its new incarnation shows up in the DHT a little later
+
+        async def restart() -> None:
+            await asyncio.sleep(0.3)
+            swarm.on_refresh = [FakeHost(HostInfo("b", 4, 8, 1000.0, 10_000, started_at_s=1.0))]
+
+        restarting = asyncio.create_task(restart())
+        out = await s.step(steps[1])
+        await restarting
+        assert route_of(s) == [("a", 0, 4), ("b", 4, 8)]
+    assert_same([out], expected(steps)[1:2])
+    assert swarm.refreshes >= 2
+
+
+async def test_failover_gives_up_at_its_deadline_not_after_a_count() -> None:
+    swarm = FakeSwarm(fake("a", 0, 4), fake("only", 4, 8, fail_at_step=2))
+    loop = asyncio.get_running_loop()
+    async with session(swarm, retry_delay_s=0.05, failover_timeout_s=0.5) as s:
+        await s.step(tokens(3, 0))
+        began = loop.time()
+        with pytest.raises(SessionFailedError, match=r"no usable host serves blocks \[4, 8\)"):
+            await s.step(tokens(1, 1))
+    assert 0.45 <= loop.time() - began < 2.0
+    assert swarm.refreshes >= 3  # kept re-reading the view, not a few quick attempts
 
 
 async def test_host_that_stops_answering_times_out_and_is_replaced() -> None:

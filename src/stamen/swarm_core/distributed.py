@@ -299,9 +299,12 @@ class DistributedModelForCausalLM:
                 hidden = await client.forward(hop.start, hop.end, hidden)
             except HopError as error:
                 failures += 1
-                self.ban_list.ban(hop.peer_id, busy=isinstance(error, HostBusy))
                 if failures > max_retries:
                     raise
+                if isinstance(error, HostBusy):  # load, not a failure: wait, do not ban
+                    await asyncio.sleep(error.retry_after_s or 0.2)
+                else:
+                    self.ban_list.ban(hop.host.incarnation)
                 continue
             block = hop.end
         return hidden

@@ -5,15 +5,19 @@ hop an open `HopSession` on one host keeping its part of the KV cache. For every
 keeps the inputs it sent (the hidden states entering that hop, by position), so that when
 a host fails it can:
 
-1. ban the host (briefly if it only said "busy") and close what is left of its session;
+1. ban that host's incarnation and close what is left of its session;
 2. route that hop's blocks through other hosts, possibly several;
 3. open sessions there and replay the hop's input history through them, rebuilding
    their caches (one step from position 0 per new hop);
 4. retry the current step from that hop on.
 
-The caller sees exactly the outputs of an undisturbed run. Failures are bounded by
-`max_retries` per call; when exhausted, `SessionFailedError` says which blocks could not
-be served and why, and the session refuses further steps.
+The caller sees exactly the outputs of an undisturbed run. A host that says "busy" (no
+cache or queue room) is load, not a failure: it is not banned; the session opens on
+another replica instead, or waits with jittered backoff and asks again (a step refused
+as busy left the host's session as it was, so the same step is simply retried). Each
+`open` or `step` call keeps looking for a route, re-reading the swarm when none is left,
+until `failover_timeout_s` has passed since the call began; then `SessionFailedError`
+says which blocks could not be served and why, and the session refuses further steps.
 
 `step(..., start_position=p)` with `p <= position` rolls back: everything from `p` on is
 forgotten (histories are truncated, hosts overwrite their cache from `p`).
@@ -25,6 +29,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,7 +39,14 @@ from typing import Self
 import torch
 from torch import Tensor
 
-from stamen.swarm_core.remote import HopError, HopSession, HostBusy, SwarmClientError, SwarmView
+from stamen.swarm_core.remote import (
+    HopError,
+    HopSession,
+    HostBusy,
+    Incarnation,
+    SwarmClientError,
+    SwarmView,
+)
 from stamen.swarm_core.routing import BanList, NoRouteError, RouteHop, plan_latency_route
 
 logger = logging.getLogger(__name__)
@@ -44,9 +57,9 @@ class InvalidStepError(SwarmClientError, ValueError):
 
 
 class SessionFailedError(SwarmClientError):
-    """Blocks `[start, end)` could not be served within the retry budget.
+    """Blocks `[start, end)` could not be served within the failover budget.
 
-    `causes` lists each failed attempt, oldest first.
+    `causes` lists the failed attempts, oldest first (the last `MAX_CAUSES` of them).
     """
 
     def __init__(self, start: int, end: int, causes: Sequence[str]) -> None:
@@ -91,15 +104,29 @@ class _Hop:
         self.history = kept
 
 
-class _Attempts:
-    """The retry budget of one `open` or `step` call."""
+MAX_CAUSES = 16  # failures a SessionFailedError reports (the newest)
+# The route's hosts need room for the session's first tokens; the cache grows from there.
+ROUTE_CACHE_TOKENS = 128
 
-    def __init__(self, max_retries: int, retry_delay_s: float) -> None:
-        self.max_retries = max_retries
-        self.retry_delay_s = retry_delay_s
+
+class _Failover:
+    """The failover budget of one `open` or `step` call: attempts go on until
+    `timeout_s` after the call began (and at most `max_attempts` failures, if set)."""
+
+    def __init__(
+        self, timeout_s: float, max_backoff_s: float, max_attempts: int | None = None
+    ) -> None:
+        self.deadline_s = time.monotonic() + timeout_s
+        self.max_backoff_s = max_backoff_s
+        self.max_attempts = max_attempts
         self.causes: list[str] = []
+        self.attempts = 0
+        self._waits = 0
 
-    async def failed(self, start: int, end: int, peer_id: str | None, error: Exception) -> None:
+    def remaining_s(self) -> float:
+        return self.deadline_s - time.monotonic()
+
+    def failed(self, start: int, end: int, peer_id: str | None, error: Exception) -> None:
         """Count one failure serving `[start, end)`; raise once the budget is spent."""
         if isinstance(error, NoRouteError):
             start, end = error.uncovered  # name the blocks nobody serves, not the whole range
@@ -107,13 +134,35 @@ class _Attempts:
         what = (
             "timed out" if isinstance(error, TimeoutError) else f"{type(error).__name__}: {error}"
         )
-        self.causes.append(f"{who}{what}")
-        logger.warning("blocks [%d, %d): %s%s", start, end, who, what)
-        if len(self.causes) > self.max_retries:
+        self.causes = [*self.causes[-(MAX_CAUSES - 1) :], f"{who}{what}"]
+        self.attempts += 1
+        logger.info("blocks [%d, %d): %s%s", start, end, who, what)
+        out_of_attempts = self.max_attempts is not None and self.attempts > self.max_attempts
+        if out_of_attempts or self.remaining_s() <= 0:
             raise SessionFailedError(start, end, self.causes) from error
-        if isinstance(error, NoRouteError):
-            # Nothing to route around: wait for bans to lapse or the view to refresh.
-            await asyncio.sleep(self.retry_delay_s)
+
+    async def wait(self, hint_s: float | None = None) -> None:
+        """Back off before asking again: doubling from 50 ms up to `max_backoff_s`, with
+        jitter (so sessions refused together do not return together), never past the
+        deadline. A host's `retry_after_s` hint, when smaller, wins."""
+        backoff_s = min(self.max_backoff_s, 0.05 * 2**self._waits) * random.uniform(0.5, 1.0)
+        self._waits += 1
+        if hint_s is not None:
+            backoff_s = min(backoff_s, hint_s)
+        delay_s = min(backoff_s, self.remaining_s())
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+
+
+@dataclass(frozen=True)
+class _Avoid:
+    """What routing skips in one call: banned incarnations and hosts that just said busy."""
+
+    bans: BanList
+    busy: set[Incarnation]
+
+    def __contains__(self, incarnation: object) -> bool:
+        return incarnation in self.busy or incarnation in self.bans
 
 
 class InferenceSession:
@@ -131,7 +180,8 @@ class InferenceSession:
         max_length: int,
         batch_size: int,
         *,
-        max_retries: int = 3,
+        failover_timeout_s: float = 60.0,
+        max_retries: int | None = None,
         step_timeout_s: float = 30.0,
         open_timeout_s: float = 10.0,
         close_timeout_s: float = 5.0,
@@ -140,16 +190,17 @@ class InferenceSession:
     ) -> None:
         if not 0 <= start < end:
             raise ValueError(f"empty or negative block range [{start}, {end})")
-        if max_length < 1 or batch_size < 1 or max_retries < 0:
+        if max_length < 1 or batch_size < 1 or (max_retries is not None and max_retries < 0):
             raise ValueError("max_length and batch_size must be >= 1, max_retries >= 0")
         self._view = swarm_view
         self.start, self.end = start, end
         self.max_length, self.batch_size = max_length, batch_size
-        self.max_retries = max_retries
+        self.failover_timeout_s = failover_timeout_s
+        self.max_retries = max_retries  # a cap on failures per call besides the deadline
         self.step_timeout_s = step_timeout_s
         self.open_timeout_s = open_timeout_s
         self.close_timeout_s = close_timeout_s
-        self.retry_delay_s = retry_delay_s
+        self.retry_delay_s = retry_delay_s  # the longest backoff between two attempts
         self.ban_list = ban_list if ban_list is not None else BanList()
         self._hops: list[_Hop] = []
         self._position = 0
@@ -186,7 +237,7 @@ class InferenceSession:
         """Route the blocks and open a session on every hop. Raises `SessionFailedError`."""
         if self._hops:
             raise RuntimeError("session already open")
-        attempts = _Attempts(self.max_retries, self.retry_delay_s)
+        attempts = self._failover()
         try:
             self._hops = await self._build_chain(self.start, self.end, [], attempts)
         except SessionFailedError:
@@ -221,7 +272,7 @@ class InferenceSession:
             position = self._check_step(hidden, padding_mask, start_position)
             for hop in self._hops:
                 hop.truncate(position)
-            attempts = _Attempts(self.max_retries, self.retry_delay_s)
+            attempts = self._failover()
             try:
                 out = await self._run_chain(hidden, position, padding_mask, attempts)
             except SessionFailedError as e:
@@ -262,18 +313,27 @@ class InferenceSession:
             )
         return position
 
+    def _failover(self) -> _Failover:
+        return _Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
+
     async def _run_chain(
-        self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: _Attempts
+        self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: _Failover
     ) -> Tensor:
         index = 0
         while index < len(self._hops):
             hop = self._hops[index]
             try:
                 out = await self._run_hop(hop, hidden, position, padding_mask)
+            except HostBusy as e:
+                # The host refused this step without running it (no room to grow its
+                # cache, or its queue is full): its session is intact, ask again.
+                attempts.failed(hop.route.start, hop.route.end, hop.route.peer_id, e)
+                await attempts.wait(e.retry_after_s)
+                continue
             except (HopError, TimeoutError) as e:
-                self._ban(hop.route.peer_id, e)
+                self._ban(hop.route, e)
                 self._close_in_background(hop)
-                await attempts.failed(hop.route.start, hop.route.end, hop.route.peer_id, e)
+                attempts.failed(hop.route.start, hop.route.end, hop.route.peer_id, e)
                 replacement = await self._build_chain(
                     hop.route.start, hop.route.end, hop.history, attempts
                 )
@@ -292,7 +352,7 @@ class InferenceSession:
         return hidden
 
     async def _build_chain(
-        self, start: int, end: int, history: Sequence[_Entry], attempts: _Attempts
+        self, start: int, end: int, history: Sequence[_Entry], attempts: _Failover
     ) -> list[_Hop]:
         """Route `[start, end)`, open a session per hop and replay `history` through them.
 
@@ -310,27 +370,37 @@ class InferenceSession:
         return hops
 
     async def _extend_chain(
-        self, hops: list[_Hop], start: int, end: int, replay: _Entry | None, attempts: _Attempts
+        self, hops: list[_Hop], start: int, end: int, replay: _Entry | None, attempts: _Failover
     ) -> None:
         node = start
+        avoid = _Avoid(self.ban_list, set())
         while node < end:
             try:
                 route = plan_latency_route(
                     self._view.hosts(),
                     node,
                     end,
-                    banned=self.ban_list,
-                    min_cache_tokens=self.max_length * self.batch_size,
+                    banned=avoid,
+                    min_cache_tokens=min(self.max_length, ROUTE_CACHE_TOKENS) * self.batch_size,
                 )
             except NoRouteError as e:
-                await attempts.failed(node, end, None, e)
+                attempts.failed(node, end, None, e)
+                # Nothing to route around: re-read the swarm (a host may have restarted or
+                # joined), give busy hosts another chance, and back off.
+                avoid.busy.clear()
+                await self._view.refresh()
+                await attempts.wait()
                 continue
             for route_hop in route:
                 try:
                     hop, replay = await self._open_hop(route_hop, replay)
+                except HostBusy as e:
+                    avoid.busy.add(route_hop.host.incarnation)  # try another replica first
+                    attempts.failed(route_hop.start, route_hop.end, route_hop.peer_id, e)
+                    break
                 except (HopError, TimeoutError) as e:
-                    self._ban(route_hop.peer_id, e)
-                    await attempts.failed(route_hop.start, route_hop.end, route_hop.peer_id, e)
+                    self._ban(route_hop, e)
+                    attempts.failed(route_hop.start, route_hop.end, route_hop.peer_id, e)
                     break
                 hops.append(hop)
                 node = route_hop.end
@@ -372,8 +442,9 @@ class InferenceSession:
             )
         return out
 
-    def _ban(self, peer_id: str, error: Exception) -> None:
-        self.ban_list.ban(peer_id, busy=isinstance(error, HostBusy))
+    def _ban(self, route_hop: RouteHop, error: Exception) -> None:
+        remaining_s = self.ban_list.ban(route_hop.host.incarnation)
+        logger.debug("%s avoided for %.1f s after %r", route_hop.peer_id, remaining_s, error)
 
     def _close_in_background(self, hop: _Hop) -> None:
         task = asyncio.create_task(self._close_quietly(hop))

@@ -93,6 +93,9 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     next_hop_pings_s: Annotated[dict[_ShortText, _NonNegative], msgspec.Meta(max_length=32)] = {}
     version: _ShortText = ""
     public_name: _ShortText = ""
+    # When this host process started serving: with `peer_id` it names one incarnation, so
+    # a host restarted with the same identity is told apart from the one that failed.
+    started_at_s: _Time = 0.0
 
     @property
     def span(self) -> tuple[int, int]:
@@ -147,11 +150,14 @@ def new_host_record(
     addresses: Iterable[str] = (),
     ttl_s: float = DEFAULT_TTL_S,
     now_s: float | None = None,
+    started_at_s: float | None = None,
 ) -> HostRecord:
-    """A record for this peer, issued now and valid for `ttl_s`. Set the optional fields
-    with `msgspec.structs.replace`; refresh times with `restamped`."""
+    """A record for this peer, issued now and valid for `ttl_s`; `started_at_s` defaults
+    to now (a new incarnation). Set the optional fields with `msgspec.structs.replace`;
+    refresh times with `restamped`."""
     now_s = time.time() if now_s is None else now_s
     return HostRecord(
+        started_at_s=now_s if started_at_s is None else started_at_s,
         peer_id=peer_id_of(credentials),
         public_key=credentials.public_key,
         model=model,

@@ -21,7 +21,8 @@ Errors raised by implementations (this module knows nothing about how they are d
     ├── HopError           this host failed: connection lost, timeout, remote error,
     │   │                  garbage reply. The caller bans it and routes around.
     │   └── HostBusy       the host refused for lack of capacity (cache, queue); it is
-    │                      healthy, so it is avoided only briefly
+    │                      healthy: load, never a ban. The caller goes to another
+    │                      replica or waits and retries
     ├── NoRouteError       (routing) no chain of usable hosts covers the blocks
     └── SessionFailedError (inference) retries exhausted
 
@@ -34,7 +35,7 @@ import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import NamedTuple, Protocol, Self
 
 from torch import Tensor
 
@@ -52,7 +53,23 @@ class HopError(SwarmClientError):
 
 
 class HostBusy(HopError):
-    """The host is alive but refused the request for lack of capacity."""
+    """The host is alive but refused the request for lack of capacity. `retry_after_s` is
+    the host's hint of when to try again, when it gave one."""
+
+    def __init__(
+        self, message: str, *, peer_id: str | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message, peer_id=peer_id)
+        self.retry_after_s = retry_after_s
+
+
+class Incarnation(NamedTuple):
+    """One run of a host: its peer id and when that process started serving. A host that
+    restarts (even with the same identity) is a new incarnation, so what the client held
+    against the old one (a ban) does not follow it."""
+
+    peer_id: str
+    started_at_s: float
 
 
 class HostState(enum.StrEnum):
@@ -68,7 +85,8 @@ class HostInfo:
     `throughput_tokens_s` is how many tokens per second one of the host's blocks processes
     (its announced compute throughput); `ping_s` is the round trip the client measured, or
     None before any measurement. `free_cache_tokens` is how many more tokens of KV cache
-    the host can hold per block.
+    the host can hold per block. `started_at_s` tells this incarnation of the host from
+    earlier ones (see `Incarnation`).
     """
 
     peer_id: str
@@ -78,6 +96,7 @@ class HostInfo:
     free_cache_tokens: int
     state: HostState = HostState.ONLINE
     ping_s: float | None = None
+    started_at_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -86,6 +105,10 @@ class HostInfo:
             )
         if not self.throughput_tokens_s > 0:
             raise ValueError(f"host {self.peer_id}: throughput must be positive")
+
+    @property
+    def incarnation(self) -> Incarnation:
+        return Incarnation(self.peer_id, self.started_at_s)
 
     @property
     def compute_s_per_block(self) -> float:
@@ -150,4 +173,9 @@ class SwarmView(Protocol):
     async def connect(self, peer_id: str) -> SpanClient:
         """A handle on `peer_id`, reusing a pooled connection when there is one.
         Raises `HopError` when the host cannot be reached."""
+        ...
+
+    async def refresh(self) -> None:
+        """Re-read the swarm now (no route was found in the snapshot). Implementations
+        coalesce concurrent calls and may return at once when the view is fresh."""
         ...

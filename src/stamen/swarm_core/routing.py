@@ -7,11 +7,12 @@
   boundaries.
 - `plan_spread_route` spreads bulk (stateless) forward/backward work: at each block it
   picks among the covering hosts at random, weighted by throughput.
-- `BanList` remembers failed hosts, with ban durations that double on repeated failures.
+- `BanList` remembers failed host incarnations, with ban durations that double on
+  repeated failures.
 
-Hosts that are not online, banned, or (for inference) without room for the session's
-cache are skipped; when what is left does not cover the blocks, `NoRouteError` names the
-first uncovered ones. This module knows nothing about connections, sessions or discovery.
+Hosts that are not online, banned (`banned` holds `Incarnation`s), or (for inference)
+without room for the session's cache are skipped; when what is left does not cover the
+blocks, `NoRouteError` names the first uncovered ones. This module knows nothing about connections, sessions or discovery.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 
-from stamen.swarm_core.remote import HostInfo, HostState, SwarmClientError
+from stamen.swarm_core.remote import HostInfo, HostState, Incarnation, SwarmClientError
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def plan_latency_route(
     start: int,
     end: int,
     *,
-    banned: Container[str] = (),
+    banned: Container[Incarnation] = (),
     min_cache_tokens: int = 0,
     default_ping_s: float = DEFAULT_PING_S,
 ) -> list[RouteHop]:
@@ -128,7 +129,7 @@ def plan_spread_route(
     start: int,
     end: int,
     *,
-    banned: Container[str] = (),
+    banned: Container[Incarnation] = (),
     rng: random.Random | None = None,
 ) -> list[RouteHop]:
     """A chain for stateless bulk work, spreading load: from each block, a host covering
@@ -163,10 +164,12 @@ def _check_range(start: int, end: int) -> None:
         raise ValueError(f"empty or negative block range [{start}, {end})")
 
 
-def _skip_reason(host: HostInfo, banned: Container[str], min_cache_tokens: int) -> str | None:
+def _skip_reason(
+    host: HostInfo, banned: Container[Incarnation], min_cache_tokens: int
+) -> str | None:
     if host.state is not HostState.ONLINE:
         return str(host.state)
-    if host.peer_id in banned:
+    if host.incarnation in banned:
         return "banned"
     if host.free_cache_tokens < min_cache_tokens:
         return f"{host.free_cache_tokens} free cache tokens < {min_cache_tokens}"
@@ -177,7 +180,7 @@ def _usable(
     hosts: Iterable[HostInfo],
     start: int,
     end: int,
-    banned: Container[str],
+    banned: Container[Incarnation],
     min_cache_tokens: int,
 ) -> list[HostInfo]:
     """Hosts overlapping `[start, end)` that may be used, in a stable order."""
@@ -195,7 +198,7 @@ def _no_route(
     hosts: Iterable[HostInfo],
     start: int,
     end: int,
-    banned: Container[str],
+    banned: Container[Incarnation],
     min_cache_tokens: int,
 ) -> NoRouteError:
     hosts = list(hosts)
@@ -225,12 +228,16 @@ class _BanRecord:
 
 
 class BanList:
-    """Hosts to avoid for a while.
+    """Host incarnations to avoid for a while, because they failed.
 
-    A failure bans a host for `base_ban_s`, doubling with each further failure up to
-    `max_ban_s`; a host with no failure for `forget_after_s` starts over. A "busy" refusal
-    bans for `busy_ban_s` only and does not count as a failure. `clock` returns seconds
-    (monotonic); tests inject their own. Use `peer_id in ban_list` to test.
+    A failure bans an incarnation (`remote.Incarnation`: peer id plus start time) for
+    `base_ban_s`, doubling with each further failure up to `max_ban_s`. Failures reported
+    while it is still banned add nothing: they are the same outage seen by other sessions
+    (one broken connection carries many), not new evidence. An incarnation with no failure
+    for `forget_after_s` starts over, and a host that restarts is a new incarnation, so it
+    is tried again as soon as it re-announces. "Busy" is load, not failure, and is never
+    banned. `clock` returns seconds (monotonic); tests inject their own. Use
+    `incarnation in ban_list` to test.
     """
 
     def __init__(
@@ -238,7 +245,6 @@ class BanList:
         *,
         base_ban_s: float = 15.0,
         max_ban_s: float = 300.0,
-        busy_ban_s: float = 2.0,
         forget_after_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -246,47 +252,47 @@ class BanList:
             raise ValueError("need 0 < base_ban_s <= max_ban_s")
         self.base_ban_s = base_ban_s
         self.max_ban_s = max_ban_s
-        self.busy_ban_s = busy_ban_s
         self.forget_after_s = 2 * max_ban_s if forget_after_s is None else forget_after_s
         self._clock = clock
-        self._records: dict[str, _BanRecord] = {}
+        self._records: dict[Incarnation, _BanRecord] = {}
 
-    def ban(self, peer_id: str, *, busy: bool = False) -> float:
-        """Record a failure (or a busy refusal) of `peer_id`; returns the ban in seconds."""
+    def ban(self, incarnation: Incarnation) -> float:
+        """Record a failure of `incarnation`; returns the seconds it stays banned."""
         now_s = self._clock()
         self._forget_old(now_s)
-        record = self._records.get(peer_id)
-        if busy:
-            until_s = now_s + self.busy_ban_s
-            if record is None:
-                self._records[peer_id] = _BanRecord(0, float("-inf"), until_s)
-            else:
-                record.until_s = max(record.until_s, until_s)
-            return self.busy_ban_s
+        record = self._records.get(incarnation)
+        if record is not None and now_s < record.until_s:
+            return record.until_s - now_s  # already banned: the same outage
         strikes = 1 if record is None else record.strikes + 1
         duration_s = min(self.base_ban_s * 2 ** (strikes - 1), self.max_ban_s)
-        self._records[peer_id] = _BanRecord(strikes, now_s, now_s + duration_s)
-        logger.info("banned %s for %.1f s (failure %d)", peer_id, duration_s, strikes)
+        self._records[incarnation] = _BanRecord(strikes, now_s, now_s + duration_s)
+        logger.info(
+            "banned %s (started %.0f) for %.1f s (failure %d)",
+            incarnation.peer_id,
+            incarnation.started_at_s,
+            duration_s,
+            strikes,
+        )
         return duration_s
 
-    def __contains__(self, peer_id: object) -> bool:
-        record = self._records.get(peer_id) if isinstance(peer_id, str) else None
+    def __contains__(self, incarnation: object) -> bool:
+        record = self._records.get(incarnation) if isinstance(incarnation, Incarnation) else None
         return record is not None and self._clock() < record.until_s
 
-    def remaining_s(self, peer_id: str) -> float:
-        record = self._records.get(peer_id)
+    def remaining_s(self, incarnation: Incarnation) -> float:
+        record = self._records.get(incarnation)
         return 0.0 if record is None else max(0.0, record.until_s - self._clock())
 
-    def strikes(self, peer_id: str) -> int:
+    def strikes(self, incarnation: Incarnation) -> int:
         self._forget_old(self._clock())
-        record = self._records.get(peer_id)
+        record = self._records.get(incarnation)
         return 0 if record is None else record.strikes
 
     def _forget_old(self, now_s: float) -> None:
         stale = [
-            peer
-            for peer, r in self._records.items()
+            key
+            for key, r in self._records.items()
             if now_s >= r.until_s and now_s - r.last_failure_s >= self.forget_after_s
         ]
-        for peer in stale:
-            del self._records[peer]
+        for key in stale:
+            del self._records[key]
