@@ -94,6 +94,7 @@ async def _measure(blocks: int, steps: int, threads: int, host: dict[str, str]) 
     from stamen.models.chain import SpanCache, run_span
     from stamen.models.loading import load_span
     from stamen.swarm_core.client import ClientSettings, RpcSpanClient
+    from stamen.swarm_core.pool import HostConnections
     from stamen.swarm_core.rpc import RpcClient
     from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime
     from stamen.swarm_core.wire import Hello, Ping
@@ -127,7 +128,8 @@ async def _measure(blocks: int, steps: int, threads: int, host: dict[str, str]) 
         expected_public_key=bytes.fromhex(host["key"]),
     )
     async with rpc:
-        client = RpcSpanClient("hop-host", rpc, ClientSettings(step_timeout_s=60.0))
+        settings = ClientSettings(step_timeout_s=60.0)
+        client = RpcSpanClient("hop-host", HostConnections.of(rpc), settings)
         hop = await client.open_session(0, blocks, MAX_LENGTH, 1)
         results["hop_ms"] = await _time_steps(hop.step, C, steps)
         await hop.close()

@@ -168,7 +168,7 @@ def ping_s(model: DistributedModelForCausalLM, pings: int = 30) -> float:
         samples = []
         for peer_id in [h.peer_id for h in model.swarm.hosts()]:
             await model.swarm.connect(peer_id)
-            rpc = model.swarm._connections[peer_id]
+            rpc = model.swarm._connections[peer_id].connections[0]
             for _ in range(pings):
                 began = time.perf_counter()
                 await rpc.call(Ping(), timeout_s=5.0)

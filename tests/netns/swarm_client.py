@@ -71,9 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         hops = [
             {
                 "addresses": list(records[peer_id].addresses) if peer_id in records else [],
-                "ice": _ice_pair(rpc.connection),
+                "ice": _ice_pair(pool.connections[0].connection),
             }
-            for peer_id, rpc in model.swarm._connections.items()
+            for peer_id, pool in model.swarm._connections.items()
+            if pool.connections
         ]
     print(json.dumps({"tokens": out[0].tolist(), "hops": hops}), flush=True)
     return 0

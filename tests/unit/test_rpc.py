@@ -21,6 +21,7 @@ from stamen.swarm_core.rpc import (
     RpcLimits,
     RpcServer,
     RpcTimeout,
+    SlotTimeout,
 )
 from stamen.swarm_core.wire import (
     CloseSession,
@@ -237,17 +238,59 @@ async def test_server_timeouts_reply_with_timeout_errors(serve):
             await stream.recv()
 
 
-async def test_calls_beyond_the_stream_limit_are_answered_busy(serve, probe):
+async def test_the_stream_limit_is_announced_and_sizes_the_client_slots(serve):
+    server, client = await connected(serve, limits=RpcLimits(max_concurrent_streams=4))
+    assert server.hello.max_concurrent_streams == 4
+    assert client.remote is not None and client.remote.max_concurrent_streams == 4
+    assert client.max_concurrent_calls == 4
+    _, transport, address = await serve()  # the default limit, above a lower local cap
+    small = await RpcClient.connect(
+        transport, address, Hello.local(), timeout_s=5, max_concurrent_calls=3
+    )
+    assert small.remote is not None and small.remote.max_concurrent_streams == 64
+    assert small.max_concurrent_calls == 3
+
+
+def test_a_hello_reply_without_the_limit_still_decodes():
+    old_peer = msgspec.structs.asdict(HelloReply.local("old"))
+    del old_peer["max_concurrent_streams"]
+    raw = msgspec.msgpack.encode({"type": "hello_reply", **old_peer})
+    decoded = msgspec.msgpack.decode(raw, type=HelloReply)
+    assert decoded.public_name == "old" and decoded.max_concurrent_streams is None
+
+
+async def test_a_call_without_a_free_slot_fails_alone(serve, probe):
     _, client = await connected(serve, limits=RpcLimits(max_concurrent_streams=2))
     blocked = [asyncio.create_task(client.call(Info(), timeout_s=10)) for _ in range(2)]
     await asyncio.wait_for(probe.started.wait(), 5)
-    await asyncio.sleep(0.05)  # let the second call reach the server too
-    with pytest.raises(RemoteBusy, match="concurrent"):
-        await client.call(Ping(), timeout_s=5)
+    with pytest.raises(SlotTimeout):
+        await client.call(Ping(), timeout_s=0.2)
+    assert not client.connection.is_closed
     probe.release.set()
     for call in blocked:
         assert (await call).message == Pong(nonce=1)
     assert isinstance((await client.call(Ping(), timeout_s=5)).message, Pong)
+
+
+async def test_streams_beyond_the_server_limit_wait_then_get_busy(serve, probe):
+    limits = RpcLimits(max_concurrent_streams=1, admission_wait_s=0.2)
+    _, client = await connected(serve, limits=limits)
+    async with client.open_stream(timeout_s=5) as session:
+        await session.call(OpenSession(block_start=0, block_end=1, max_length=8))
+        # A client that ignores the announced limit: its extra stream is refused alone.
+        extra = await client.connection.open_stream()
+        await extra.send(encode_message(Ping()))
+        reply = decode_message(await asyncio.wait_for(extra.recv(), 5)).message
+        assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.BUSY
+        step = await session.call(
+            Step(session_id=SID, start_position=0), {"hidden": torch.ones(1, 1, 2)}
+        )
+        assert step.message == StepResult(session_id=SID, position=1)
+        # A stream that arrives while the slot frees up is served once it is free.
+        late = await client.connection.open_stream()
+        await late.send(encode_message(Ping(nonce=7)))
+    reply = decode_message(await asyncio.wait_for(late.recv(), 5)).message
+    assert reply == Pong(nonce=7)
 
 
 async def test_another_major_version_is_refused(serve):

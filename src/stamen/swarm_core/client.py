@@ -2,7 +2,8 @@
 
 `SwarmClient` implements `remote.SwarmView` for one model: it reads host records from the
 DHT in the background (joining it in client mode, so nobody routes through us), measures
-each connected host's ping, and hands out `RpcSpanClient`s over pooled connections. Any
+each connected host's ping, and hands out `RpcSpanClient`s over pooled connections: a few
+per host (`pool.HostConnections`), each call on one with a free slot. Any
 failure of a host (lost connection, timeout, remote error, a reply of the wrong shape)
 surfaces as `remote.HopError`, which inference sessions answer by routing around it.
 
@@ -26,10 +27,11 @@ from torch import Tensor
 
 from stamen.swarm_core.codecs import Codec
 from stamen.swarm_core.discovery import Discovery
+from stamen.swarm_core.pool import HostConnections
 from stamen.swarm_core.records import HostRecord, HostState
 from stamen.swarm_core.remote import HopError, HopSession, HostBusy, HostInfo, SpanClient
 from stamen.swarm_core.remote import HostState as ViewState
-from stamen.swarm_core.rpc import RemoteBusy, RpcClient, RpcError, RpcStream
+from stamen.swarm_core.rpc import RemoteBusy, RpcClient, RpcError, RpcStream, SlotTimeout
 from stamen.swarm_core.wire import (
     CloseSession,
     Forward,
@@ -57,10 +59,12 @@ class ClientSettings:
     step_timeout_s: float = 30.0
     ping_timeout_s: float = 3.0
     reply_codec: Codec = Codec.NONE
+    max_connections_per_host: int = 8  # dialed one by one as the open ones fill up
 
 
 def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
-    kind = HostBusy if isinstance(error, RemoteBusy) else HopError
+    # No free slot on our side is no failure of the host: avoid it briefly, like `busy`.
+    kind = HostBusy if isinstance(error, RemoteBusy | SlotTimeout) else HopError
     return kind(
         f"{what} on {peer_id[:12]} failed: {type(error).__name__}: {error}", peer_id=peer_id
     )
@@ -121,9 +125,13 @@ class RpcHopSession(HopSession):
 
 
 class RpcSpanClient(SpanClient):
-    def __init__(self, peer_id: str, rpc: RpcClient, settings: ClientSettings):
+    """Calls on one host, each on a leased slot of its pooled connections; a session holds
+    its slot until it closes. Waiting for a slot (or dialing) is bounded by
+    `connect_timeout_s`, and running out of it raises `HostBusy`."""
+
+    def __init__(self, peer_id: str, connections: HostConnections, settings: ClientSettings):
         self._peer_id = peer_id
-        self._rpc = rpc
+        self._connections = connections
         self._settings = settings
 
     @property
@@ -135,8 +143,11 @@ class RpcSpanClient(SpanClient):
     ) -> HopSession:
         stack = contextlib.AsyncExitStack()
         try:
+            rpc = await stack.enter_async_context(
+                self._connections.lease(self._settings.connect_timeout_s)
+            )
             stream = await stack.enter_async_context(
-                self._rpc.open_stream(timeout_s=self._settings.step_timeout_s)
+                rpc.open_stream(timeout_s=self._settings.step_timeout_s)
             )
             request = OpenSession(
                 block_start=start,
@@ -158,9 +169,12 @@ class RpcSpanClient(SpanClient):
     async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
         message = Forward(block_start=start, block_end=end, reply_codec=self._settings.reply_codec)
         try:
-            reply = await self._rpc.call(
-                message, {"hidden": hidden.contiguous()}, timeout_s=self._settings.step_timeout_s
-            )
+            async with self._connections.lease(self._settings.connect_timeout_s) as rpc:
+                reply = await rpc.call(
+                    message,
+                    {"hidden": hidden.contiguous()},
+                    timeout_s=self._settings.step_timeout_s,
+                )
         except _HOST_FAILURES as error:
             raise _hop_error(error, self._peer_id, "forward") from error
         if not isinstance(reply.message, ForwardResult):
@@ -214,8 +228,7 @@ class SwarmClient:
         )
         self._records: dict[str, HostRecord] = {}
         self._pings: dict[str, float] = {}
-        self._connections: dict[str, RpcClient] = {}
-        self._connecting: dict[str, asyncio.Lock] = {}
+        self._connections: dict[str, HostConnections] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.refreshed = asyncio.Event()
 
@@ -232,10 +245,9 @@ class SwarmClient:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
-        for rpc in self._connections.values():
-            with contextlib.suppress(Exception):
-                await rpc.close()
-        self._connections.clear()
+        pools, self._connections = list(self._connections.values()), {}
+        for connections in pools:
+            await connections.aclose()
         await self._discovery.stop()
 
     # -- the view -----------------------------------------------------------------------
@@ -257,15 +269,17 @@ class SwarmClient:
         return all(covered)
 
     async def connect(self, peer_id: str) -> SpanClient:
-        rpc = self._connections.get(peer_id)
-        if rpc is None or rpc.connection.is_closed:
-            lock = self._connecting.setdefault(peer_id, asyncio.Lock())
-            async with lock:
-                rpc = self._connections.get(peer_id)
-                if rpc is None or rpc.connection.is_closed:
-                    rpc = await self._dial(peer_id)
-                    self._connections[peer_id] = rpc
-        return RpcSpanClient(peer_id, rpc, self.settings)
+        """A handle on `peer_id` with at least one open connection; its calls may dial
+        more, up to `max_connections_per_host`."""
+        connections = self._connections.get(peer_id)
+        if connections is None:
+            connections = HostConnections(
+                lambda: self._dial(peer_id),
+                max_connections=self.settings.max_connections_per_host,
+            )
+            self._connections[peer_id] = connections
+        await connections.ensure_connected()
+        return RpcSpanClient(peer_id, connections, self.settings)
 
     async def _dial(self, peer_id: str) -> RpcClient:
         record = self._records.get(peer_id)
@@ -307,17 +321,21 @@ class SwarmClient:
         self.refreshed.set()
 
     async def _ping(self, peer_id: str) -> None:
-        rpc = self._connections.get(peer_id)
-        if rpc is None:
+        """Re-measure the round trip on a slot nobody needs now. A ping that fails or finds
+        no free slot leaves the last measurement and every connection as they were: a
+        dead connection is the transport's keepalive to close."""
+        connections = self._connections.get(peer_id)
+        if connections is None:
             return
-        began = time.perf_counter()
-        try:
-            await rpc.call(Ping(), timeout_s=self.settings.ping_timeout_s)
-        except _HOST_FAILURES:
-            self._connections.pop(peer_id, None)
-            with contextlib.suppress(Exception):
-                await rpc.close()
-            return
+        async with connections.try_lease() as rpc:
+            if rpc is None:
+                return
+            began = time.perf_counter()
+            try:
+                await rpc.call(Ping(), timeout_s=self.settings.ping_timeout_s)
+            except _HOST_FAILURES as error:
+                logger.debug("ping of %s failed: %r", peer_id[:12], error)
+                return
         rtt = time.perf_counter() - began
         previous = self._pings.get(peer_id)
         self._pings[peer_id] = rtt if previous is None else 0.7 * previous + 0.3 * rtt

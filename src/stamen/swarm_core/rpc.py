@@ -13,8 +13,15 @@ The server dispatches on the first message's type (`RpcServer.add_unary/add_stre
 A handler's lifetime is its stream's: when the client resets or closes the stream
 (cancellation, timeout, exit), the handler task is cancelled. A handler raising a
 `RemoteError` subclass sends that code; any other exception sends `internal` and is
-logged; the server keeps serving. Every wait has a timeout (`RpcLimits`), and a
-connection runs at most `max_concurrent_streams` calls: more are answered `busy`.
+logged; the server keeps serving. Every wait has a timeout (`RpcLimits`).
+
+Stream limits are announced, never discovered by failure, and never close a connection:
+the server runs at most `max_concurrent_streams` calls per connection and says so in its
+`HelloReply`; the client sizes its call slots to the lower of its own cap and that
+(`RpcClient.max_concurrent_calls`), so a call waits for a free slot within its timeout or
+raises `SlotTimeout`. A stream beyond the server's limit (a client that ignores the
+announcement, or a slot reused while the server still finishes the old stream) waits
+`admission_wait_s` for a slot and is then answered `busy`; other streams carry on.
 
 Errors raised on the client:
 
@@ -23,6 +30,7 @@ Errors raised on the client:
     │   ├── RemoteBusy          ├── RemoteBadRequest   ├── RemoteNotFound
     │   ├── RemoteTimeout       └── RemoteInternal
     ├── RpcTimeout              our own deadline passed (also a `TimeoutError`)
+    │   └── SlotTimeout         ... while waiting for a free call slot (nothing was sent)
     └── ProtocolError           the peer sent something invalid or unexpected
     wire.VersionMismatch        the handshake failed (either side refused)
     transports.base.TransportError passes through unchanged (stream or connection lost)
@@ -39,6 +47,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import msgspec
 import torch
 
 from stamen.swarm_core.codecs import Codec
@@ -71,6 +80,10 @@ class RpcError(Exception):
 
 class RpcTimeout(RpcError, TimeoutError):
     """Our deadline passed before the peer answered."""
+
+
+class SlotTimeout(RpcTimeout):
+    """Every call slot stayed taken until the deadline; the request was not sent."""
 
 
 class ProtocolError(RpcError):
@@ -139,7 +152,8 @@ class Outgoing:
 class RpcLimits:
     """Per-connection caps and the server's timeouts."""
 
-    max_concurrent_streams: int = 64
+    max_concurrent_streams: int = 64  # per connection; announced in `HelloReply`
+    admission_wait_s: float = 1.0  # a stream over the limit waits this long before `busy`
     handshake_timeout_s: float = 10.0
     first_message_timeout_s: float = 30.0  # a new stream must say what it wants
     unary_timeout_s: float = 300.0  # a unary handler's compute budget
@@ -192,8 +206,10 @@ class RpcServer:
         limits: RpcLimits | None = None,
         wire_limits: WireLimits | None = None,
     ) -> None:
-        self.hello = hello
         self.limits = limits or RpcLimits()
+        self.hello = msgspec.structs.replace(
+            hello, max_concurrent_streams=self.limits.max_concurrent_streams
+        )
         self.wire_limits = wire_limits or WireLimits()
         self._routes: dict[type, _Route] = {Ping: _Route(_pong, streaming=False)}
 
@@ -212,18 +228,15 @@ class RpcServer:
             logger.info("handshake with %s failed: %s", connection.remote_address, e)
             return
         context = CallContext(peer, connection.remote_public_key, connection.remote_address)
+        slots = asyncio.Semaphore(self.limits.max_concurrent_streams)
         tasks: set[asyncio.Task[None]] = set()
         try:
             while True:
                 stream = await connection.accept_stream()
-                if len(tasks) < self.limits.max_concurrent_streams:
-                    coroutine = self._serve_stream(stream, context)
-                elif len(tasks) < 2 * self.limits.max_concurrent_streams:
-                    coroutine = self._reject_busy(stream)
-                else:
-                    stream.reset()
+                if len(tasks) >= 2 * self.limits.max_concurrent_streams:
+                    stream.reset()  # a flood: not even worth a `busy` reply
                     continue
-                task = asyncio.create_task(coroutine)
+                task = asyncio.create_task(self._admit(stream, context, slots))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
         except TransportError:
@@ -232,6 +245,20 @@ class RpcServer:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _admit(self, stream: Stream, context: CallContext, slots: asyncio.Semaphore) -> None:
+        """Serve `stream` in a free slot, or answer it `busy` if none frees up in time.
+        The wait covers a client that reused a slot as soon as it closed its stream,
+        while this side was still finishing that stream."""
+        try:
+            await _with_timeout(self.limits.admission_wait_s, slots.acquire())
+        except TimeoutError:
+            await self._reject_busy(stream)
+            return
+        try:
+            await self._serve_stream(stream, context)
+        finally:
+            slots.release()
 
     async def _handshake(self, connection: Connection) -> Hello:
         timeout_s = self.limits.handshake_timeout_s
@@ -488,6 +515,7 @@ class RpcClient:
         self.hello = hello
         self.wire_limits = wire_limits or WireLimits()
         self.remote: HelloReply | None = None
+        self.max_concurrent_calls = max_concurrent_calls  # lowered to the peer's at handshake
         self._slots = asyncio.Semaphore(max_concurrent_calls)
 
     @classmethod
@@ -522,7 +550,14 @@ class RpcClient:
             raise ProtocolError(f"expected hello_reply, got {type(reply).__name__}")
         check_compatible(self.hello, reply)
         self.remote = reply
+        self._size_slots(reply.max_concurrent_streams)
         return reply
+
+    def _size_slots(self, announced: int | None) -> None:
+        """Take the peer's announced limit; before any call, so no slot is held."""
+        if announced is not None and announced < self.max_concurrent_calls:
+            self.max_concurrent_calls = announced
+            self._slots = asyncio.Semaphore(announced)
 
     async def call(
         self,
@@ -535,12 +570,15 @@ class RpcClient:
         """One request, one reply, within `timeout_s` (waiting for a free slot included).
         Cancelling it resets the stream, which cancels the server's handler."""
         self._require_handshake()
+        stream: RpcStream | None = None
         try:
             async with asyncio.timeout(timeout_s), self._stream(timeout_s) as stream:
                 return await stream.call(message, tensors, codec=codec)
         except TimeoutError as e:
             if isinstance(e, RpcError):
                 raise
+            if stream is None:  # nothing was sent
+                raise SlotTimeout(f"no free call slot within {timeout_s} s") from None
             raise RpcTimeout(f"{type(message).__name__} got no answer in {timeout_s} s") from None
 
     @contextlib.asynccontextmanager
@@ -566,7 +604,11 @@ class RpcClient:
 
     @contextlib.asynccontextmanager
     async def _stream(self, timeout_s: float) -> AsyncIterator[RpcStream]:
-        await _client_wait(timeout_s, self._slots.acquire())
+        slots = self._slots  # the handshake's stream releases the slot it took
+        try:
+            await _with_timeout(timeout_s, slots.acquire())
+        except TimeoutError:
+            raise SlotTimeout(f"no free call slot within {timeout_s} s") from None
         try:
             raw = await _client_wait(timeout_s, self.connection.open_stream())
             stream = RpcStream(raw, self.wire_limits, timeout_s)
@@ -577,4 +619,4 @@ class RpcClient:
                 raise
             await stream.close()
         finally:
-            self._slots.release()
+            slots.release()

@@ -179,7 +179,11 @@ class Hello(_PeerInfo, frozen=True, tag="hello"):
 
 
 class HelloReply(_PeerInfo, frozen=True, tag="hello_reply"):
-    """The listener's answer when it accepts the dialer's version."""
+    """The listener's answer when it accepts the dialer's version. `max_concurrent_streams`
+    is how many calls the listener serves at once on this connection (`RpcServer` stamps
+    its limit in); None from a peer that predates the field."""
+
+    max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
 
 
 class Ping(_Message, frozen=True, tag="ping"):
