@@ -192,7 +192,8 @@ def test_a_host_killed_mid_generation_changes_no_token(
     try:
         swarm.wait_ready(spare)
         refresh(client)
-        spare_id = next(h.peer_id for h in client.swarm.hosts() if spare.serves(h.peer_id))
+        spare_info = next(h for h in client.swarm.hosts() if spare.serves(h.peer_id))
+        spare_id = spare_info.peer_id
         client.swarm = FavouringView(client.swarm, spare_id)  # type: ignore[assignment]
         max_length = smollm2_prompt.shape[1] + NEW_TOKENS
         with client.inference_session(max_length) as session:
@@ -203,7 +204,7 @@ def test_a_host_killed_mid_generation_changes_no_token(
             )
             assert streamer.killed is spare and not spare.alive
             assert spare_id not in {hop.peer_id for hop in session.route}
-        assert spare_id in client.ban_list
+        assert spare_info.incarnation in client.ban_list
     finally:
         client.close()
         spare.terminate()
