@@ -45,7 +45,7 @@ from stamen.swarm_core.wire import (
     StepResult,
     WireError,
 )
-from stamen.transports.base import Credentials, Transport, TransportError
+from stamen.transports.base import ConnectError, Credentials, Transport, TransportError
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,19 @@ class ClientSettings:
     step_timeout_s: float = 30.0
     ping_timeout_s: float = 3.0
     reply_codec: Codec = Codec.NONE
+    min_refresh_interval_s: float = 0.5  # on-demand refreshes closer than this are shared
+    liveness_interval_s: float = 1.0  # how often hosts with lost connections are redialed
     max_connections_per_host: int = 8  # dialed one by one as the open ones fill up
 
 
 def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
-    # No free slot on our side is no failure of the host: avoid it briefly, like `busy`.
-    kind = HostBusy if isinstance(error, RemoteBusy | SlotTimeout) else HopError
-    return kind(
-        f"{what} on {peer_id[:12]} failed: {type(error).__name__}: {error}", peer_id=peer_id
-    )
+    message = f"{what} on {peer_id[:12]} failed: {type(error).__name__}: {error}"
+    if isinstance(error, RemoteBusy):
+        return HostBusy(message, peer_id=peer_id, retry_after_s=error.retry_after_s)
+    if isinstance(error, SlotTimeout):
+        # No free slot on our side is no failure of the host: load, like `busy`.
+        return HostBusy(message, peer_id=peer_id)
+    return HopError(message, peer_id=peer_id)
 
 
 def _check_reply(hidden: Tensor | None, expected: Tensor, peer_id: str) -> Tensor:
@@ -203,6 +207,7 @@ def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
         free_cache_tokens=record.free_cache_tokens,
         state=_VIEW_STATES.get(record.state, ViewState.OFFLINE),
         ping_s=ping_s,
+        started_at_s=record.started_at_s,
     )
 
 
@@ -227,24 +232,33 @@ class SwarmClient:
             credentials, listen_port=0, initial_peers=tuple(initial_peers), client_mode=True
         )
         self._records: dict[str, HostRecord] = {}
+        # Hosts found dead (unreachable, or their address answers with another key), by
+        # when: their records issued before then are ignored until they announce again.
+        self._gone: dict[str, float] = {}
         self._pings: dict[str, float] = {}
         self._connections: dict[str, HostConnections] = {}
-        self._refresher: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at_s = float("-inf")
         self.refreshed = asyncio.Event()
 
     async def __aenter__(self) -> SwarmClient:
         await self._discovery.start()
         await self.refresh()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="stamen-swarm-refresh")
+        self._tasks = [
+            asyncio.create_task(self._refresh_forever(), name="stamen-swarm-refresh"),
+            asyncio.create_task(self._watch_connections(), name="stamen-swarm-liveness"),
+        ]
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.gather(self._refresher, return_exceptions=True)
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         pools, self._connections = list(self._connections.values()), {}
         for connections in pools:
             await connections.aclose()
@@ -253,16 +267,23 @@ class SwarmClient:
     # -- the view -----------------------------------------------------------------------
 
     def hosts(self) -> list[HostInfo]:
-        infos = (host_info(r, self._pings.get(p)) for p, r in self._records.items())
+        infos = (host_info(r, self._pings.get(r.peer_id)) for r in self.records())
         return [info for info in infos if info is not None]
 
     def records(self) -> list[HostRecord]:
-        return list(self._records.values())
+        """The newest record of every host believed alive: not gone, not OFFLINE, and not
+        expired (also between two refreshes)."""
+        now_s = time.time()
+        return [
+            r
+            for r in self._records.values()
+            if r.state is not HostState.OFFLINE and r.expires_at_s > now_s
+        ]
 
     def covered(self) -> bool:
         """Whether online hosts cover every block."""
         covered = [False] * self.num_blocks
-        for record in self._records.values():
+        for record in self.records():
             if record.state is HostState.ONLINE:
                 for block in range(record.start_block, min(record.end_block, self.num_blocks)):
                     covered[block] = True
@@ -286,6 +307,7 @@ class SwarmClient:
         if record is None or not record.addresses:
             raise HopError(f"no address known for {peer_id[:12]}", peer_id=peer_id)
         errors = []
+        dead = False
         for address in record.addresses:
             began = time.perf_counter()
             try:
@@ -298,21 +320,52 @@ class SwarmClient:
                 )
             except (*_HOST_FAILURES, OSError) as error:
                 errors.append(f"{address}: {error}")
+                dead = isinstance(error, ConnectError | OSError)
                 continue
             self._pings.setdefault(peer_id, time.perf_counter() - began)
             return rpc
-        raise HopError(f"cannot reach {peer_id[:12]}: " + "; ".join(errors), peer_id=peer_id)
+        reason = f"cannot reach {peer_id[:12]}: " + "; ".join(errors)
+        if dead:  # refused, unreachable, or another key answers there: not a busy host
+            self._mark_gone(peer_id, reason)
+        raise HopError(reason, peer_id=peer_id)
+
+    def _mark_gone(self, peer_id: str, reason: str) -> None:
+        """Drop `peer_id` from the view until it announces again (a record issued later)."""
+        self._gone[peer_id] = time.time()
+        if self._records.pop(peer_id, None) is not None:
+            logger.info("%s is gone: %s", peer_id[:12], reason)
 
     # -- background refresh -------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Re-read host records from the DHT and re-measure pings of connected hosts."""
+        """Re-read host records from the DHT and re-measure pings of connected hosts.
+        Concurrent callers share one refresh, and a view younger than
+        `min_refresh_interval_s` is not re-read: many sessions that find no route at
+        once cost the DHT one lookup."""
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            return
+        if time.monotonic() - self._refreshed_at_s < self.settings.min_refresh_interval_s:
+            return
+        self._refreshing = asyncio.get_running_loop().create_future()
+        try:
+            await self._refresh_now()
+        finally:
+            self._refreshed_at_s = time.monotonic()
+            self._refreshing.set_result(None)
+            self._refreshing = None
+
+    async def _refresh_now(self) -> None:
         found = await self._discovery.find_hosts(
             self.model_name, (0, self.num_blocks), include_offline=True
         )
+        # OFFLINE records are read too: a host's OFFLINE announcement must win over its
+        # older ONLINE one (and `records` then leaves it out).
         newest: dict[str, HostRecord] = {}
         for block_records in found.values():
             for record in block_records:
+                if record.issued_at_s <= self._gone.get(record.peer_id, float("-inf")):
+                    continue  # the record of a host found dead since it was issued
                 known = newest.get(record.peer_id)
                 if known is None or record.freshness() > known.freshness():
                     newest[record.peer_id] = record
@@ -347,6 +400,29 @@ class SwarmClient:
                 await self.refresh()
             except Exception as error:  # keep the last view; try again next round
                 logger.warning("swarm refresh failed: %s", error)
+
+    async def _watch_connections(self) -> None:
+        """Every `liveness_interval_s`, redial each host whose every pooled connection has
+        closed (the peer went away: a killed process resets them at once, a vanished
+        machine fails the transport's keepalive); a host that cannot be redialed is gone
+        from the view, without waiting for its record to expire."""
+        while True:
+            await asyncio.sleep(self.settings.liveness_interval_s)
+            lost = [p for p, pool in self._connections.items() if not pool.connections]
+            await asyncio.gather(*(self._recheck(p) for p in lost))
+
+    async def _recheck(self, peer_id: str) -> None:
+        pool = self._connections.get(peer_id)
+        if pool is None or peer_id not in self._records:
+            return
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await pool.ensure_connected()
+        except (HopError, TimeoutError) as error:
+            self._mark_gone(peer_id, str(error))
+            if self._connections.get(peer_id) is pool:
+                del self._connections[peer_id]
+            await pool.aclose()
 
     async def wait_for_coverage(self, timeout_s: float) -> None:
         """Refresh until online hosts cover every block, or raise `TimeoutError`."""
