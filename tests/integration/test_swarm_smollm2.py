@@ -114,7 +114,8 @@ def test_a_host_with_a_full_cache_is_routed_around(
     try:
         swarm.wait_ready(full)
         refresh(client)
-        full_id = next(h.peer_id for h in client.swarm.hosts() if full.serves(h.peer_id))
+        full_info = next(h for h in client.swarm.hosts() if full.serves(h.peer_id))
+        full_id = full_info.peer_id
         # The honest view already steers around it: its record announces 8 free tokens.
         route = plan_latency_route(client.swarm.hosts(), 0, NUM_BLOCKS, min_cache_tokens=max_length)
         assert full_id not in {hop.peer_id for hop in route}
@@ -123,8 +124,9 @@ def test_a_host_with_a_full_cache_is_routed_around(
         assert plan_latency_route(client.swarm.hosts(), 0, NUM_BLOCKS)[0].peer_id == full_id
         with client.inference_session(max_length) as session:
             assert full_id not in {hop.peer_id for hop in session.route}
-            assert full_id in client.ban_list  # refused as busy, not failed
-            assert client.ban_list.strikes(full_id) == 0
+            # Refused as busy: load, not a failure, so it is not banned at all.
+            assert full_info.incarnation not in client.ban_list
+            assert client.ban_list.strikes(full_info.incarnation) == 0
             out = client.generate(smollm2_prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert out.tolist() == expected.tolist()
     finally:
