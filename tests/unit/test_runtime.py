@@ -2,12 +2,14 @@
 
 The reference for every cached step is the stateless forward of the blocks over the whole
 sequence so far, so these tests check the caching itself, not only that two code paths
-agree.
+agree. The cache-semantics tests run twice: with one allocation per session (pages longer
+than any session) and with 2-token pages, so that the cache grows under them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,7 @@ from stamen.models.base import Block, KVCache, KVShape, StepContext
 from stamen.swarm_core.runtime import (
     BadRequest,
     Busy,
+    CacheLimitExceeded,
     NotFound,
     RuntimeLimits,
     SessionId,
@@ -125,11 +128,18 @@ def full_forward(span: FakeSpan, hidden: Tensor, padding_mask: Tensor | None = N
 
 
 LIMITS = RuntimeLimits(max_cache_tokens=256, max_session_length=64, max_batch_size=4)
+# 4-token pages, one session at most half of 64 tokens: growth and its limits show early.
+GROWING = RuntimeLimits(
+    max_cache_tokens=64, max_session_length=64, max_batch_size=4, cache_page_tokens=4
+)
 
 
-@pytest.fixture
-async def runtime():
-    async with SpanRuntime(tiny_span(), LIMITS) as runtime:
+@pytest.fixture(
+    params=[LIMITS, dataclasses.replace(LIMITS, cache_page_tokens=2)],
+    ids=["one_allocation", "growing"],
+)
+async def runtime(request: pytest.FixtureRequest):
+    async with SpanRuntime(tiny_span(), request.param) as runtime:
         yield runtime
 
 
@@ -177,18 +187,27 @@ async def test_left_padding_persists_across_steps(runtime: SpanRuntime) -> None:
     )
 
 
-async def test_budget_exhaustion_is_busy_at_once_and_close_frees(runtime: SpanRuntime) -> None:
-    first = await runtime.open_session(max_length=64, batch_size=3)  # 192 of 256 tokens
-    with pytest.raises(Busy):
-        await asyncio.wait_for(runtime.open_session(max_length=64, batch_size=2), 5)
-    assert runtime.info().cache_tokens_free == 64
-    await runtime.close_session(first)
-    assert runtime.info().cache_tokens_free == 256
-    second = await runtime.open_session(max_length=64, batch_size=4)
-    assert runtime.info().sessions_open == 1
-    with pytest.raises(NotFound):
-        await runtime.step(first, torch.randn(3, 1, C), 0)
-    await runtime.step(second, torch.randn(4, 1, C), 0)
+async def test_budget_exhaustion_is_busy_at_once_and_close_frees() -> None:
+    async with SpanRuntime(tiny_span(1), LIMITS) as runtime:
+        # Pages of 128 are longer than any session here: each reserves batch x max_length.
+        first = await runtime.open_session(max_length=64, batch_size=2)  # 128 of 256 tokens
+        await runtime.open_session(max_length=32, batch_size=3)  # 96 more
+        with pytest.raises(Busy) as refused:
+            await asyncio.wait_for(runtime.open_session(max_length=16, batch_size=3), 5)
+        assert refused.value.retry_after_s == LIMITS.busy_retry_after_s
+        assert runtime.info().cache_tokens_free == 32
+        await runtime.close_session(first)
+        assert runtime.info().cache_tokens_free == 160
+        second = await runtime.open_session(max_length=32, batch_size=4)
+        assert runtime.info().sessions_open == 2
+        with pytest.raises(NotFound):
+            await runtime.step(first, torch.randn(2, 1, C), 0)
+        await runtime.step(second, torch.randn(4, 1, C), 0)
+        await runtime.close_session(second)
+        # More than one session may hold (half the budget) is refused even when free.
+        assert runtime.info().cache_tokens_free == 160
+        with pytest.raises(Busy, match="at most 128 per session"):
+            await runtime.open_session(max_length=64, batch_size=3)
 
 
 async def test_idle_session_is_closed_and_its_cache_freed() -> None:
@@ -262,20 +281,22 @@ async def test_interleaved_sessions_match_each_alone(runtime: SpanRuntime) -> No
     assert runtime.info().steps == 9
 
 
-async def test_a_failed_step_invalidates_the_slots_it_was_rewriting() -> None:
+@pytest.mark.parametrize("page_tokens", [128, 2], ids=["one_allocation", "growing"])
+async def test_a_failed_step_invalidates_the_slots_it_was_rewriting(page_tokens: int) -> None:
     torch.manual_seed(0)
     span = FakeSpan(nn.ModuleList([TinyBlock(), PoisonBlock(), TinyBlock()]))
-    async with SpanRuntime(span, LIMITS) as runtime:
+    async with SpanRuntime(span, dataclasses.replace(LIMITS, cache_page_tokens=page_tokens)) as rt:
         x = torch.randn(1, 6, C)
-        session = await runtime.open_session(max_length=8)
-        await runtime.step(session, x[:, :4], 0)
-        # Block 0 overwrites slots 2..3 with NaN-derived keys before block 1 fails.
+        session = await rt.open_session(max_length=8)
+        await rt.step(session, x[:, :4], 0)
+        # Block 0 overwrites slots 3..4 with NaN-derived keys (growing the cache past 4
+        # slots first, with 2-token pages) before block 1 fails.
         with pytest.raises(FloatingPointError):
-            await runtime.step(session, torch.full((1, 2, C), float("nan")), 2)
+            await rt.step(session, torch.full((1, 2, C), float("nan")), 3)
         with pytest.raises(BadRequest, match="gap"):
-            await runtime.step(session, x[:, 4:5], 4)
-        out = await runtime.step(session, x[:, 2:6], 2)
-        torch.testing.assert_close(out, full_forward(span, x)[:, 2:])
+            await rt.step(session, x[:, 4:5], 4)
+        out = await rt.step(session, x[:, 3:6], 3)
+        torch.testing.assert_close(out, full_forward(span, x)[:, 3:])
 
 
 async def test_event_loop_keeps_running_during_a_long_forward() -> None:
@@ -366,14 +387,16 @@ async def test_backward_equals_autograd_on_the_blocks(runtime: SpanRuntime) -> N
     torch.testing.assert_close(await runtime.forward(x, mask), y.detach())
 
 
-async def test_info_reports_span_budget_and_counters(runtime: SpanRuntime) -> None:
-    session = await runtime.open_session(max_length=10, batch_size=2)
-    await runtime.step(session, torch.randn(2, 4, C), 0)
-    await runtime.step(session, torch.randn(2, 1, C), 4)
-    await runtime.forward(torch.randn(1, 3, C))
-    info = runtime.info()
+async def test_info_reports_span_budget_and_counters() -> None:
+    async with SpanRuntime(tiny_span(), LIMITS) as runtime:
+        session = await runtime.open_session(max_length=10, batch_size=2)
+        await runtime.step(session, torch.randn(2, 4, C), 0)
+        await runtime.step(session, torch.randn(2, 1, C), 4)
+        await runtime.forward(torch.randn(1, 3, C))
+        info = runtime.info()
     assert (info.start, info.end) == (3, 6)
     assert (info.sessions_open, info.cache_tokens_total, info.cache_tokens_free) == (1, 256, 236)
+    assert info.session_cache_tokens_max == 128
     assert (info.steps, info.tokens_processed, info.queue_depth) == (2, 13, 0)
 
 
@@ -397,8 +420,129 @@ def test_measure_throughput_and_cache_size() -> None:
 
 @pytest.mark.parametrize(
     "field_name, value",
-    [("max_cache_tokens", -1), ("max_batch_size", 0), ("step_timeout_s", 0.0)],
+    [
+        ("max_cache_tokens", -1),
+        ("max_batch_size", 0),
+        ("step_timeout_s", 0.0),
+        ("cache_page_tokens", 0),
+        ("max_session_cache_fraction", 0.0),
+        ("max_session_cache_fraction", 1.5),
+    ],
 )
 def test_limits_refuse_nonsense(field_name: str, value: float) -> None:
     with pytest.raises(ValueError, match=field_name):
         RuntimeLimits(**{"max_cache_tokens": 8, field_name: value})
+
+
+# -- cache that follows use -------------------------------------------------------------
+
+
+async def test_open_reserves_one_page_and_steps_grow_it() -> None:
+    async with SpanRuntime(tiny_span(), GROWING) as runtime:
+        x = torch.randn(2, 16, C)
+        session = await runtime.open_session(max_length=64, batch_size=2)
+        free = [runtime.info().cache_tokens_free]  # one page: 2 x 4 of 64
+        with pytest.raises(BadRequest, match="gap"):  # refused before any growth
+            await runtime.step(session, x[:, :1], 8)
+        outs = [await runtime.step(session, x[:, :3], 0)]
+        free.append(runtime.info().cache_tokens_free)
+        for t in range(3, 16):
+            outs.append(await runtime.step(session, x[:, t : t + 1], t))
+            free.append(runtime.info().cache_tokens_free)
+        # Doubling in 4-token pages: 4 slots until position 4, 8 until 8, then 16.
+        assert free == [56, 56, 56] + [48] * 4 + [32] * 8
+        torch.testing.assert_close(torch.cat(outs, 1), full_forward(runtime.span, x))
+        await runtime.close_session(session)
+        assert runtime.info().cache_tokens_free == 64
+
+
+async def test_many_sessions_fit_where_max_length_up_front_did_not() -> None:
+    x = torch.randn(1, 8, C)
+    for page_tokens, fits in [(64, 4), (8, 32)]:  # 64 = the whole max_length up front
+        limits = dataclasses.replace(LIMITS, cache_page_tokens=page_tokens)
+        async with SpanRuntime(tiny_span(1), limits) as runtime:
+            sessions = [await runtime.open_session(max_length=64) for _ in range(fits)]
+            assert runtime.info().cache_tokens_free == 0
+            with pytest.raises(Busy):
+                await runtime.open_session(max_length=64)
+            for session in sessions:
+                out = await runtime.step(session, x, 0)
+                torch.testing.assert_close(out, full_forward(runtime.span, x))
+            for session in sessions:
+                await runtime.close_session(session)
+            assert runtime.info().cache_tokens_free == LIMITS.max_cache_tokens
+
+
+async def test_growth_without_room_is_busy_and_the_same_step_works_later() -> None:
+    x = torch.randn(1, 12, C)
+    async with SpanRuntime(tiny_span(), GROWING) as runtime:
+        session = await runtime.open_session(max_length=32)
+        outs = [await runtime.step(session, x[:, :4], 0)]  # fills its first page
+        hogs = [await runtime.open_session(max_length=32) for _ in range(2)]
+        await runtime.step(hogs[0], torch.randn(1, 32, C), 0)  # 4 + 32 + 4 of 64 held
+        await runtime.step(hogs[1], torch.randn(1, 28, C), 0)  # the last 24 too
+        assert runtime.info().cache_tokens_free == 0
+        for _ in range(2):  # refused as often as asked, the session untouched
+            with pytest.raises(Busy, match="no room to grow") as refused:
+                await runtime.step(session, x[:, 4:5], 4)
+            assert refused.value.retry_after_s == GROWING.busy_retry_after_s
+        assert runtime.info().cache_tokens_free == 0
+        assert runtime.info().steps == 3
+        await runtime.close_session(hogs[1])
+        assert runtime.info().cache_tokens_free == 28
+        for t in range(4, 12):
+            outs.append(await runtime.step(session, x[:, t : t + 1], t))
+    async with SpanRuntime(runtime.span, LIMITS) as reference:  # never short of cache
+        untroubled = await reference.open_session(max_length=32)
+        expected = [await reference.step(untroubled, x[:, :4], 0)]
+        for t in range(4, 12):
+            expected.append(await reference.step(untroubled, x[:, t : t + 1], t))
+    torch.testing.assert_close(torch.cat(outs, 1), torch.cat(expected, 1))
+    torch.testing.assert_close(torch.cat(outs, 1), full_forward(runtime.span, x))
+
+
+async def test_one_session_holds_at_most_its_share_of_the_budget() -> None:
+    x = torch.randn(2, 17, C)
+    async with SpanRuntime(tiny_span(), GROWING) as runtime:
+        session = await runtime.open_session(max_length=64, batch_size=2)
+        await runtime.step(session, x[:, :16], 0)  # 2 x 16 = 32, half of 64
+        with pytest.raises(CacheLimitExceeded, match="max_session_cache_fraction"):
+            await runtime.step(session, x[:, 16:17], 16)
+        assert issubclass(CacheLimitExceeded, BadRequest)
+        assert runtime.info().cache_tokens_free == 32
+        # Within its share the session still works: rewrite its last slot.
+        out = await runtime.step(session, x[:, 15:16], 15)
+        torch.testing.assert_close(out, full_forward(runtime.span, x[:, :16])[:, 15:])
+        # The other half is there for someone else.
+        other = await runtime.open_session(max_length=64, batch_size=2)
+        await runtime.step(other, x[:, :16], 0)
+        assert runtime.info().cache_tokens_free == 0
+
+
+async def test_rollback_replay_and_padding_after_growth_equal_one_allocation() -> None:
+    torch.manual_seed(2)
+    x, junk = torch.randn(2, 20, C), torch.randn(2, 6, C)
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[0, :3] = False  # row 0 is left-padded
+
+    async def script(runtime: SpanRuntime) -> list[Tensor]:
+        session = await runtime.open_session(max_length=32, batch_size=2)
+        outs = [await runtime.step(session, x[:, :5], 0, padding_mask=mask[:, :5])]
+        for t in range(5, 10):
+            outs.append(await runtime.step(session, x[:, t : t + 1], t))
+        await runtime.step(session, junk, 10)  # slots 10..15, then forgotten
+        outs.append(await runtime.step(session, x[:, 10:12], 10))
+        outs.append(await runtime.step(session, x, 0, padding_mask=mask))  # replay all
+        return outs
+
+    span = tiny_span()
+    async with SpanRuntime(span, dataclasses.replace(LIMITS, cache_page_tokens=2)) as growing:
+        grown = await script(growing)
+        # Grew 2 -> 6 -> 12 -> 24 slots (doubling past the need, in 2-token pages).
+        assert growing.info().cache_tokens_free == 256 - 2 * 24
+    async with SpanRuntime(span, LIMITS) as single:
+        expected = await script(single)
+    for out, reference in zip(grown, expected, strict=True):
+        torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(grown[-1][1:], full_forward(span, x[1:]))
+    torch.testing.assert_close(grown[-1][:1, 3:], full_forward(span, x[:1, 3:]))

@@ -1,7 +1,9 @@
 """Spans of blocks run in this process, one after another, with their KV caches.
 
 `SpanCache` is the per-sequence-batch state of one span: a `KVCache` per block and the
-key padding mask of every slot written so far. `run_span` steps one span; `LocalChain`
+key padding mask of every slot written so far. `SpanCache.grown` makes a longer copy of
+it (new buffers, the filled prefix copied), so a host can allocate cache as a session
+grows instead of its whole `max_length` up front. `run_span` steps one span; `LocalChain`
 chains several spans in-process. Hosts use the same pieces for their sessions, and the
 local chain is the reference the swarm is compared with in tests and benchmarks.
 """
@@ -48,6 +50,31 @@ class SpanCache:
     @property
     def max_length(self) -> int:
         return self.key_padding_mask.shape[1]
+
+    def grown(
+        self, adapter: BlockAdapter, config: object, max_length: int, *, filled: int
+    ) -> SpanCache:
+        """A cache of `max_length` slots holding this one's slots `[0, filled)`.
+
+        Slots from `filled` on are left empty (a step is about to rewrite them). The old
+        buffers stay valid until the caller drops them, so memory peaks at old + new.
+        """
+        if not 0 <= filled <= min(self.max_length, max_length):
+            raise ValueError(
+                f"cannot keep {filled} slots growing {self.max_length} -> {max_length}"
+            )
+        B = self.key_padding_mask.shape[0]
+        like = self.caches[0].key  # (B, H_kv, S_max, D)
+        bigger = SpanCache.empty(
+            adapter, config, len(self.caches), B, max_length, dtype=like.dtype, device=like.device
+        )
+        for old, new in zip(self.caches, bigger.caches, strict=True):
+            new.key[:, :, :filled] = old.key[:, :, :filled]
+            new.value[:, :, :filled] = old.value[:, :, :filled]
+        bigger.key_padding_mask[:, :filled] = self.key_padding_mask[:, :filled]
+        if self.padding_from is not None and self.padding_from < filled:
+            bigger.padding_from = self.padding_from
+        return bigger
 
 
 @torch.inference_mode()

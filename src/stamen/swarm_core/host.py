@@ -3,12 +3,16 @@
 `Host.run` does, in order:
 
 1. joins the DHT and, without a fixed span, picks the blocks the swarm serves least;
-2. announces itself JOINING, loads its span (block by block, progress logged), quantizes
-   it if asked, and measures its decode throughput;
+2. announces itself JOINING (and keeps re-announcing from then on), loads its span (block
+   by block, progress logged), quantizes it if asked, and measures its decode throughput;
 3. listens on its transport and serves `Info`, `OpenSession` (one stream per inference
    session), `Forward` and `Backward`, translating runtime refusals into typed remote
-   errors;
-4. announces ONLINE every `announce_interval_s` with its free cache;
+   errors (with the runtime's `retry_after_s` hint). A step refused as busy or timed out
+   in the queue never ran: it is answered with an `ErrorReply` and the session stream
+   stays open, so the client may send the same step again;
+4. announces ONLINE every `announce_interval_s` (5 s) with its free cache, each record
+   valid for `record_ttl_s` (15 s): a host that dies without saying so drops out of the
+   swarm's view within 15 s, and cache freed by closed sessions shows within 5 s;
 5. when asked to stop: announces OFFLINE, refuses new sessions, lets in-flight steps
    finish (up to `drain_timeout_s`), then closes everything.
 
@@ -37,7 +41,7 @@ from stamen.models.quantization import quantize_block
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.discovery import Discovery
 from stamen.swarm_core.identity import peer_id_from_public_key, peer_id_of, short_peer_id
-from stamen.swarm_core.records import HostRecord, HostState, new_host_record
+from stamen.swarm_core.records import MAX_TTL_S, HostRecord, HostState, new_host_record
 from stamen.swarm_core.rpc import (
     CallContext,
     Outgoing,
@@ -56,6 +60,7 @@ from stamen.swarm_core.wire import (
     BackwardResult,
     CloseSession,
     Decoded,
+    ErrorReply,
     Forward,
     ForwardResult,
     HelloReply,
@@ -99,10 +104,17 @@ class HostSettings:
     quantization: str = "none"
     max_cache_tokens: int = 16384
     public_name: str = ""
-    announce_interval_s: float = 15.0
-    record_ttl_s: float = 45.0
+    announce_interval_s: float = 5.0
+    record_ttl_s: float = 15.0  # > announce_interval_s, so a live host's record never lapses
     drain_timeout_s: float = 10.0
     limits: RuntimeLimits | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.announce_interval_s < self.record_ttl_s <= MAX_TTL_S:
+            raise ValueError(
+                f"need 0 < announce_interval_s ({self.announce_interval_s:g}) < record_ttl_s "
+                f"({self.record_ttl_s:g}) <= {MAX_TTL_S:g}"
+            )
 
 
 def choose_span(
@@ -154,7 +166,15 @@ def _as_remote_errors() -> Iterator[None]:
     try:
         yield
     except RuntimeRequestError as error:
-        raise _REMOTE_ERRORS.get(error.code, RemoteBadRequest)(str(error)) from error
+        remote = _REMOTE_ERRORS.get(error.code, RemoteBadRequest)
+        raise remote(str(error), retry_after_s=error.retry_after_s) from error
+
+
+def _retry_later(refusal: RemoteError) -> ErrorReply:
+    """The reply to a step that did not run, sent in place of ending the session."""
+    return ErrorReply(
+        code=refusal.code, message=refusal.message[:4096], retry_after_s=refusal.retry_after_s
+    )
 
 
 class Host:
@@ -189,34 +209,42 @@ class Host:
         )
         async with discovery, contextlib.AsyncExitStack() as stack:
             self._discovery = discovery
-            start, end = await self._choose_blocks()
-            self.span_range = (start, end)
+            self.span_range = await self._choose_blocks()
             await self._announce()
-            span = await asyncio.to_thread(self._load, start, end)
-            self.runtime = await stack.enter_async_context(SpanRuntime(span, self._limits()))
-            self.throughput_tokens_s = await asyncio.to_thread(measure_throughput, span)
-            logger.info("throughput: %.1f decode tokens/s over the span", self.throughput_tokens_s)
-            self._listener = await self.transport.listen(settings.listen, self._server().serve)
-            stack.push_async_callback(self._listener.close)
-            self.addresses = list(self._listener.addresses)
-            self.state = HostState.ONLINE
-            await self._announce()
-            logger.info(
-                "serving blocks [%d, %d) of %s as %s at %s",
-                start,
-                end,
-                settings.model_name,
-                short_peer_id(self.peer_id),
-                ", ".join(self.addresses),
-            )
-            self.ready.set()
+            # Re-announced from here on, JOINING included: loading a span can take longer
+            # than a record lives (`record_ttl_s`).
             announcer = asyncio.create_task(self._announce_forever(), name="stamen-announce")
             try:
+                await self._start_serving(stack)
                 await stop.wait()
             finally:
                 announcer.cancel()
                 await asyncio.gather(announcer, return_exceptions=True)
                 await self._drain()
+
+    async def _start_serving(self, stack: contextlib.AsyncExitStack) -> None:
+        """Load the span, start its runtime and listener, and announce ONLINE."""
+        settings = self.settings
+        assert self.span_range is not None
+        start, end = self.span_range
+        span = await asyncio.to_thread(self._load, start, end)
+        self.runtime = await stack.enter_async_context(SpanRuntime(span, self._limits()))
+        self.throughput_tokens_s = await asyncio.to_thread(measure_throughput, span)
+        logger.info("throughput: %.1f decode tokens/s over the span", self.throughput_tokens_s)
+        self._listener = await self.transport.listen(settings.listen, self._server().serve)
+        stack.push_async_callback(self._listener.close)
+        self.addresses = list(self._listener.addresses)
+        self.state = HostState.ONLINE
+        await self._announce()
+        logger.info(
+            "serving blocks [%d, %d) of %s as %s at %s",
+            start,
+            end,
+            settings.model_name,
+            short_peer_id(self.peer_id),
+            ", ".join(self.addresses),
+        )
+        self.ready.set()
 
     async def _choose_blocks(self) -> tuple[int, int]:
         settings = self.settings
@@ -371,13 +399,17 @@ class Host:
                         if step_session != session_id:
                             raise RemoteNotFound(f"this stream serves session {session_id}")
                         hidden = decoded.tensors["hidden"]
-                        with self._request():
-                            out = await runtime.step(
-                                session_id,
-                                hidden,
-                                start_position,
-                                decoded.tensors.get("padding_mask"),
-                            )
+                        try:
+                            with self._request():
+                                out = await runtime.step(
+                                    session_id,
+                                    hidden,
+                                    start_position,
+                                    decoded.tensors.get("padding_mask"),
+                                )
+                        except (RemoteBusy, RemoteTimeout) as refusal:
+                            yield _retry_later(refusal)  # the session is as it was
+                            continue
                         position = start_position + hidden.shape[1]
                         yield Outgoing(
                             StepResult(session_id=session_id, position=position),

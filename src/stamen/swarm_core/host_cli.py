@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--swarm-key-file", type=Path, help="shared secret of a private swarm (refuses strangers)"
     )
-    parser.add_argument("--announce-interval-s", type=float, default=15.0)
+    parser.add_argument(
+        "--announce-interval-s",
+        type=float,
+        default=5.0,
+        help="re-announce (with the free cache) this often; must stay below the records' "
+        "15 s lifetime, after which a host that stopped announcing drops out",
+    )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     add_transport_arguments(parser)
     return parser

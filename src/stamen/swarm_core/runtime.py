@@ -11,11 +11,19 @@
 
 Contract:
 
-1. `open_session` reserves `max_length * batch_size` cache tokens in every block from one
-   budget, or raises `Busy` at once. Buffers are allocated by the compute thread on the
-   first step: an open costs ~12 us and no memory, and zero-filling a large cache (94 MB
-   for SmolLM2's 30 blocks at 2048 tokens: ~70-140 ms on a loaded 2-core CPU) never runs
-   on the event loop.
+1. Cache follows use (`sessions.CacheBudget`). `open_session` reserves one page
+   (`min(max_length, cache_page_tokens) * batch_size` tokens in every block) or raises
+   `Busy` at once; `max_length` is only the session's upper bound. A step that writes
+   past the session's capacity first grows the reservation (doubling, in whole pages,
+   up to `max_length`); if that is not free the step is refused with `Busy` (and a
+   `retry_after_s` hint) before anything runs, and the session stays valid at its old
+   length, so the same step may be retried. One session may hold at most
+   `max_session_cache_fraction` of the budget; growth past that is `CacheLimitExceeded`
+   (a `BadRequest`). Closing a session returns all of it to the budget at once.
+   Buffers are allocated, and grown (new buffers, filled prefix copied), by the compute
+   thread when a step needs them: an open costs ~12 us and no memory, and zero-filling
+   a large cache (94 MB for SmolLM2's 30 blocks at 2048 tokens: ~70-140 ms on a loaded
+   2-core CPU) never runs on the event loop.
 2. `step` writes the cache at `[start_position, start_position + T)`. `start_position` may
    roll back or replay (entries at and beyond it are overwritten or ignored) but never skip
    past the session's length. The session keeps its key padding mask history, so a
@@ -57,12 +65,14 @@ from stamen.swarm_core.sessions import (
     BadRequest,
     Busy,
     CacheBudget,
+    CacheLimitExceeded,
     NotFound,
     RuntimeRequestError,
     Session,
     SessionId,
     Timeout,
     check_hidden,
+    check_no_gap,
     check_padding_mask,
     check_positive_int,
     check_step_position,
@@ -74,6 +84,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BadRequest",
     "Busy",
+    "CacheLimitExceeded",
     "NotFound",
     "RuntimeInfo",
     "RuntimeLimits",
@@ -100,6 +111,9 @@ class ServedSpan(Protocol):
 @dataclass(frozen=True)
 class RuntimeLimits:
     max_cache_tokens: int  # per block, shared by all sessions
+    cache_page_tokens: int = 128  # a session's first reservation; growth rounds to pages
+    max_session_cache_fraction: float = 0.5  # of max_cache_tokens, for any one session
+    busy_retry_after_s: float = 1.0  # the hint sent with a cache refusal
     session_idle_timeout_s: float = 300.0
     step_timeout_s: float = 30.0  # longest wait in the queue before a step starts
     bulk_timeout_s: float = 120.0  # same for forward / backward
@@ -112,14 +126,35 @@ class RuntimeLimits:
     def __post_init__(self) -> None:
         if self.max_cache_tokens < 0:
             raise ValueError(f"max_cache_tokens must be >= 0, got {self.max_cache_tokens}")
-        for name in ("max_batch_size", "max_session_length", "max_bulk_tokens", "max_queued_jobs"):
+        for name in (
+            "cache_page_tokens",
+            "max_batch_size",
+            "max_session_length",
+            "max_bulk_tokens",
+            "max_queued_jobs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("session_idle_timeout_s", "step_timeout_s", "bulk_timeout_s"):
+        for name in (
+            "session_idle_timeout_s",
+            "step_timeout_s",
+            "bulk_timeout_s",
+            "busy_retry_after_s",
+        ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.reaper_interval_s > 0:
             raise ValueError(f"reaper_interval_s must be > 0, got {self.reaper_interval_s}")
+        if not 0 < self.max_session_cache_fraction <= 1:
+            raise ValueError(
+                "max_session_cache_fraction must be in (0, 1], "
+                f"got {self.max_session_cache_fraction}"
+            )
+
+    @property
+    def max_session_cache_tokens(self) -> int:
+        """The most cache tokens (batch x length, per block) one session may hold."""
+        return int(self.max_cache_tokens * self.max_session_cache_fraction)
 
 
 @dataclass(frozen=True)
@@ -129,6 +164,7 @@ class RuntimeInfo:
     sessions_open: int
     cache_tokens_total: int
     cache_tokens_free: int
+    session_cache_tokens_max: int  # what one session may hold (batch x length)
     queue_depth: int
     steps: int
     tokens_processed: int  # by steps, forward and backward together
@@ -163,7 +199,12 @@ class SpanRuntime:
         self.hidden_size = int(span.config.hidden_size)
         self.dtype = _span_dtype(span)
         self.device = _span_device(span)
-        self._budget = CacheBudget(limits.max_cache_tokens)
+        self._budget = CacheBudget(
+            limits.max_cache_tokens,
+            page_tokens=limits.cache_page_tokens,
+            max_session_tokens=limits.max_session_cache_tokens,
+            retry_after_s=limits.busy_retry_after_s,
+        )
         self._sessions: dict[SessionId, Session] = {}
         self._block_slices: dict[tuple[int, int], nn.ModuleList] = {}
         self._scheduler = ComputeScheduler(max_queued_jobs=limits.max_queued_jobs)
@@ -206,6 +247,7 @@ class SpanRuntime:
             sessions_open=len(self._sessions),
             cache_tokens_total=self._budget.total_tokens,
             cache_tokens_free=self._budget.free_tokens,
+            session_cache_tokens_max=self._budget.max_session_tokens,
             queue_depth=self._scheduler.queue_depth,
             steps=self._steps,
             tokens_processed=self._tokens_processed,
@@ -243,25 +285,22 @@ class SpanRuntime:
         block_range: tuple[int, int] | None = None,
         peer_label: str | None = None,
     ) -> SessionId:
-        """Reserve cache for a session over `block_range` (absolute indices; default: the
-        whole span). A client may enter a host anywhere inside its span."""
+        """Open a session over `block_range` (absolute indices; default: the whole span),
+        reserving its first cache page. A client may enter a host anywhere inside its span."""
         check_positive_int(max_length, "max_length", maximum=self.limits.max_session_length)
         check_positive_int(batch_size, "batch_size", maximum=self.limits.max_batch_size)
         blocks = self.block_range(block_range)
-        num_tokens = max_length * batch_size
-        if not self._budget.try_reserve(num_tokens):
-            raise Busy(
-                f"no room for {num_tokens} cache tokens ({self._budget.free_tokens} of "
-                f"{self._budget.total_tokens} free)"
-            )
+        capacity = self._budget.first_page(max_length, batch_size)
         session = Session(new_session_id(), batch_size, max_length, blocks, peer_label)
+        session.capacity = capacity
         self._sessions[session.session_id] = session
         logger.info(
-            "session %s opened: blocks [%d, %d), %d cache tokens (batch %d x length %d), peer %s",
+            "session %s opened: blocks [%d, %d), batch %d x length %d of up to %d reserved, "
+            "peer %s",
             session.session_id,
             *blocks,
-            num_tokens,
             batch_size,
+            capacity,
             max_length,
             peer_label or "-",
         )
@@ -320,11 +359,17 @@ class SpanRuntime:
         B, T, _ = hidden.shape
         mask = check_padding_mask(padding_mask, B, T)
         start = check_step_position(session, start_position, T)
+        if session.in_flight == 0:
+            # Nothing of this session is queued or running, so its length is settled:
+            # refuse a gap before growing the reservation for it.
+            check_no_gap(session, start)
+        self._budget.grow(session, start + T)  # or Busy / CacheLimitExceeded; nothing ran
+        capacity = session.capacity
         session.in_flight += 1
         session.touch()
         try:
             return await self._scheduler.run(
-                lambda: self._compute_step(session, hidden, start, mask),
+                lambda: self._compute_step(session, hidden, start, mask, capacity),
                 priority=Priority.INFERENCE,
                 queue_timeout_s=self.limits.step_timeout_s,
             )
@@ -383,27 +428,16 @@ class SpanRuntime:
     # -- compute (runs on the scheduler's thread only) ----------------------------------
 
     def _compute_step(
-        self, session: Session, hidden: Tensor, start: int, mask: Tensor | None
+        self, session: Session, hidden: Tensor, start: int, mask: Tensor | None, capacity: int
     ) -> Tensor:
+        """`capacity`: slots per sequence reserved for this session when the step was
+        queued (at least `start + T`); the buffers grow to it if they are shorter."""
         if session.closed:
             raise NotFound(f"session {session.session_id!r} was closed before its step ran")
-        if start > session.length:
-            raise BadRequest(
-                f"start_position {start} would leave a gap: the session holds "
-                f"{session.length} tokens"
-            )
+        check_no_gap(session, start)
         B, T, _ = hidden.shape
         blocks = self._blocks(session.block_range)
-        if session.cache is None:
-            session.cache = SpanCache.empty(
-                self.span.adapter,
-                self.span.config,
-                len(blocks),
-                B,
-                session.max_length,
-                dtype=self.dtype,
-                device=self.device,
-            )
+        session.cache = self._cache_for(session, len(blocks), start, start + T, capacity)
         # Slots from `start` on are being rewritten: if a block fails midway they are
         # neither old nor new, so the valid prefix shrinks first.
         session.length = start
@@ -415,6 +449,28 @@ class SpanRuntime:
         self._steps += 1
         self._tokens_processed += B * T
         return _on(x, hidden.device, hidden.dtype)
+
+    def _cache_for(
+        self, session: Session, num_blocks: int, start: int, end: int, capacity: int
+    ) -> SpanCache:
+        """The session's buffers for a step writing `[start, end)`: allocated, or grown to
+        `capacity` when `end` is past them."""
+        cache = session.cache
+        if cache is not None and cache.max_length >= end:
+            return cache
+        if cache is None:
+            return SpanCache.empty(
+                self.span.adapter,
+                self.span.config,
+                num_blocks,
+                session.batch_size,
+                capacity,
+                dtype=self.dtype,
+                device=self.device,
+            )
+        # Slots from the step's start on are rewritten by it: only the prefix before is kept.
+        filled = min(session.length, start)
+        return cache.grown(self.span.adapter, self.span.config, capacity, filled=filled)
 
     def _bulk_context(self, hidden: Tensor, mask: Tensor | None) -> StepContext:
         B, T, _ = hidden.shape

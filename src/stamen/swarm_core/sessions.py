@@ -1,15 +1,29 @@
 """Inference sessions of a host: ids, the KV-cache token budget, request errors, validation.
 
-A session reserves `max_length * batch_size` cache tokens in every block of the span from
-one global `CacheBudget` when it opens, and gives them back when it closes. The buffers
-themselves are allocated by the runtime's compute thread on the first step.
+Cache follows use. A session holds `capacity * batch_size` cache tokens in every block of
+the span, taken from one global `CacheBudget`:
+
+1. at open, one page: `capacity = min(max_length, page_tokens)`; `Busy` if even that is
+   not free (or one page is more than one session may hold);
+2. a step that writes past `capacity` first grows it: doubled, rounded up to whole pages,
+   at most `max_length` and the per-session cap. Growth that is not free is `Busy` and
+   growth past the cap is `CacheLimitExceeded`; either way nothing is reserved and the
+   session is left as it was;
+3. a reservation never shrinks while the session is open, and all of it returns to the
+   budget at once when the session closes.
+
+The budget only counts tokens; the runtime's compute thread allocates (and grows) the
+buffers to match.
 
 Errors raised to whoever calls the runtime form one small tree; each carries a `code` that
-the RPC glue maps to the wire's remote error codes:
+the RPC glue maps to the wire's remote error codes, and may carry `retry_after_s`, a hint
+of when trying again could succeed:
 
     RuntimeRequestError          code
-     +-- Busy                    "busy"         no cache or queue room now; try another host
+     +-- Busy                    "busy"         no cache or queue room now; retry later or
+     |                                          try another host
      +-- BadRequest              "bad_request"  malformed shape, dtype, position or size
+     |    +-- CacheLimitExceeded                a session outgrowing its share of the budget
      +-- NotFound                "not_found"    unknown, closed or expired session id
      +-- Timeout                 "timeout"      waited too long in the compute queue
 
@@ -40,6 +54,10 @@ class RuntimeRequestError(Exception):
 
     code = "runtime_error"
 
+    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 class Busy(RuntimeRequestError):
     code = "busy"
@@ -47,6 +65,10 @@ class Busy(RuntimeRequestError):
 
 class BadRequest(RuntimeRequestError):
     code = "bad_request"
+
+
+class CacheLimitExceeded(BadRequest):
+    """A session needs more cache than one session may hold on this host."""
 
 
 class NotFound(RuntimeRequestError):
@@ -58,22 +80,84 @@ class Timeout(RuntimeRequestError):
 
 
 class CacheBudget:
-    """Cache tokens (per block) shared by all sessions; touched from the event loop only."""
+    """Cache tokens (per block) shared by all sessions; touched from the event loop only.
 
-    def __init__(self, total_tokens: int) -> None:
+    `max_session_tokens` caps what one session may hold (`capacity * batch_size`), so
+    that one request never takes the whole budget while others wait.
+    """
+
+    def __init__(
+        self,
+        total_tokens: int,
+        *,
+        page_tokens: int = 128,
+        max_session_tokens: int | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
         if total_tokens < 0:
             raise ValueError(f"total_tokens must be >= 0, got {total_tokens}")
+        if page_tokens < 1:
+            raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
         self.total_tokens = total_tokens
         self.free_tokens = total_tokens
+        self.page_tokens = page_tokens
+        self.max_session_tokens = total_tokens if max_session_tokens is None else max_session_tokens
+        self.retry_after_s = retry_after_s
 
-    def try_reserve(self, num_tokens: int) -> bool:
-        if num_tokens > self.free_tokens:
-            return False
+    def first_page(self, max_length: int, batch_size: int) -> int:
+        """Reserve a new session's first page; returns its capacity (slots per sequence)."""
+        capacity = min(max_length, self.page_tokens)
+        num_tokens = capacity * batch_size
+        if num_tokens > min(self.free_tokens, self.max_session_tokens):
+            raise Busy(
+                f"no room for a first page of {num_tokens} cache tokens "
+                f"(batch {batch_size} x {capacity}): {self._room()}",
+                retry_after_s=self.retry_after_s,
+            )
         self.free_tokens -= num_tokens
-        return True
+        return capacity
+
+    def grow(self, session: Session, needed_length: int) -> None:
+        """Make `session.capacity >= needed_length` (<= its max_length), or raise and
+        reserve nothing."""
+        if needed_length <= session.capacity:
+            return
+        B = session.batch_size
+        if needed_length * B > self.max_session_tokens:
+            raise CacheLimitExceeded(
+                f"the step needs {needed_length * B} cache tokens (batch {B} x length "
+                f"{needed_length}); one session may hold at most {self.max_session_tokens} "
+                f"of this host's {self.total_tokens} (max_session_cache_fraction)"
+            )
+        capacity = self._grown_capacity(session, needed_length)
+        extra_tokens = (capacity - session.capacity) * B
+        if extra_tokens > self.free_tokens:
+            raise Busy(
+                f"no room to grow the session's cache by {extra_tokens} tokens to "
+                f"{capacity * B}: {self._room()}",
+                retry_after_s=self.retry_after_s,
+            )
+        self.free_tokens -= extra_tokens
+        session.capacity = capacity
+
+    def _grown_capacity(self, session: Session, needed_length: int) -> int:
+        # Doubling keeps the number of grow-and-copy rounds logarithmic in the length;
+        # whole pages keep the allocations few sizes. Never less than the step needs,
+        # never more than the session may hold or the budget has free.
+        doubled = max(needed_length, 2 * session.capacity)
+        paged = -(-doubled // self.page_tokens) * self.page_tokens
+        affordable = session.capacity + self.free_tokens // session.batch_size
+        allowed = self.max_session_tokens // session.batch_size
+        return max(needed_length, min(paged, session.max_length, allowed, affordable))
 
     def release(self, num_tokens: int) -> None:
         self.free_tokens = min(self.total_tokens, self.free_tokens + num_tokens)
+
+    def _room(self) -> str:
+        return (
+            f"{self.free_tokens} of {self.total_tokens} free, at most "
+            f"{self.max_session_tokens} per session"
+        )
 
 
 @dataclass(eq=False)
@@ -95,13 +179,15 @@ class Session:
     in_flight: int = 0
     closed: bool = False
     tokens_processed: int = 0
-    # Compute-thread state. Slots [0, length) of every block's cache hold valid entries.
+    capacity: int = 0  # slots per sequence reserved in the budget (event loop's)
+    # Compute-thread state. Slots [0, length) of every block's cache hold valid entries;
+    # the buffers hold at most `capacity` slots, allocated as steps need them.
     length: int = 0
     cache: SpanCache | None = None
 
     @property
     def reserved_tokens(self) -> int:
-        return self.batch_size * self.max_length
+        return self.batch_size * self.capacity
 
     def touch(self) -> None:
         self.last_active_s = time.monotonic()
@@ -156,7 +242,7 @@ def check_positive_int(value: object, name: str, *, maximum: int) -> int:
 
 
 def check_step_position(session: Session, start_position: object, num_tokens: int) -> int:
-    """Static checks (the gap check needs the session's length and runs at compute time)."""
+    """Static checks (the gap check needs the session's length: `check_no_gap`)."""
     if not isinstance(start_position, int) or isinstance(start_position, bool):
         raise BadRequest(f"start_position must be an integer, got {type(start_position).__name__}")
     if start_position < 0:
@@ -167,3 +253,12 @@ def check_step_position(session: Session, start_position: object, num_tokens: in
             f"beyond the session's max_length {session.max_length}"
         )
     return start_position
+
+
+def check_no_gap(session: Session, start_position: int) -> None:
+    """A step may roll back or replay, never start past the tokens the session holds."""
+    if start_position > session.length:
+        raise BadRequest(
+            f"start_position {start_position} would leave a gap: the session holds "
+            f"{session.length} tokens"
+        )
