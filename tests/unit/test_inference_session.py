@@ -139,7 +139,7 @@ class FakeSwarm:
     async def connect(self, peer_id: str) -> SpanClient:
         return self.by_id[peer_id]
 
-    async def refresh(self) -> None:
+    async def refresh(self, max_age_s: float = 0.0) -> None:
         self.refreshes += 1
         for host in self.on_refresh:
             self.by_id[host.peer_id] = host

@@ -36,8 +36,9 @@ class FakeDiscovery:
 
     async def find_hosts(self, model, block_range, *, include_offline=False):
         self.lookups += 1
+        found = list(self.records)  # what the lookup saw when it began
         await asyncio.sleep(0.01)  # a DHT lookup takes a while
-        return {0: list(self.records)}
+        return {0: found}
 
 
 class Host:
@@ -75,7 +76,7 @@ async def view():
         Credentials.generate(),
         initial_peers=(),
         settings=ClientSettings(
-            refresh_interval_s=3600, liveness_interval_s=0.1, min_refresh_interval_s=0.0
+            refresh_interval_s=3600, liveness_interval_s=0.1
         ),
     )
     swarm._discovery = discovery  # type: ignore[assignment]
@@ -163,3 +164,19 @@ async def test_concurrent_refreshes_share_one_lookup(view) -> None:
     before = discovery.lookups
     await asyncio.gather(*(swarm.refresh() for _ in range(50)))
     assert discovery.lookups == before + 1
+    await asyncio.gather(*(swarm.refresh(max_age_s=60.0) for _ in range(50)))
+    assert discovery.lookups == before + 1  # the view is young enough
+
+
+async def test_a_refresh_returns_a_view_read_after_it_was_called(view) -> None:
+    """A refresh already under way when a host came online must not stand in for the
+    caller's: the caller gets a lookup that began after its call."""
+    swarm, discovery, hub = view
+    host = Host(hub)
+    await host.listen()
+    under_way = asyncio.create_task(swarm.refresh())
+    await asyncio.sleep(0.001)  # its lookup has begun, with no record yet
+    discovery.records = [host.record()]
+    await swarm.refresh()
+    assert peers(swarm) == {host.record().peer_id}
+    await under_way

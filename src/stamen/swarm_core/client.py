@@ -59,7 +59,6 @@ class ClientSettings:
     step_timeout_s: float = 30.0
     ping_timeout_s: float = 3.0
     reply_codec: Codec = Codec.NONE
-    min_refresh_interval_s: float = 0.5  # on-demand refreshes closer than this are shared
     liveness_interval_s: float = 1.0  # how often hosts with lost connections are redialed
     max_connections_per_host: int = 8  # dialed one by one as the open ones fill up
 
@@ -238,8 +237,8 @@ class SwarmClient:
         self._pings: dict[str, float] = {}
         self._connections: dict[str, HostConnections] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._refreshing: asyncio.Future[None] | None = None
-        self._refreshed_at_s = float("-inf")
+        self._refreshing: asyncio.Task[None] | None = None
+        self._read_began_s = float("-inf")  # when the lookup behind the current view began
         self.refreshed = asyncio.Event()
 
     async def __aenter__(self) -> SwarmClient:
@@ -256,6 +255,8 @@ class SwarmClient:
 
     async def aclose(self) -> None:
         tasks, self._tasks = self._tasks, []
+        if self._refreshing is not None:
+            tasks.append(self._refreshing)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -337,25 +338,27 @@ class SwarmClient:
 
     # -- background refresh -------------------------------------------------------------
 
-    async def refresh(self) -> None:
-        """Re-read host records from the DHT and re-measure pings of connected hosts.
-        Concurrent callers share one refresh, and a view younger than
-        `min_refresh_interval_s` is not re-read: many sessions that find no route at
-        once cost the DHT one lookup."""
-        if self._refreshing is not None:
+    async def refresh(self, max_age_s: float = 0.0) -> None:
+        """Make the view one read from the DHT at most `max_age_s` before this call (by
+        default: after it began), and re-measure pings of connected hosts. Concurrent
+        callers share one lookup: many sessions that find no route at once, asking for a
+        view at most a second old, cost the DHT one read, not one each."""
+        wanted_s = time.monotonic() - max_age_s
+        while self._read_began_s < wanted_s:
+            if self._refreshing is None:
+                self._refreshing = asyncio.create_task(self._refresh_now())
+                self._refreshing.add_done_callback(self._refresh_done)
+            # Shielded: a waiter that is cancelled must not cancel the others' lookup.
             await asyncio.shield(self._refreshing)
-            return
-        if time.monotonic() - self._refreshed_at_s < self.settings.min_refresh_interval_s:
-            return
-        self._refreshing = asyncio.get_running_loop().create_future()
-        try:
-            await self._refresh_now()
-        finally:
-            self._refreshed_at_s = time.monotonic()
-            self._refreshing.set_result(None)
+
+    def _refresh_done(self, task: asyncio.Task[None]) -> None:
+        if self._refreshing is task:
             self._refreshing = None
+        if not task.cancelled():
+            task.exception()  # retrieved here; the waiters got it raised
 
     async def _refresh_now(self) -> None:
+        began_s = time.monotonic()
         found = await self._discovery.find_hosts(
             self.model_name, (0, self.num_blocks), include_offline=True
         )
@@ -370,6 +373,7 @@ class SwarmClient:
                 if known is None or record.freshness() > known.freshness():
                     newest[record.peer_id] = record
         self._records = newest
+        self._read_began_s = max(self._read_began_s, began_s)
         await asyncio.gather(*(self._ping(p) for p in list(self._connections)))
         self.refreshed.set()
 

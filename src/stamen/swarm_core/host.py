@@ -184,6 +184,7 @@ class Host:
         self.transport = transport
         self.peer_id = peer_id_of(credentials)
         self.state = HostState.JOINING
+        self.started_at_s = time.time()  # this incarnation, in every record it announces
         self.span_range: tuple[int, int] | None = None
         self.throughput_tokens_s = 0.0
         self.addresses: list[str] = []
@@ -308,6 +309,7 @@ class Host:
             state=self.state,
             addresses=self.addresses,
             ttl_s=self.settings.record_ttl_s,
+            started_at_s=self.started_at_s,
         )
         return msgspec.structs.replace(
             record,

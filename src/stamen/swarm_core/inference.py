@@ -105,6 +105,9 @@ class _Hop:
 
 
 MAX_CAUSES = 16  # failures a SessionFailedError reports (the newest)
+# Sessions without a route want a view of the swarm at most this old (one DHT read per
+# second, however many sessions are waiting).
+VIEW_MAX_AGE_S = 1.0
 # The route's hosts need room for the session's first tokens; the cache grows from there.
 ROUTE_CACHE_TOKENS = 128
 
@@ -388,7 +391,7 @@ class InferenceSession:
                 # Nothing to route around: re-read the swarm (a host may have restarted or
                 # joined), give busy hosts another chance, and back off.
                 avoid.busy.clear()
-                await self._view.refresh()
+                await self._view.refresh(max_age_s=VIEW_MAX_AGE_S)
                 await attempts.wait()
                 continue
             for route_hop in route:

@@ -175,7 +175,7 @@ class SwarmView(Protocol):
         Raises `HopError` when the host cannot be reached."""
         ...
 
-    async def refresh(self) -> None:
-        """Re-read the swarm now (no route was found in the snapshot). Implementations
-        coalesce concurrent calls and may return at once when the view is fresh."""
+    async def refresh(self, max_age_s: float = 0.0) -> None:
+        """Make the snapshot one read at most `max_age_s` before this call (no route was
+        found in it). Implementations share one read among concurrent callers."""
         ...
