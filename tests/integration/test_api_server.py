@@ -3,10 +3,11 @@ client that disconnects mid-stream."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
@@ -77,3 +78,37 @@ def test_client_disconnect_mid_stream_closes_the_chain(served: tuple[str, LocalE
     assert engine.chains_in_use == 0
     metrics = httpx.get(f"{base_url}/metrics").text
     assert "stamen_api_requests_in_flight 0.0" in metrics
+
+
+def send_and_abandon(base_url: str, body: dict, in_use: Callable[[], bool]) -> float:
+    """POST `body` on a raw socket, close it once `in_use()`; seconds until not `in_use()`."""
+    host, port = base_url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        _wait_until(in_use, 60, "the generation to start")
+        time.sleep(0.5)
+    closed = time.monotonic()
+    _wait_until(lambda: not in_use(), 10, "the generation to stop")
+    return time.monotonic() - closed
+
+
+def test_client_disconnect_before_a_whole_completion_closes_the_chain(
+    served: tuple[str, LocalEngine],
+) -> None:
+    base_url, engine = served
+    body = {
+        "model": engine.model_id,
+        "messages": [{"role": "user", "content": "Write a very long story."}],
+        "max_tokens": 4000,
+        "logit_bias": {str(token): -100 for token in engine.eos_token_ids},
+    }
+    elapsed = send_and_abandon(base_url, body, lambda: engine.chains_in_use > 0)
+    assert elapsed < 1.0
+    metrics = httpx.get(f"{base_url}/metrics").text
+    assert "stamen_api_requests_in_flight 0.0" in metrics
+    assert 'endpoint="/v1/chat/completions",status="499"' in metrics

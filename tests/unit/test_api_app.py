@@ -313,3 +313,116 @@ def test_admission_refuses_with_429_beyond_the_limit(engine: LocalEngine) -> Non
     release()  # idempotent: a double release must not free a slot it did not hold
     state.admit()
     assert state.in_flight == 1
+
+
+OUT_OF_RANGE = [
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**64)}, "seed"),
+    ({"seed": 2**63}, "seed"),
+    ({"temperature": 1e308}, "temperature"),
+    ({"temperature": "NaN"}, "temperature"),
+    ({"temperature": "Infinity"}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 10**30}, "n"),
+    ({"n": 2**63}, "n"),
+    ({"max_tokens": 2**64}, "max_tokens"),
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"frequency_penalty": -1e308}, "frequency_penalty"),
+    ({"logit_bias": {"5": 1e308}}, "logit_bias"),
+    ({"logprobs": True, "top_logprobs": 2**64}, "top_logprobs"),
+]
+
+
+@pytest.mark.parametrize(("extra", "param"), OUT_OF_RANGE)
+async def test_out_of_range_numbers_get_400_naming_the_field(
+    engine: LocalEngine, extra: dict[str, Any], param: str
+) -> None:
+    async with client_for(engine) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(engine, **extra))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"model": "m", "messages": [], "temperature": 1e999}',
+        b'{"model": "m", "messages": [], "temperature": NaN}',
+        b'{"model": "m", "prompt": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+        b"[" * 100_000,
+    ],
+    ids=["1e999", "NaN literal", "1000 levels", "100k open brackets"],
+)
+async def test_pathological_bodies_get_400_never_500(engine: LocalEngine, content: bytes) -> None:
+    async with client_for(engine) as client:
+        for path in ("/v1/chat/completions", "/v1/completions"):
+            response = await client.post(path, content=content)
+            assert response.status_code == 400, (path, response.text)
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_brackets_inside_strings_do_not_count_as_nesting(engine: LocalEngine) -> None:
+    body = chat_body(engine, max_tokens=1, messages=[{"role": "user", "content": "[{" * 500}])
+    async with client_for(engine) as client:
+        response = await client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+
+
+async def test_openapi_document_describes_the_request_bodies(engine: LocalEngine) -> None:
+    async with client_for(engine, api_keys=frozenset({"sesame"})) as client:
+        response = await client.get("/schema/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.1")
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    ref = chat["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/ChatCompletionRequest"
+    request = document["components"]["schemas"]["ChatCompletionRequest"]
+    seed = request["properties"]["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (-(2**63), 2**63 - 1)
+    assert request["properties"]["temperature"]["anyOf"][0]["maximum"] == 2.0
+    assert "/v1/completions" in document["paths"] and "/readyz" in document["paths"]
+    assert "/v1/models/{model_id}" in document["paths"]
+
+
+async def test_liveness_and_readiness_are_separate(engine: LocalEngine) -> None:
+    async with client_for(FailingEngine(engine, ready=False), retry_after_s=7) as client:
+        probes = {path: await client.get(path) for path in ("/livez", "/health/live")}
+        for path in ("/readyz", "/health/ready", "/health"):
+            probes[path] = await client.get(path)
+    for path in ("/livez", "/health/live"):
+        assert probes[path].status_code == 200 and probes[path].json()["status"] == "alive"
+    for path in ("/readyz", "/health/ready", "/health"):
+        response = probes[path]
+        assert response.status_code == 503 and response.headers["retry-after"] == "7"
+        body = response.json()
+        assert body["status"] == "unavailable" and body["models"] == {engine.model_id: False}
+        assert any("no route" in reason for reason in body["reasons"])
+    async with client_for(engine) as client:
+        ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {
+        "status": "ready",
+        "reasons": [],
+        "models": {engine.model_id: True},
+    }
+
+
+async def test_chat_without_max_tokens_reserves_the_default_not_the_context(
+    engine: LocalEngine,
+) -> None:
+    lengths: list[int] = []
+
+    class Recording(FailingEngine):
+        @asynccontextmanager
+        async def open_chain(self, max_length: int, batch_size: int) -> AsyncIterator[Any]:
+            lengths.append(max_length)
+            async with self._inner.open_chain(max_length, batch_size) as chain:
+                yield chain
+
+    async with client_for(Recording(engine), default_max_tokens=3) as client:
+        response = await client.post("/v1/chat/completions", json=chat_body(engine))
+    assert response.status_code == 200
+    assert response.json()["usage"]["completion_tokens"] <= 3
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
+    assert lengths == [prompt_tokens + 3]

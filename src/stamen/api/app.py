@@ -6,7 +6,13 @@ app's lifespan enters it at startup and leaves it at shutdown, so whoever builds
 `ApiState` reaches handlers through the `api` dependency.
 
 API keys, when configured, guard every `/v1/` route (`Authorization: Bearer KEY`);
-`/health` and `/metrics` stay open for probes and scrapers.
+the probes (`/livez`, `/readyz`, `/health...`), `/metrics` and the OpenAPI document stay
+open for load balancers, scrapers and tools.
+
+Shutdown: `begin_shutdown(app)` (the CLI calls it on SIGTERM/SIGINT, before uvicorn waits
+for connections) makes readiness 503 and ends every generation in flight; the lifespan
+calls it again on the way out, then leaves the engines' context (sessions closed, an
+embedded swarm stopped).
 """
 
 from __future__ import annotations
@@ -100,6 +106,13 @@ def _count_requests(metrics: ApiMetrics) -> Callable[[ASGIApp], ASGIApp]:
     return middleware
 
 
+def begin_shutdown(app: Litestar) -> None:
+    """Refuse new generations and end those in flight; a no-op before startup."""
+    api: ApiState | None = getattr(app.state, "api", None)
+    if api is not None:
+        api.begin_shutdown()
+
+
 def create_app(
     settings: ServingSettings, engines: EngineProvider, *, debug: bool = False
 ) -> Litestar:
@@ -118,7 +131,10 @@ def create_app(
             holder["api"] = api
             app.state.api = api
             logger.info("serving models %s", list(api.engines))
-            yield
+            try:
+                yield
+            finally:
+                api.begin_shutdown()
 
     return Litestar(
         route_handlers=route_handlers,

@@ -11,6 +11,14 @@ once in `main()`. `build_engines` is the one place that decides what runs the mo
   as child processes, `LocalSwarm`) serving each model, stopped on exit. With no
   `--model` either, the bundled SmolLM2-135M-Instruct is served;
 - with `--in-process`, every block in this process (`LocalEngine`), no swarm at all.
+
+Shutdown (SIGTERM, or SIGINT) takes at most `SHUTDOWN_BOUND_S` (5 s): at the signal the
+app ends every generation in flight (streams get an error event, whole completions a
+503) and readiness turns 503; uvicorn then gives connections `SHUTDOWN_GRACE_S` to close
+before cancelling what is left; the lifespan closes the engines' sessions and stops an
+embedded swarm (SIGTERM to its children, SIGKILL after `CHILD_STOP_S` per group). The
+children also watch this process (`--parent-pid`) and stop within about a second if it
+dies without cleaning up.
 """
 
 from __future__ import annotations
@@ -24,8 +32,13 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from stamen.api.app import EngineProvider, create_app
+import uvicorn
+from litestar import Litestar
+
+from stamen.api.app import EngineProvider, begin_shutdown, create_app
 from stamen.api.engine import EngineClient, LocalEngine
 from stamen.api.state import ServingSettings
 from stamen.api.swarm_engine import SwarmEngine
@@ -37,6 +50,9 @@ from stamen.testing import bundled_smollm2_gguf
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
+SHUTDOWN_GRACE_S = 2  # uvicorn waits this long for connections once generations ended
+CHILD_STOP_S = 1.5  # an embedded swarm's hosts, then its bootstrap, get this long each
+SHUTDOWN_BOUND_S = 5.0  # about SHUTDOWN_GRACE_S + 2 * CHILD_STOP_S: what tests hold us to
 
 
 @dataclass(frozen=True)
@@ -118,8 +134,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-concurrent-requests",
         type=int,
-        default=int(_env(environ, "MAX_CONCURRENT_REQUESTS", "64") or 64),
-        help="generations in flight before new ones get 429 (default 64)",
+        default=int(_env(environ, "MAX_CONCURRENT_REQUESTS", "512") or 512),
+        help="generations in flight before new ones get 429 (default 512)",
     )
     parser.add_argument(
         "--max-n",
@@ -132,6 +148,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
         default=int(_env(environ, "MAX_BODY_BYTES", str(4 << 20)) or 4 << 20),
         help="larger request bodies get 413 (default 4 MiB)",
+    )
+    parser.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=int(_env(environ, "DEFAULT_MAX_TOKENS", "1024") or 1024),
+        help="tokens a chat completion may generate when the request names no max_tokens "
+        "(clamped to the room the context leaves; default 1024)",
     )
     parser.add_argument(
         "--keepalive-s",
@@ -160,7 +183,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
         if bundled is None:
             parser.error("no model to serve: pass --model (or set STAMEN_MODEL)")
         model_texts = [f"{DEFAULT_MODEL_ID}={bundled}"]
-    for name in ("max_concurrent_requests", "max_n", "max_body_bytes"):
+    for name in ("max_concurrent_requests", "max_n", "max_body_bytes", "default_max_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -179,6 +202,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
             max_concurrent_requests=args.max_concurrent_requests,
             max_n=args.max_n,
             max_body_bytes=args.max_body_bytes,
+            default_max_tokens=args.default_max_tokens,
             keepalive_s=args.keepalive_s,
         ),
         log_level=args.log_level.upper(),
@@ -214,7 +238,9 @@ async def _engine(
             settings.local_hosts,
             spec.ref,
         )
-        swarm = LocalSwarm(spec.ref, num_blocks, num_hosts=settings.local_hosts)
+        swarm = LocalSwarm(
+            spec.ref, num_blocks, num_hosts=settings.local_hosts, stop_timeout_s=CHILD_STOP_S
+        )
         await stack.enter_async_context(swarm)
         peers = swarm.initial_peers
     engine = await SwarmEngine.connect(spec.ref, peers, model_id=spec.model_id)
@@ -233,11 +259,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("kademlia", "rpcudp"):  # they log every datagram at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import uvicorn
-
     app = create_app(settings.serving, build_engines(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
+    try:
+        _Server(config, app).run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT once it has shut down cleanly
+        pass
     return 0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the app at the first SIGTERM/SIGINT, so that the generations in
+    flight end before uvicorn starts waiting for their connections to close."""
+
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[Any] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # A signal handler runs between two bytecodes of the loop: hand over, do not act.
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(begin_shutdown, self._app)
 
 
 if __name__ == "__main__":

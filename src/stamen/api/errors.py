@@ -8,7 +8,9 @@
 
 Status codes follow OpenAI: 400 for every invalid request (validation included, where
 Litestar would say 422), 401 bad key, 404 unknown model or route, 413 body too large,
-429 too many requests in flight, 503 (with Retry-After) while the swarm cannot serve.
+429 too many requests in flight, 503 (with Retry-After) while the swarm cannot serve or
+the server is stopping; 499 (nginx's "client closed request", for the logs and metrics
+only: nobody reads it) when the client left before its answer was ready.
 An unexpected exception is logged and answered 500 in the same shape, never a traceback.
 
 This module knows nothing about models or decoding.
@@ -33,6 +35,7 @@ _TYPE_BY_STATUS = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    499: "invalid_request_error",
     429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
@@ -100,6 +103,19 @@ def not_ready(retry_after_s: int) -> APIError:
         code="service_unavailable",
         headers={"Retry-After": str(retry_after_s)},
     )
+
+
+def shutting_down(retry_after_s: int) -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down; retry on another replica or shortly.",
+        code="service_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def client_closed() -> APIError:
+    return APIError(499, "The client closed the request.", code="client_closed_request")
 
 
 def error_response(error: APIError) -> Response[bytes]:

@@ -3,12 +3,20 @@
 GET  /v1/models, /v1/models/{model_id}     the served models
 POST /v1/chat/completions, /v1/completions  generation (JSON or SSE stream)
 GET  /v1/swarm                              which hosts serve which blocks
-GET  /health                                200 when every model can be served, else 503
+GET  /livez, /health/live                   liveness: 200 while the process serves
+GET  /readyz, /health/ready, /health        readiness: 200 when a request sent now would
+                                            be served, else 503 + Retry-After + reasons
 GET  /metrics                               Prometheus text format
+GET  /schema/openapi.json                   the OpenAPI document (`stamen.api.openapi`)
+
+A generation ends early when its client disconnects or the server stops: streams
+through `sse_stream`, whole completions through `unless_abandoned`.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -18,50 +26,98 @@ from litestar.params import FromPath
 
 from stamen.api import responses
 from stamen.api import schemas as s
+from stamen.api.cancellation import unless_abandoned
+from stamen.api.openapi import OPENAPI_PATH, openapi_document
 from stamen.api.serving import chat_job, check_ready, completion_jobs
 from stamen.api.state import ApiState
 from stamen.api.streaming import sse_stream
 
 Api = NamedDependency[ApiState]
+AnyRequest = Request[Any, Any, Any]
+
+
+def _stream(api: ApiState, chunks: AsyncIterator[dict], release: Callable[[], None]) -> Any:
+    return sse_stream(
+        chunks,
+        keepalive_s=api.settings.keepalive_s,
+        on_close=release,
+        stopping=api.stopping,
+        retry_after_s=api.settings.retry_after_s,
+    )
+
+
+async def _whole(
+    api: ApiState,
+    request: AnyRequest,
+    work: Coroutine[Any, Any, Any],
+    release: Callable[[], None],
+) -> Response[Any]:
+    try:
+        result = await unless_abandoned(
+            work,
+            receive=request.receive,
+            stopping=api.stopping,
+            retry_after_s=api.settings.retry_after_s,
+        )
+    finally:
+        release()
+    return Response(result)
 
 
 def _model(api: ApiState, engine_id: str) -> s.Model:
     return s.Model(id=engine_id, created=api.started_at, owned_by="stamen")
 
 
-@get("/v1/models", sync_to_thread=False)
+@get("/v1/models", sync_to_thread=False, response_body=s.ModelList)
 def list_models(api: Api) -> s.ModelList:
+    """List the served models."""
     return s.ModelList(data=[_model(api, model_id) for model_id in api.engines])
 
 
-@get("/v1/models/{model_id:path}", sync_to_thread=False)
+@get("/v1/models/{model_id:path}", sync_to_thread=False, response_body=s.Model)
 def retrieve_model(api: Api, model_id: FromPath[str]) -> s.Model:
+    """Retrieve one served model."""
     engine = api.engine(model_id.lstrip("/"))
     return _model(api, engine.model_id)
 
 
-@post("/v1/chat/completions", status_code=200)
-async def create_chat_completion(request: Request[Any, Any, Any], api: Api) -> Response[Any]:
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    request_body=s.ChatCompletionRequest,
+    response_body=s.ChatCompletion,
+    streams=True,
+)
+async def create_chat_completion(request: AnyRequest, api: Api) -> Response[Any]:
+    """Create a chat completion (JSON, or server-sent events with `stream: true`)."""
     body = s.decode_request(await request.body(), s.ChatCompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
-    job = chat_job(body, engine, max_n=api.settings.max_n)
+    job = chat_job(
+        body,
+        engine,
+        max_n=api.settings.max_n,
+        default_max_tokens=api.settings.default_max_tokens,
+    )
     release = api.admit()
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunks = responses.chat_chunks(
             engine, job, include_usage=include_usage, metrics=api.metrics
         )
-        return sse_stream(chunks, keepalive_s=api.settings.keepalive_s, on_close=release)
-    try:
-        result = await responses.chat_completion(engine, job, api.metrics)
-    finally:
-        release()
-    return Response(result)
+        return _stream(api, chunks, release)
+    return await _whole(api, request, responses.chat_completion(engine, job, api.metrics), release)
 
 
-@post("/v1/completions", status_code=200)
-async def create_completion(request: Request[Any, Any, Any], api: Api) -> Response[Any]:
+@post(
+    "/v1/completions",
+    status_code=200,
+    request_body=s.CompletionRequest,
+    response_body=s.Completion,
+    streams=True,
+)
+async def create_completion(request: AnyRequest, api: Api) -> Response[Any]:
+    """Create a text completion (JSON, or server-sent events with `stream: true`)."""
     body = s.decode_request(await request.body(), s.CompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
@@ -73,16 +129,14 @@ async def create_completion(request: Request[Any, Any, Any], api: Api) -> Respon
         chunks = responses.completion_chunks(
             engine, jobs, echo=echo, include_usage=include_usage, metrics=api.metrics
         )
-        return sse_stream(chunks, keepalive_s=api.settings.keepalive_s, on_close=release)
-    try:
-        result = await responses.completion(engine, jobs, echo=echo, metrics=api.metrics)
-    finally:
-        release()
-    return Response(result)
+        return _stream(api, chunks, release)
+    work = responses.completion(engine, jobs, echo=echo, metrics=api.metrics)
+    return await _whole(api, request, work, release)
 
 
 @get("/v1/swarm", sync_to_thread=False)
 def swarm(api: Api) -> dict[str, Any]:
+    """Which hosts serve which blocks of each model."""
     return {
         "object": "swarm",
         "ready": api.ready(),
@@ -90,20 +144,43 @@ def swarm(api: Api) -> dict[str, Any]:
     }
 
 
-@get("/health", sync_to_thread=False)
-def health(api: Api) -> Response[dict[str, Any]]:
-    ready = api.ready()
-    headers = {} if ready else {"Retry-After": str(api.settings.retry_after_s)}
+@get(["/livez", "/health/live"], sync_to_thread=False)
+def live() -> dict[str, str]:
+    """Liveness: 200 while the process serves HTTP (restart it if this fails)."""
+    return {"status": "alive"}
+
+
+@get(["/readyz", "/health/ready", "/health"], sync_to_thread=False)
+def ready(api: Api) -> Response[dict[str, Any]]:
+    """Readiness: 200 when a request sent now would be served, else 503 with the reasons."""
+    reasons = api.unready_reasons()
+    headers = {"Retry-After": str(api.settings.retry_after_s)} if reasons else {}
     return Response(
-        {"status": "ok" if ready else "unavailable", "models": list(api.engines)},
-        status_code=200 if ready else 503,
+        {
+            "status": "unavailable" if reasons else "ready",
+            "reasons": reasons,
+            "models": {model_id: e.ready() for model_id, e in api.engines.items()},
+        },
+        status_code=503 if reasons else 200,
         headers=headers,
     )
 
 
 @get("/metrics", sync_to_thread=False, media_type="text/plain; version=0.0.4")
 def metrics(api: Api) -> bytes:
+    """Prometheus metrics, text format."""
     return api.metrics.render()
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    return openapi_document(route_handlers, title="Stamen OpenAI-compatible API", version="1")
+
+
+@get(OPENAPI_PATH, sync_to_thread=False, include_in_schema=False)
+def openapi() -> dict[str, Any]:
+    """The OpenAPI document of this server."""
+    return _document()
 
 
 route_handlers = [
@@ -112,6 +189,8 @@ route_handlers = [
     create_chat_completion,
     create_completion,
     swarm,
-    health,
+    live,
+    ready,
     metrics,
+    openapi,
 ]

@@ -5,6 +5,15 @@ that each one is either honoured by `stamen.api.serving` or refused there with a
 names it; nothing is dropped silently. Fields the spec does not know are tolerated by
 `decode_request` and logged. Responses mirror OpenAI's objects field for field.
 
+Numeric ranges live on the types (`Annotated[..., msgspec.Meta(ge=, le=)]`), so the
+decoder refuses an out-of-range value before any handler sees it and the OpenAPI
+document (`stamen.api.openapi`) shows the same bounds. What depends on the server (`n`
+against `--max-n`, `max_tokens` against the context, token ids against the vocabulary)
+is checked in serving.
+
+`decode_request` is the trust boundary for bodies: it measures how deep the JSON nests
+(a linear scan) before decoding, so a pathological body is a 400, never a RecursionError.
+
 This module knows nothing about models or decoding; `decode_request` only turns bytes
 into a typed request or an `APIError`.
 """
@@ -13,13 +22,29 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
+import numpy as np
 
 from stamen.api.errors import invalid_request
 
 logger = logging.getLogger(__name__)
+
+# -- bounded numbers (OpenAI's ranges) ----------------------------------------------------
+
+MAX_JSON_DEPTH = 64
+
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+TokenCount = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=128)]
+Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
+Bias = Annotated[float, msgspec.Meta(ge=-100.0, le=100.0)]
+ChatTopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+CompletionTopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=5)]
+BestOf = Annotated[int, msgspec.Meta(ge=0, le=20)]
 
 # -- message content parts ----------------------------------------------------------------
 
@@ -106,26 +131,26 @@ class ChatCompletionRequest(msgspec.Struct):
     model: str
     modalities: list[str] | None = None
     reasoning_effort: str | None = None
-    max_completion_tokens: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    max_completion_tokens: TokenCount | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
     web_search_options: dict[str, Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: ChatTopLogprobs | None = None
     response_format: dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     store: bool | None = None
     stream: bool | None = None
     stop: str | list[str] | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Bias] | None = None
     logprobs: bool | None = None
-    max_tokens: int | None = None
-    n: int | None = None
+    max_tokens: TokenCount | None = None
+    n: Choices | None = None
     prediction: dict[str, Any] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     service_tier: str | None = None
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -143,21 +168,21 @@ class CompletionRequest(msgspec.Struct):
     # str, list[str], list[int] or list[list[int]]: checked in serving (msgspec unions
     # hold one array type)
     prompt: str | list[Any] | None = None
-    best_of: int | None = None
+    best_of: BestOf | None = None
     echo: bool | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: int | None = None
-    max_tokens: int | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    seed: int | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None
+    logprobs: CompletionTopLogprobs | None = None
+    max_tokens: TokenCount | None = None
+    n: Choices | None = None
+    presence_penalty: Penalty | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     user: str | None = None
 
 
@@ -294,13 +319,37 @@ class ModelList(msgspec.Struct):
 R = TypeVar("R", bound=msgspec.Struct)
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+# A JSON string, closed or running to the end of the body; possessive, so the scan is
+# linear even for a body of unbalanced quotes and backslashes.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+_NESTING_STEP = np.zeros(256, dtype=np.int8)
+_NESTING_STEP[[ord("["), ord("{")]] = 1
+_NESTING_STEP[[ord("]"), ord("}")]] = -1
+
+
+def nests_deeper_than(body: bytes, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest deeper than `limit` (brackets in
+    strings skipped).
+
+    Linear; about 0.4 s per million strings, so the scan runs only where there are more
+    than `limit` brackets at all (counting them is C speed)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    structure = np.frombuffer(_JSON_STRING.sub(b"", body), dtype=np.uint8)
+    depth = np.cumsum(_NESTING_STEP[structure], dtype=np.int64)  # (len(structure),)
+    return bool(depth.max(initial=0) > limit)
 
 
 def decode_request(body: bytes, request_type: type[R]) -> R:
     """Parse a JSON body into `request_type`, or raise a 400 `APIError` naming the field."""
+    if nests_deeper_than(body, MAX_JSON_DEPTH):
+        raise invalid_request(
+            f"The JSON body of your request nests deeper than {MAX_JSON_DEPTH} levels."
+        )
     try:
         raw = msgspec.json.decode(body)
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        # ValidationError: a number JSON allows but no machine type holds (1e999)
         raise invalid_request(
             f"We could not parse the JSON body of your request: {error}"
         ) from None
@@ -313,7 +362,7 @@ def decode_request(body: bytes, request_type: type[R]) -> R:
         return msgspec.convert(raw, request_type)
     except msgspec.ValidationError as error:
         match = _PATH.search(str(error))
-        param = match.group(1) if match else None
+        param = match.group(1).removesuffix("[...]") if match else None
         if param is None and "missing required field" in str(error):
             param = str(error).split("`")[1] if "`" in str(error) else None
         raise invalid_request(f"Invalid request: {error}", param=param) from None

@@ -1,7 +1,11 @@
 """OpenAI semantics on top of an `EngineClient`: validate, render, decode, count.
 
-1. `chat_job` / `completion_jobs` check every parameter (honoured, or a 400 naming it),
-   render the prompt (chat template) and size the generation against the context.
+1. `chat_job` / `completion_jobs` check every parameter (honoured, or a 400 naming it;
+   plain numeric ranges are on the schemas already), render the prompt (chat template)
+   and size the generation against the context. Without `max_tokens`, a chat completion
+   gets `default_max_tokens` (a server setting, 1024 by default) and a completion
+   OpenAI's 16, each clamped to the room the context leaves; the chain is opened for
+   prompt + that many tokens, never for the whole context unasked.
 2. `generate` opens one chain per prompt (batch = n choices), runs `decode` and yields
    `ChoiceDelta`s: text released by the choice's `StopTracker`, the tokens' logprobs, and
    a finish reason ("stop" for EOS or a stop sequence, "length" for max tokens).
@@ -32,8 +36,6 @@ from stamen.swarm_core.generation import decode
 logger = logging.getLogger(__name__)
 
 MAX_STOP_SEQUENCES = 4
-MAX_CHAT_TOP_LOGPROBS = 20
-MAX_COMPLETION_LOGPROBS = 5
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -65,11 +67,6 @@ class ChoiceDelta:
 # -- 1. validation and prompt rendering ----------------------------------------------------
 
 
-def _check_range(name: str, value: float | None, low: float, high: float) -> None:
-    if value is not None and not low <= value <= high:
-        raise invalid_request(f"Invalid '{name}': {value} is not in [{low}, {high}].", param=name)
-
-
 def _stop_list(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_SEQUENCES:
@@ -88,11 +85,6 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
                 f"Invalid key in 'logit_bias': {key!r} is not a token id of this model.",
                 param="logit_bias",
             )
-        if not -100 <= value <= 100:
-            raise invalid_request(
-                f"Invalid value in 'logit_bias': {value} is not in [-100, 100].",
-                param="logit_bias",
-            )
         out[int(key)] = float(value)
     return out
 
@@ -101,12 +93,8 @@ def _common_params(
     request: s.ChatCompletionRequest | s.CompletionRequest, max_n: int, vocab_size: int
 ) -> SamplingParams:
     n = 1 if request.n is None else request.n
-    if not 1 <= n <= max_n:
+    if n > max_n:
         raise invalid_request(f"Invalid 'n': {n} is not in [1, {max_n}].", param="n")
-    _check_range("temperature", request.temperature, 0.0, 2.0)
-    _check_range("top_p", request.top_p, 0.0, 1.0)
-    _check_range("presence_penalty", request.presence_penalty, -2.0, 2.0)
-    _check_range("frequency_penalty", request.frequency_penalty, -2.0, 2.0)
     return SamplingParams(
         max_new_tokens=0,
         n=n,
@@ -124,15 +112,13 @@ def _size(
     params: SamplingParams,
     prompt_length: int,
     requested: int | None,
-    default: int | None,
+    default: int,
     context_length: int,
     param: str,
     prompt_param: str,
 ) -> None:
-    if requested is not None and requested < 1:
-        raise invalid_request(f"Invalid '{param}': must be at least 1.", param=param)
     room = context_length - prompt_length
-    max_new = requested if requested is not None else (default if default is not None else room)
+    max_new = requested if requested is not None else min(default, room)
     if prompt_length == 0:
         raise invalid_request("The prompt is empty.", param=prompt_param)
     if max_new > room or room < 1:
@@ -209,13 +195,18 @@ def render_chat(tokenizer: Any, messages: Sequence[s.Message]) -> list[int]:
     return list(encoded["input_ids"])
 
 
-def chat_job(request: s.ChatCompletionRequest, engine: EngineClient, *, max_n: int) -> Job:
+def chat_job(
+    request: s.ChatCompletionRequest,
+    engine: EngineClient,
+    *,
+    max_n: int,
+    default_max_tokens: int,
+) -> Job:
     _refuse_chat_extras(request)
     vocab_size = len(engine.tokenizer)
     params = _common_params(request, max_n, vocab_size)
     if request.logprobs:
         params.logprobs = True
-        _check_range("top_logprobs", request.top_logprobs, 0, MAX_CHAT_TOP_LOGPROBS)
         params.top_logprobs = request.top_logprobs or 0
     elif request.top_logprobs is not None:
         raise invalid_request(
@@ -226,7 +217,15 @@ def chat_job(request: s.ChatCompletionRequest, engine: EngineClient, *, max_n: i
     param = "max_completion_tokens"
     if requested is None:
         requested, param = request.max_tokens, "max_tokens"
-    _size(params, len(prompt_ids), requested, None, engine.context_length, param, "messages")
+    _size(
+        params,
+        len(prompt_ids),
+        requested,
+        default_max_tokens,
+        engine.context_length,
+        param,
+        "messages",
+    )
     return Job(prompt_ids, params)
 
 
@@ -266,7 +265,6 @@ def completion_jobs(request: s.CompletionRequest, engine: EngineClient, *, max_n
     if request.best_of is not None and request.best_of != params.n:
         raise unsupported("best_of", "`best_of` different from `n`")
     if request.logprobs is not None:
-        _check_range("logprobs", request.logprobs, 0, MAX_COMPLETION_LOGPROBS)
         if request.echo:
             raise unsupported("logprobs", "`logprobs` together with `echo`")
         params.logprobs, params.top_logprobs = True, request.logprobs

@@ -1,14 +1,21 @@
-"""Typed application state: settings, engines by model id, metrics, admission control."""
+"""Typed application state: settings, engines by model id, metrics, admission control,
+readiness, and the `stopping` switch that ends every generation in flight at shutdown.
+
+Readiness is "a request sent now would be served": not stopping, every model's engine
+`ready()` (a route through live, non-banned hosts), and a generation slot free. Each
+reason it is not is named, for the `/readyz` body.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from stamen.api.engine import EngineClient
-from stamen.api.errors import APIError, model_not_found
+from stamen.api.errors import APIError, model_not_found, shutting_down
 from stamen.api.metrics import ApiMetrics
 
 logger = logging.getLogger(__name__)
@@ -19,8 +26,9 @@ class ServingSettings:
     """What the HTTP layer needs from the CLI's settings."""
 
     api_keys: frozenset[str] = frozenset()
-    max_concurrent_requests: int = 64
+    max_concurrent_requests: int = 512  # hosts queue by cache; this bounds the API's own state
     max_n: int = 8
+    default_max_tokens: int = 1024  # a chat completion without max_tokens, clamped to room
     max_body_bytes: int = 4 * 1024 * 1024
     keepalive_s: float = 10.0
     retry_after_s: int = 5
@@ -33,6 +41,7 @@ class ApiState:
     metrics: ApiMetrics
     started_at: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     def engine(self, model_id: str) -> EngineClient:
         try:
@@ -40,11 +49,35 @@ class ApiState:
         except KeyError:
             raise model_not_found(model_id) from None
 
+    def unready_reasons(self) -> list[str]:
+        """Why a request sent now would not be served; empty when it would."""
+        reasons = []
+        if self.stopping.is_set():
+            reasons.append("the server is shutting down")
+        if not self.engines:
+            reasons.append("no model is loaded")
+        for model_id, engine in self.engines.items():
+            if not engine.ready():
+                reasons.append(f"{model_id}: no route through live hosts covers every block")
+        if self.in_flight >= self.settings.max_concurrent_requests:
+            reasons.append(f"at capacity: {self.in_flight} generations in flight")
+        return reasons
+
     def ready(self) -> bool:
-        return bool(self.engines) and all(engine.ready() for engine in self.engines.values())
+        return not self.unready_reasons()
+
+    def begin_shutdown(self) -> None:
+        """Refuse new generations and end those in flight (streams with an error event,
+        non-streamed requests with a 503)."""
+        if not self.stopping.is_set():
+            logger.info("shutting down: ending %d generations in flight", self.in_flight)
+            self.stopping.set()
 
     def admit(self) -> Callable[[], None]:
-        """Take a generation slot or answer 429; returns the (idempotent) release."""
+        """Take a generation slot or answer 429 (503 while stopping); returns the
+        (idempotent) release."""
+        if self.stopping.is_set():
+            raise shutting_down(self.settings.retry_after_s)
         if self.in_flight >= self.settings.max_concurrent_requests:
             raise APIError(
                 429,

@@ -7,7 +7,9 @@ connection open. If the producer fails mid-stream, the client gets one `data:` e
 an OpenAI error object (the SDK raises it) and no `[DONE]`.
 
 When the response is abandoned (a client disconnect cancels Litestar's stream), the
-`finally` cancels the producer, which closes its chain and frees the hosts' cache.
+`finally` cancels the producer, which closes its chain and frees the hosts' cache. When
+the server stops (`stopping` is set), the producer is cancelled the same way and the
+client gets a `service_unavailable` error event in place of the chunks not yet sent.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from litestar.response import ServerSentEvent
 from litestar.response.sse import ServerSentEventMessage
 
 from stamen.api.engine import EngineUnavailable
-from stamen.api.errors import APIError, unavailable
+from stamen.api.errors import APIError, shutting_down, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +56,30 @@ async def _pump(chunks: AsyncIterator[dict], queue: asyncio.Queue[object]) -> No
         await queue.put(_END)
 
 
+async def _stop_on(
+    stopping: asyncio.Event,
+    producer: asyncio.Task[None],
+    queue: asyncio.Queue[object],
+    retry_after_s: int,
+) -> None:
+    await stopping.wait()
+    producer.cancel()
+    while not queue.empty():  # the stream ends now, not after the chunks already queued
+        queue.get_nowait()
+    queue.put_nowait(shutting_down(retry_after_s))
+
+
 async def _events(
-    chunks: AsyncIterator[dict], keepalive_s: float, on_close: Callable[[], None]
+    chunks: AsyncIterator[dict],
+    keepalive_s: float,
+    on_close: Callable[[], None],
+    stopping: asyncio.Event,
+    retry_after_s: int,
 ) -> AsyncIterator[ServerSentEventMessage]:
     # Bounded: a client that reads slowly makes the producer wait instead of buffering.
     queue: asyncio.Queue[object] = asyncio.Queue(maxsize=64)
     producer = asyncio.create_task(_pump(chunks, queue))
+    stopper = asyncio.create_task(_stop_on(stopping, producer, queue, retry_after_s))
     try:
         while True:
             try:
@@ -78,13 +98,22 @@ async def _events(
             yield ServerSentEventMessage(data=orjson.dumps(item).decode())
     finally:
         producer.cancel()
+        stopper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
         on_close()
 
 
 def sse_stream(
-    chunks: AsyncIterator[dict], *, keepalive_s: float, on_close: Callable[[], None]
+    chunks: AsyncIterator[dict],
+    *,
+    keepalive_s: float,
+    on_close: Callable[[], None],
+    stopping: asyncio.Event,
+    retry_after_s: int,
 ) -> ServerSentEvent:
-    """An SSE response relaying `chunks`; `on_close` runs once the stream is over."""
-    return ServerSentEvent(_events(chunks, keepalive_s, on_close))
+    """An SSE response relaying `chunks` until they end or `stopping` is set; `on_close`
+    runs once the stream is over."""
+    return ServerSentEvent(_events(chunks, keepalive_s, on_close, stopping, retry_after_s))

@@ -6,7 +6,8 @@ through which hosts behind NAT are reached. Once both listen it prints one line 
 
     swarm-bootstrap ready: dht=HOST:PORT signaling=HOST:PORT peer_id=...
 
-then serves until SIGTERM or SIGINT and exits 0. Startup failures (unsafe identity file,
+then serves until SIGTERM or SIGINT (or, with `--parent-pid`, until the process that
+started it is gone) and exits 0. Startup failures (unsafe identity file,
 port in use, joining other seeds timed out) are logged and exit 1.
 
 Settings come from flags, then `STAMEN_*` environment variables, then defaults; they are
@@ -29,6 +30,7 @@ from typing import Any
 
 from stamen.swarm_core.discovery import Discovery, DiscoveryError, parse_host_port
 from stamen.swarm_core.identity import IdentityError, load_or_create_identity, peer_id_of
+from stamen.swarm_core.lifeline import add_parent_pid_argument, parent_watch
 from stamen.transports.base import Credentials
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class BootstrapSettings:
     swarm_key: bytes | None
     initial_peers: tuple[str, ...]
     log_level: str
+    parent_pid: int | None = None  # stop when this process is no longer our parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="[STAMEN_LOG_LEVEL] (default INFO)",
     )
+    add_parent_pid_argument(parser)
     return parser
 
 
@@ -137,6 +141,7 @@ def parse_settings(argv: Sequence[str] | None) -> BootstrapSettings:
         swarm_key=swarm_key,
         initial_peers=tuple(args.initial_peers),
         log_level=args.log_level,
+        parent_pid=args.parent_pid,
     )
 
 
@@ -206,7 +211,8 @@ async def _serve(settings: BootstrapSettings, credentials: Credentials) -> int:
             if dht_host == "0.0.0.0"
             else "",
         )
-        await stop.wait()
+        async with parent_watch(settings.parent_pid, stop):
+            await stop.wait()
         logger.info("shutting down")
     return 0
 

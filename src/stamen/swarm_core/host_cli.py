@@ -4,8 +4,11 @@
                [--listen ADDR] [--initial-peers HOST:PORT ...] [--device cuda]
                [--dtype bfloat16] [--quant none|int8|nf4] [--max-cache-tokens N]
                [--public-name NAME] [--identity PATH] [--swarm-key-file PATH]
+               [--parent-pid PID]
 
 Settings come from flags, then `STAMEN_*` environment variables, then defaults.
+SIGTERM, SIGINT, or (with `--parent-pid`) the parent process dying stop the host: it
+announces OFFLINE and exits 0.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 
 from stamen.swarm_core.host import Host, HostSettings, model_name_of
 from stamen.swarm_core.identity import IdentityError, load_or_create_identity
+from stamen.swarm_core.lifeline import add_parent_pid_argument, parent_watch
 from stamen.transports.base import Credentials
 from stamen.transports.factory import add_transport_arguments, transport_from_args
 
@@ -127,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "15 s lifetime, after which a host that stopped announcing drops out",
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    add_parent_pid_argument(parser)
     add_transport_arguments(parser)
     return parser
 
@@ -188,7 +193,8 @@ async def _serve(settings: HostSettings, credentials: Credentials, args: argpars
     transport = transport_from_args(args, credentials)
     host = Host(settings, credentials, transport)
     try:
-        await host.run(stop)
+        async with parent_watch(args.parent_pid, stop):
+            await host.run(stop)
     except Exception as error:
         logger.error("swarm-host failed: %s", error, exc_info=logger.isEnabledFor(logging.DEBUG))
         return 1

@@ -12,7 +12,8 @@ block selection; `spans` names the hosts' spans instead (overlaps give redundanc
 `log_dir` (a temporary directory by default); `start` waits for each to say it is ready
 and raises `LocalSwarmError` with the tail of its log if one exits or times out. `stop`
 sends SIGTERM (hosts announce OFFLINE) and kills what is still running after
-`stop_timeout_s`.
+`stop_timeout_s`. Children get `--parent-pid` of this process, so that they stop by
+themselves (within about a second) if it dies without calling `stop`.
 
 The children share this machine's cores, so they run with `OMP_WAIT_POLICY=PASSIVE`
 (unless the environment says otherwise): with OpenMP's default spinning, an idle host's
@@ -159,6 +160,8 @@ class LocalSwarm:
             "-m",
             module,
             *args,
+            "--parent-pid",
+            str(os.getpid()),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log_file,
             stderr=log_file,
