@@ -127,6 +127,18 @@ def test_no_route_names_the_first_uncovered_blocks_and_why() -> None:
     assert "blocks [4, 6)" in str(info.value)
 
 
+def test_hosts_whose_session_cap_is_too_small_are_skipped_before_the_session_runs() -> None:
+    small = HostInfo("small", 0, 8, 5000.0, 10_000, ping_s=0.01, max_session_cache_tokens=512)
+    unannounced = host("old", 0, 8, throughput=10.0)  # an older host that says nothing
+    route = plan_latency_route([small, unannounced], 0, 8, session_cache_tokens=512)
+    assert spans(route) == [("small", 0, 8)]
+    route = plan_latency_route([small, unannounced], 0, 8, session_cache_tokens=513)
+    assert spans(route) == [("old", 0, 8)]
+    with pytest.raises(NoRouteError) as info:
+        plan_latency_route([small], 0, 8, session_cache_tokens=1024)
+    assert info.value.skipped == {"small": "sessions limited to 512 cache tokens < 1024"}
+
+
 def test_no_route_at_the_end_of_the_range() -> None:
     with pytest.raises(NoRouteError) as info:
         plan_latency_route([host("a", 0, 7)], 0, 8)

@@ -75,9 +75,7 @@ async def view():
         MemoryTransport(Credentials.generate(), hub=hub),
         Credentials.generate(),
         initial_peers=(),
-        settings=ClientSettings(
-            refresh_interval_s=3600, liveness_interval_s=0.1
-        ),
+        settings=ClientSettings(refresh_interval_s=3600, liveness_interval_s=0.1),
     )
     swarm._discovery = discovery  # type: ignore[assignment]
     async with swarm:

@@ -32,9 +32,9 @@ from stamen.models.registry import get_adapter
 from stamen.swarm_core.client import ClientSettings, SwarmClient
 from stamen.swarm_core.generation import BlockChain
 from stamen.swarm_core.host import model_name_of
-from stamen.swarm_core.inference import InferenceSession, InvalidStepError
+from stamen.swarm_core.inference import ROUTE_CACHE_TOKENS, InferenceSession, InvalidStepError
 from stamen.swarm_core.remote import SwarmClientError
-from stamen.swarm_core.routing import BanList
+from stamen.swarm_core.routing import BanList, NoRouteError, plan_latency_route
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 
@@ -91,7 +91,22 @@ class SwarmEngine(ClientSide):
         await self.swarm.aclose()
 
     def ready(self) -> bool:
-        return self.swarm.covered()
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        """Why a request could not be served now (None when it could): some blocks have
+        no route through hosts that are online, alive, not banned and with free cache."""
+        try:
+            plan_latency_route(
+                self.swarm.hosts(),
+                0,
+                self.swarm.num_blocks,
+                banned=self.ban_list,
+                min_cache_tokens=ROUTE_CACHE_TOKENS,
+            )
+        except NoRouteError as error:
+            return str(error)
+        return None
 
     @asynccontextmanager
     async def open_chain(self, max_length: int, batch_size: int) -> AsyncIterator[BlockChain]:

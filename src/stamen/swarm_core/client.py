@@ -207,6 +207,7 @@ def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
         state=_VIEW_STATES.get(record.state, ViewState.OFFLINE),
         ping_s=ping_s,
         started_at_s=record.started_at_s,
+        max_session_cache_tokens=record.max_session_cache_tokens or None,
     )
 
 

@@ -300,7 +300,8 @@ class Host:
 
     def record(self) -> HostRecord:
         start, end = self.span_range or (0, 0)
-        free = self.runtime.info().cache_tokens_free if self.runtime else 0
+        info = self.runtime.info() if self.runtime else None
+        free = info.cache_tokens_free if info else 0
         record = new_host_record(
             self.credentials,
             model=self.settings.model_name,
@@ -315,6 +316,7 @@ class Host:
             record,
             throughput_tokens_per_s=self.throughput_tokens_s,
             free_cache_tokens=free,
+            max_session_cache_tokens=info.session_cache_tokens_max if info else 0,
             dtype=str(self.settings.dtype).removeprefix("torch."),
             quantization="" if self.settings.quantization == "none" else self.settings.quantization,
             version=stamen.__version__,

@@ -385,6 +385,7 @@ class InferenceSession:
                     end,
                     banned=avoid,
                     min_cache_tokens=min(self.max_length, ROUTE_CACHE_TOKENS) * self.batch_size,
+                    session_cache_tokens=self.max_length * self.batch_size,
                 )
             except NoRouteError as e:
                 attempts.failed(node, end, None, e)

@@ -87,6 +87,8 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     addresses: Annotated[tuple[_Address, ...], msgspec.Meta(max_length=8)] = ()
     throughput_tokens_per_s: _NonNegative = 0.0  # decode tokens/s through the whole span
     free_cache_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # What one session may hold (batch x length); 0: not announced (older hosts).
+    max_session_cache_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     dtype: _ShortText = ""
     quantization: _ShortText = ""  # "" (none), "int8", "nf4"
     adapters: Annotated[tuple[_Name, ...], msgspec.Meta(max_length=16)] = ()

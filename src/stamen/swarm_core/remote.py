@@ -85,7 +85,8 @@ class HostInfo:
     `throughput_tokens_s` is how many tokens per second one of the host's blocks processes
     (its announced compute throughput); `ping_s` is the round trip the client measured, or
     None before any measurement. `free_cache_tokens` is how many more tokens of KV cache
-    the host can hold per block. `started_at_s` tells this incarnation of the host from
+    the host can hold per block, `max_session_cache_tokens` how many one session may hold
+    (batch x length). `started_at_s` tells this incarnation of the host from
     earlier ones (see `Incarnation`).
     """
 
@@ -97,6 +98,7 @@ class HostInfo:
     state: HostState = HostState.ONLINE
     ping_s: float | None = None
     started_at_s: float = 0.0
+    max_session_cache_tokens: int | None = None  # one session's cap; None: not announced
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:

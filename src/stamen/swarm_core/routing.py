@@ -76,16 +76,21 @@ def plan_latency_route(
     *,
     banned: Container[Incarnation] = (),
     min_cache_tokens: int = 0,
+    session_cache_tokens: int = 0,
     default_ping_s: float = DEFAULT_PING_S,
 ) -> list[RouteHop]:
     """The chain of hops covering `[start, end)` with the least expected latency.
 
-    `min_cache_tokens` is what the session will reserve (`max_length * batch_size`); hosts
-    with less free cache are skipped. Among equally fast chains the one with fewer hops
-    wins. Raises `NoRouteError`.
+    `min_cache_tokens` is what the session reserves when it opens (its first page); hosts
+    with less free cache are skipped. `session_cache_tokens` is the most it may grow to
+    (`max_length * batch_size`); hosts whose announced per-session cap is smaller are
+    skipped too, so the limit is known before the session runs into it. Among equally
+    fast chains the one with fewer hops wins. Raises `NoRouteError`.
     """
     _check_range(start, end)
-    usable = _usable(hosts, start, end, banned, min_cache_tokens)
+    where = _Filter(banned, min_cache_tokens, session_cache_tokens)
+    hosts = list(hosts)
+    usable = where.usable(hosts, start, end)
     # Some optimal chain switches hosts only where a span starts or ends: moving a switch
     # point between two such boundaries changes the cost linearly, so one end is no worse.
     nodes = sorted(
@@ -112,7 +117,7 @@ def plan_latency_route(
                     came_from[exit_node] = RouteHop(host, node, exit_node)
                     heapq.heappush(heap, (*new, exit_node))
     if end not in best:
-        raise _no_route(hosts, start, end, banned, min_cache_tokens)
+        raise where.no_route(hosts, start, end)
     route: list[RouteHop] = []
     node = end
     while node != start:
@@ -137,13 +142,15 @@ def plan_spread_route(
     up to its end. Raises `NoRouteError`."""
     _check_range(start, end)
     rng = rng or random.Random()
-    usable = _usable(hosts, start, end, banned, min_cache_tokens=0)
+    where = _Filter(banned)
+    hosts = list(hosts)
+    usable = where.usable(hosts, start, end)
     route: list[RouteHop] = []
     node = start
     while node < end:
         covering = [h for h in usable if h.start <= node < h.end]
         if not covering:
-            raise _no_route(hosts, start, end, banned, 0)
+            raise where.no_route(hosts, start, end)
         (host,) = rng.choices(covering, weights=[h.throughput_tokens_s for h in covering])
         route.append(RouteHop(host, node, min(host.end, end)))
         node = route[-1].end
@@ -164,60 +171,51 @@ def _check_range(start: int, end: int) -> None:
         raise ValueError(f"empty or negative block range [{start}, {end})")
 
 
-def _skip_reason(
-    host: HostInfo, banned: Container[Incarnation], min_cache_tokens: int
-) -> str | None:
-    if host.state is not HostState.ONLINE:
-        return str(host.state)
-    if host.incarnation in banned:
-        return "banned"
-    if host.free_cache_tokens < min_cache_tokens:
-        return f"{host.free_cache_tokens} free cache tokens < {min_cache_tokens}"
-    return None
+@dataclass(frozen=True)
+class _Filter:
+    """Which hosts a route may use: online, not banned, with room for the session's first
+    tokens now and a per-session cap that fits the whole session."""
 
+    banned: Container[Incarnation] = ()
+    min_cache_tokens: int = 0
+    session_cache_tokens: int = 0
 
-def _usable(
-    hosts: Iterable[HostInfo],
-    start: int,
-    end: int,
-    banned: Container[Incarnation],
-    min_cache_tokens: int,
-) -> list[HostInfo]:
-    """Hosts overlapping `[start, end)` that may be used, in a stable order."""
-    return sorted(
-        (
-            h
-            for h in hosts
-            if h.start < end and h.end > start and _skip_reason(h, banned, min_cache_tokens) is None
-        ),
-        key=lambda h: h.peer_id,
-    )
+    def skip_reason(self, host: HostInfo) -> str | None:
+        if host.state is not HostState.ONLINE:
+            return str(host.state)
+        if host.incarnation in self.banned:
+            return "banned"
+        if host.free_cache_tokens < self.min_cache_tokens:
+            return f"{host.free_cache_tokens} free cache tokens < {self.min_cache_tokens}"
+        cap = host.max_session_cache_tokens
+        if cap is not None and cap < self.session_cache_tokens:
+            return f"sessions limited to {cap} cache tokens < {self.session_cache_tokens}"
+        return None
 
+    def usable(self, hosts: Iterable[HostInfo], start: int, end: int) -> list[HostInfo]:
+        """Hosts overlapping `[start, end)` that may be used, in a stable order."""
+        return sorted(
+            (h for h in hosts if h.start < end and h.end > start and self.skip_reason(h) is None),
+            key=lambda h: h.peer_id,
+        )
 
-def _no_route(
-    hosts: Iterable[HostInfo],
-    start: int,
-    end: int,
-    banned: Container[Incarnation],
-    min_cache_tokens: int,
-) -> NoRouteError:
-    hosts = list(hosts)
-    usable = _usable(hosts, start, end, banned, min_cache_tokens)
-    covered_to = start
-    gap = (start, end)
-    for host in sorted(usable, key=lambda h: h.start):
-        if host.start > covered_to:
-            gap = (covered_to, host.start)
-            break
-        covered_to = max(covered_to, host.end)
-    else:
-        gap = (covered_to, end)
-    skipped: dict[str, str] = {}
-    for host in hosts:
-        reason = _skip_reason(host, banned, min_cache_tokens)
-        if reason is not None and host.start < gap[1] and host.end > gap[0]:
-            skipped[host.peer_id] = reason
-    return NoRouteError(gap, skipped)
+    def no_route(self, hosts: Iterable[HostInfo], start: int, end: int) -> NoRouteError:
+        hosts = list(hosts)
+        covered_to = start
+        gap = (start, end)
+        for host in sorted(self.usable(hosts, start, end), key=lambda h: h.start):
+            if host.start > covered_to:
+                gap = (covered_to, host.start)
+                break
+            covered_to = max(covered_to, host.end)
+        else:
+            gap = (covered_to, end)
+        skipped: dict[str, str] = {}
+        for host in hosts:
+            reason = self.skip_reason(host)
+            if reason is not None and host.start < gap[1] and host.end > gap[0]:
+                skipped[host.peer_id] = reason
+        return NoRouteError(gap, skipped)
 
 
 @dataclass
