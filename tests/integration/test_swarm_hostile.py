@@ -25,6 +25,7 @@ from stamen.swarm_core.records import (
     new_host_record,
     restamped,
 )
+from stamen.swarm_core.remote import Incarnation
 from stamen.swarm_core.routing import plan_latency_route
 from stamen.swarm_core.rpc import (
     CallContext,
@@ -194,8 +195,9 @@ async def test_a_host_answering_garbage_is_banned_and_routed_around(
             out = await asyncio.to_thread(
                 client.generate, smollm2_prompt, max_new_tokens=NEW_TOKENS, do_sample=False
             )
-            assert record.peer_id in client.ban_list
-            assert client.ban_list.strikes(record.peer_id) == 1
+            liar = Incarnation(record.peer_id, record.started_at_s)
+            assert liar in client.ban_list
+            assert client.ban_list.strikes(liar) == 1
         finally:
             await asyncio.to_thread(client.close)
             await discovery.announce(

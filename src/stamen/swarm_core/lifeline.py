@@ -4,8 +4,8 @@
 that dies without stopping them (SIGKILL, a crash) would leave them serving as orphans;
 `parent_watch` polls every `interval_s` while its block runs and sets the child's stop
 event when the process that started it is no longer its parent (an orphan is adopted by
-init or a subreaper), so the child shuts down exactly as on SIGTERM. Comparing with `os.getppid()`, not
-asking whether PID exists, is immune to the PID being reused.
+init or a subreaper), so the child shuts down exactly as on SIGTERM. Comparing with
+`os.getppid()`, not asking whether PID exists, is immune to the PID being reused.
 """
 
 from __future__ import annotations
