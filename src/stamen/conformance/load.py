@@ -98,6 +98,15 @@ def check_stream(lines: Sequence[str]) -> tuple[str, int]:
     return text, int(usage["completion_tokens"])
 
 
+def _has_content(line: str) -> bool:
+    """Whether an SSE line is a chunk carrying generated text (the role chunk that opens
+    a stream carries none, and comes before the prompt is even processed)."""
+    if not line.startswith("data: {"):
+        return False
+    choices = orjson.loads(line.removeprefix("data: ")).get("choices") or ()
+    return any(c.get("delta", {}).get("content") for c in choices)
+
+
 async def _one_stream(
     http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
 ) -> StreamOutcome:
@@ -119,7 +128,7 @@ async def _one_stream(
                 outcome.error = f"HTTP {response.status_code}: {response.text[:300]}"
                 return outcome
             async for line in response.aiter_lines():
-                if outcome.first_token_s is None and '"content":"' in line:
+                if outcome.first_token_s is None and _has_content(line):
                     outcome.first_token_s = time.perf_counter() - began
                 lines.append(line)
         outcome.text, outcome.completion_tokens = check_stream(lines)
