@@ -1,5 +1,6 @@
 """Host churn: the only host of a span SIGKILLed mid-generation and restarted, again and
-again, with the same identity and with a fresh one, at the same address.
+again, with the same identity and with a fresh one, at the same address; and the API's
+readiness following such a host down and up.
 
 Each generation must finish with the tokens of an undisturbed run: the client bans the
 dead incarnation only, keeps looking for a route (re-reading the DHT) until the host is
@@ -11,11 +12,16 @@ throughput, several seconds per round on this machine).
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -29,6 +35,12 @@ from tests.integration.conftest import NEW_TOKENS, HostProcess, SwarmProcesses
 pytestmark = pytest.mark.slow
 
 ROUNDS = 10
+MODEL_ID = "SmolLM2-135M-Instruct"
+# The API holds connections to the hosts it used: a killed host's are reset at once, and
+# the view redials every second, so readiness turns within a few seconds (a host the API
+# never talked to drops out when its 15 s record lapses, within 20 s).
+NOT_READY_WITHIN_S = 5.0
+READY_AGAIN_WITHIN_S = 15.0  # after the restarted host printed its ready line
 
 
 def _free_port() -> int:
@@ -144,3 +156,50 @@ def test_killed_and_restarted_host_ten_times_changes_no_token(
         spans = sorted((h.start, h.end) for h in client.swarm.hosts())
         assert spans == [(0, 15), (15, 30)], f"round {round_}: {spans}"
     assert outcomes == [True] * ROUNDS
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _wait_for_status(url: str, status: int, timeout_s: float) -> float:
+    """Seconds until `url` answers `status`; fails the test after `timeout_s`."""
+    began = time.monotonic()
+    while _status(url) != status:
+        if time.monotonic() - began > timeout_s:
+            pytest.fail(f"{url} did not answer {status} within {timeout_s} s")
+        time.sleep(0.1)
+    return time.monotonic() - began
+
+
+def test_health_is_not_ready_while_the_only_host_of_a_span_is_dead(
+    churn_swarm: tuple[SwarmProcesses, _Churn], smollm2_gguf: Path, tmp_path: Path
+) -> None:
+    swarm, churn = churn_swarm
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "swarm-api.log"
+    with log_path.open("wb") as log:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "stamen.api.cli", "--model", str(smollm2_gguf),
+             "--initial-peers", swarm.dht, "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        _wait_for_status(f"{base_url}/health", 200, 120)
+        body = {"model": MODEL_ID, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).is_success
+        churn.host.kill()  # blocks [15, 30) have no host now
+        dead_s = _wait_for_status(f"{base_url}/health", 503, NOT_READY_WITHIN_S)
+        assert _status(f"{base_url}/livez") == 200  # alive, only not ready
+        churn.host = churn.start(fresh_identity=False)
+        swarm.wait_ready(churn.host)
+        back_s = _wait_for_status(f"{base_url}/health", 200, READY_AGAIN_WITHIN_S)
+        assert httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).is_success
+        print(f"not ready {dead_s:.2f} s after the kill, ready {back_s:.2f} s after the restart")
+    finally:
+        api.send_signal(signal.SIGTERM)
+        api.wait(timeout=30)
