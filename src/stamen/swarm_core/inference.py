@@ -62,14 +62,19 @@ class SessionFailedError(SwarmClientError):
     `causes` lists the failed attempts, oldest first (the last `MAX_CAUSES` of them).
     """
 
-    def __init__(self, start: int, end: int, causes: Sequence[str]) -> None:
+    def __init__(
+        self, start: int, end: int, causes: Sequence[str], attempts: int | None = None
+    ) -> None:
+        attempts = len(causes) if attempts is None else attempts
+        latest = "" if attempts == len(causes) else f" (the last {len(causes)})"
         super().__init__(
-            f"blocks [{start}, {end}) could not be served after {len(causes)} failed "
-            f"attempts: " + "; ".join(causes)
+            f"blocks [{start}, {end}) could not be served after {attempts} failed "
+            f"attempts{latest}: " + "; ".join(causes)
         )
         self.start = start
         self.end = end
         self.causes = list(causes)
+        self.attempts = attempts
 
 
 @dataclass
@@ -142,7 +147,7 @@ class _Failover:
         logger.info("blocks [%d, %d): %s%s", start, end, who, what)
         out_of_attempts = self.max_attempts is not None and self.attempts > self.max_attempts
         if out_of_attempts or self.remaining_s() <= 0:
-            raise SessionFailedError(start, end, self.causes) from error
+            raise SessionFailedError(start, end, self.causes, self.attempts) from error
 
     async def wait(self, hint_s: float | None = None) -> None:
         """Back off before asking again: doubling from 50 ms up to `max_backoff_s`, with
@@ -267,8 +272,9 @@ class InferenceSession:
         Raises `InvalidStepError`, `SessionFailedError`."""
         async with self._lock:
             if self._failure is not None:
+                failure = self._failure
                 raise SessionFailedError(
-                    self._failure.start, self._failure.end, self._failure.causes
+                    failure.start, failure.end, failure.causes, failure.attempts
                 )
             if not self._hops:
                 raise RuntimeError("session is not open")
