@@ -307,6 +307,16 @@ async def test_failover_waits_for_a_host_that_restarts_within_the_deadline() -> 
     assert swarm.refreshes >= 2
 
 
+async def test_a_session_larger_than_every_hosts_cap_fails_at_once() -> None:
+    capped = FakeHost(HostInfo("a", 0, 8, 1000.0, 10_000, max_session_cache_tokens=16))
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    with pytest.raises(SessionFailedError, match="sessions limited to 16 cache tokens"):
+        async with session(FakeSwarm(capped), failover_timeout_s=30.0):  # 32 x 2 > 16
+            pass
+    assert loop.time() - began < 1.0
+
+
 async def test_failover_gives_up_at_its_deadline_not_after_a_count() -> None:
     swarm = FakeSwarm(fake("a", 0, 4), fake("only", 4, 8, fail_at_step=2))
     loop = asyncio.get_running_loop()

@@ -137,6 +137,12 @@ def test_hosts_whose_session_cap_is_too_small_are_skipped_before_the_session_run
     with pytest.raises(NoRouteError) as info:
         plan_latency_route([small], 0, 8, session_cache_tokens=1024)
     assert info.value.skipped == {"small": "sessions limited to 512 cache tokens < 1024"}
+    assert info.value.too_large  # no wait will make this session fit
+    bans = BanList()
+    bans.ban(unannounced.incarnation)
+    with pytest.raises(NoRouteError) as info:
+        plan_latency_route([small, unannounced], 0, 8, banned=bans, session_cache_tokens=1024)
+    assert not info.value.too_large  # the banned host could take it once its ban ends
 
 
 def test_no_route_at_the_end_of_the_range() -> None:

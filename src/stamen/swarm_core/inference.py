@@ -146,7 +146,8 @@ class _Failover:
         self.attempts += 1
         logger.info("blocks [%d, %d): %s%s", start, end, who, what)
         out_of_attempts = self.max_attempts is not None and self.attempts > self.max_attempts
-        if out_of_attempts or self.remaining_s() <= 0:
+        hopeless = isinstance(error, NoRouteError) and error.too_large  # no host takes it
+        if out_of_attempts or hopeless or self.remaining_s() <= 0:
             raise SessionFailedError(start, end, self.causes, self.attempts) from error
 
     async def wait(self, hint_s: float | None = None) -> None:

@@ -55,10 +55,14 @@ class NoRouteError(SwarmClientError):
     """No chain of usable hosts covers the requested blocks.
 
     `uncovered` is the first gap `[a, b)`; `skipped` maps peer ids of hosts overlapping it
-    to why they were not usable (banned, offline, no free cache...).
+    to why they were not usable (banned, offline, no free cache...). `too_large` is True
+    when every host there was skipped only because the session could outgrow its
+    announced per-session cap: waiting will not help that session.
     """
 
-    def __init__(self, uncovered: tuple[int, int], skipped: dict[str, str]) -> None:
+    def __init__(
+        self, uncovered: tuple[int, int], skipped: dict[str, str], *, too_large: bool = False
+    ) -> None:
         a, b = uncovered
         blocks = f"block {a}" if b - a == 1 else f"blocks [{a}, {b})"
         reasons = ", ".join(f"{peer} ({why})" for peer, why in sorted(skipped.items()))
@@ -67,6 +71,7 @@ class NoRouteError(SwarmClientError):
         )
         self.uncovered = uncovered
         self.skipped = skipped
+        self.too_large = too_large
 
 
 def plan_latency_route(
@@ -180,6 +185,10 @@ class _Filter:
     min_cache_tokens: int = 0
     session_cache_tokens: int = 0
 
+    def cap_too_small(self, host: HostInfo) -> bool:
+        cap = host.max_session_cache_tokens
+        return cap is not None and cap < self.session_cache_tokens
+
     def skip_reason(self, host: HostInfo) -> str | None:
         if host.state is not HostState.ONLINE:
             return str(host.state)
@@ -187,8 +196,8 @@ class _Filter:
             return "banned"
         if host.free_cache_tokens < self.min_cache_tokens:
             return f"{host.free_cache_tokens} free cache tokens < {self.min_cache_tokens}"
-        cap = host.max_session_cache_tokens
-        if cap is not None and cap < self.session_cache_tokens:
+        if self.cap_too_small(host):
+            cap = host.max_session_cache_tokens
             return f"sessions limited to {cap} cache tokens < {self.session_cache_tokens}"
         return None
 
@@ -211,11 +220,15 @@ class _Filter:
         else:
             gap = (covered_to, end)
         skipped: dict[str, str] = {}
+        too_large = True
         for host in hosts:
             reason = self.skip_reason(host)
             if reason is not None and host.start < gap[1] and host.end > gap[0]:
                 skipped[host.peer_id] = reason
-        return NoRouteError(gap, skipped)
+                too_large = (
+                    too_large and host.state is HostState.ONLINE and self.cap_too_small(host)
+                )
+        return NoRouteError(gap, skipped, too_large=bool(skipped) and too_large)
 
 
 @dataclass
