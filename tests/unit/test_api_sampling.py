@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stamen.api.sampling import LogitBiasProcessor, PenaltyProcessor, StopTracker
+from stamen.api.sampling import (
+    LogitBiasProcessor,
+    PenaltyProcessor,
+    SamplingParams,
+    StoppedRows,
+    StopTracker,
+    make_plan,
+)
 
 
 class PieceTokenizer:
@@ -84,3 +91,27 @@ def test_logit_bias_adds_to_the_named_tokens() -> None:
 def test_empty_stop_strings_stop_nothing(stop: list[str]) -> None:
     deltas, tracker = run(["a", "b"], stop)
     assert not tracker.stopped and "".join(deltas) == "ab"
+
+
+@pytest.mark.parametrize("temperature", [2.00358089787901e-46, 1e-30, 1e-6])
+def test_a_vanishing_temperature_decodes_greedily_instead_of_overflowing(
+    temperature: float,
+) -> None:
+    """logits / 2e-46 is inf in float32 and made the softmax NaN (a 500 found by fuzzing)."""
+    params = SamplingParams(max_new_tokens=1, temperature=temperature, logit_bias={3: -100.0})
+    plan = make_plan(
+        params, prompt_length=2, vocab_size=8, eos_token_ids=[0], stopped=StoppedRows(1)
+    )
+    assert not plan.do_sample
+    scores = plan.logits_processor(torch.tensor([[1, 2]]), torch.randn(1, 8) * 30)
+    assert torch.isfinite(scores).all()
+
+
+def test_a_small_but_usable_temperature_still_samples() -> None:
+    params = SamplingParams(max_new_tokens=1, temperature=1e-3)
+    plan = make_plan(
+        params, prompt_length=2, vocab_size=8, eos_token_ids=[0], stopped=StoppedRows(1)
+    )
+    assert plan.do_sample
+    probs = torch.softmax(plan.logits_processor(torch.tensor([[1, 2]]), torch.randn(1, 8)), -1)
+    assert torch.isfinite(probs).all()

@@ -2,7 +2,9 @@
 
 OpenAI applies, in this order: frequency and presence penalties and `logit_bias` to the
 raw logits, then temperature and nucleus (`top_p`) sampling. Temperature 0 (or top_p 0)
-means greedy. The penalties count only generated tokens (OpenAI's formula):
+means greedy, and so does a temperature below `MIN_TEMPERATURE`: dividing logits by it
+overflows float32 to inf (a fuzzer's 2e-46 made the softmax NaN), and the distribution
+is one-hot well before that anyway. The penalties count only generated tokens (OpenAI's formula):
 
     logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
 
@@ -31,6 +33,8 @@ from transformers.generation import (
 
 from stamen.swarm_core.generation import DecodingPlan
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -50,7 +54,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_p == 0.0
+        return self.temperature < MIN_TEMPERATURE or self.top_p == 0.0
 
 
 class PenaltyProcessor(LogitsProcessor):
