@@ -15,14 +15,27 @@ Hidden states are `(B, T, C)` tensors. A hop's `step` writes its `T` tokens at p
 the new tokens only, False for left padding; the host remembers it for later steps, as
 `stamen.models.chain.run_span` does.
 
+Deep prompts (`prompts`, `(n_blocks, B or 1, P, C)` for the call's blocks `[start, end)`,
+a batch of 1 standing for every row) are trainable per-block tensors that the host adds
+to the hidden states at absolute positions `[0, P)` before each block. A stateless
+`forward` / `backward` starts at position 0 and needs `T >= P`; a session step at
+`start_position = s` adds `prompts[:, :, s:min(P, s + T)]` to its first tokens when
+`s < P` and ignores them otherwise, so a rollback or replay from position 0 sends them
+again and later decode steps need not carry them at all. `backward` recomputes the
+blocks from the `hidden` the client kept (hosts keep no activations) and returns the
+gradients of `hidden` and of `prompts`; the host's weights never change.
+
 Errors raised by implementations (this module knows nothing about how they are detected):
 
     SwarmClientError
     ├── HopError           this host failed: connection lost, timeout, remote error,
     │   │                  garbage reply. The caller bans it and routes around.
-    │   └── HostBusy       the host refused for lack of capacity (cache, queue); it is
-    │                      healthy: load, never a ban. The caller goes to another
-    │                      replica or waits and retries
+    │   ├── HostBusy       the host refused for lack of capacity (cache, queue); it is
+    │   │                  healthy: load, never a ban. The caller goes to another
+    │   │                  replica or waits and retries
+    │   └── RequestTooLarge  the request is over a limit the host announced
+    │                      (`max_request_tokens`): the caller's fault, never a ban;
+    │                      split it, do not resend it
     ├── NoRouteError       (routing) no chain of usable hosts covers the blocks
     └── SessionFailedError (inference) retries exhausted
 
@@ -63,6 +76,11 @@ class HostBusy(HopError):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLarge(HopError):
+    """The host refused a request over one of its announced size limits (tokens per
+    forward / backward call). Sending it again will fail again; split it instead."""
+
+
 class Incarnation(NamedTuple):
     """One run of a host: its peer id and when that process started serving. A host that
     restarts (even with the same identity) is a new incarnation, so what the client held
@@ -99,6 +117,7 @@ class HostInfo:
     ping_s: float | None = None
     started_at_s: float = 0.0
     max_session_cache_tokens: int | None = None  # one session's cap; None: not announced
+    max_request_tokens: int | None = None  # B x T of one forward / backward; None: not announced
 
     def __post_init__(self) -> None:
         if not 0 <= self.start < self.end:
@@ -123,10 +142,15 @@ class HopSession(ABC):
 
     @abstractmethod
     async def step(
-        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
     ) -> Tensor:
         """(B, T, C) -> (B, T, C) through the session's blocks, writing the cache at
-        `[start_position, start_position + T)`. Raises `HopError`."""
+        `[start_position, start_position + T)`, deep `prompts` added where the step covers
+        positions below P (module docstring). Raises `HopError`."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -160,9 +184,30 @@ class SpanClient(ABC):
         has no room, `HopError` on any other failure."""
 
     @abstractmethod
-    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
         """Stateless (B, T, C) -> (B, T, C) through blocks `[start, end)`, no cache kept.
-        Raises `HopError`."""
+        Raises `HopError` (`RequestTooLarge` over the host's `max_request_tokens`)."""
+
+    @abstractmethod
+    async def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        grad_output: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Gradients `(d hidden (B, T, C), d prompts (n_blocks, B or 1, P, C) or None)` of
+        blocks `[start, end)` run on `hidden`, given the output's gradient `grad_output`
+        (B, T, C). Stateless: the host recomputes the blocks. Raises `HopError`."""
 
 
 class SwarmView(Protocol):
