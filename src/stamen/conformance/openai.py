@@ -1,12 +1,14 @@
 """OpenAI API contract suite, run with the official `openai` SDK against any server.
 
     python -m stamen.conformance.openai --base-url http://127.0.0.1:8000/v1 --model M [--api-key K]
+        [--fine-tuning]
 
 Each check talks to the server through the SDK (sync and async clients, streaming and
 not) and asserts what a user of the SDK relies on: response shapes, parameters honoured
 (stop, n, seed, logprobs, logit_bias, max tokens, prompt forms, echo), stream chunk
-sequences, and errors (404 unknown model, 400 invalid or unsupported parameters). It
-prints a pass/fail table; `main` exits non-zero if any check failed. `run_suite` returns
+sequences, and errors (404 unknown model, 400 invalid or unsupported parameters). With
+`--fine-tuning` it also runs the files and fine-tuning jobs cases
+(`openai_fine_tuning`), which train small jobs on the server. It prints a pass/fail table; `main` exits non-zero if any check failed. `run_suite` returns
 the results for use from tests.
 
 The suite assumes a small chat model with a context shorter than 10^6 tokens; it needs
@@ -49,6 +51,8 @@ class Suite:
     client: Any  # openai.OpenAI: used dynamically, responses checked at run time
     aclient: Any  # openai.AsyncOpenAI
     model: str
+    # extra fields sent with every fine-tuning job (`extra_body`), e.g. a prefix length
+    fine_tuning_extra: dict[str, Any] | None = None
 
     def chat(self, **kwargs: Any) -> Any:
         kwargs.setdefault("messages", PROMPT)
@@ -266,14 +270,26 @@ CHECKS: list[Callable[[Suite], None]] = [
 
 
 def run_suite(
-    base_url: str, model: str, api_key: str = "none", timeout_s: float = 120
+    base_url: str,
+    model: str,
+    api_key: str = "none",
+    timeout_s: float = 120,
+    *,
+    fine_tuning: bool = False,
+    only_fine_tuning: bool = False,
+    fine_tuning_extra: dict[str, Any] | None = None,
 ) -> list[Result]:
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s,
                                  max_retries=0)  # fmt: skip
-    suite = Suite(client, aclient, model)
+    suite = Suite(client, aclient, model, fine_tuning_extra)
+    checks = [] if only_fine_tuning else list(CHECKS)
+    if fine_tuning or only_fine_tuning:
+        from stamen.conformance.openai_fine_tuning import CHECKS as FINE_TUNING_CHECKS
+
+        checks += FINE_TUNING_CHECKS
     results = []
-    for check in CHECKS:
+    for check in checks:
         name = check.__name__.removeprefix("check_")
         try:
             check(suite)
@@ -304,8 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model id to test")
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--fine-tuning",
+        action="store_true",
+        help="also run the files and fine-tuning jobs cases (they train small jobs)",
+    )
     args = parser.parse_args(argv)
-    results = run_suite(args.base_url, args.model, args.api_key, args.timeout_s)
+    results = run_suite(
+        args.base_url, args.model, args.api_key, args.timeout_s, fine_tuning=args.fine_tuning
+    )
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
 
