@@ -5,7 +5,9 @@ Each fake block keeps a per-session cache of its inputs and computes, exactly in
     out[t] = x[t] * (i + 3) + sum(x[s] for real s <= t) + position(t) * (i + 1)   (mod P)
 
 so a replacement host whose cache was not rebuilt, rebuilt at wrong positions, or with the
-wrong padding mask, gives different outputs than an undisturbed run.
+wrong padding mask, gives different outputs than an undisturbed run. Deep prompts are added
+to `x` at positions [0, P) before each block, as real hosts do, so prompts that were not
+sent (or sent for the wrong blocks or positions) change the outputs too.
 """
 
 from __future__ import annotations
@@ -40,11 +42,30 @@ def block_fn(i: int, inputs: Tensor, mask: Tensor, position: int, T: int) -> Ten
     return (inputs[:, position:] * (i + 3) + prefix + positions * (i + 1)) % P
 
 
-def reference(hidden: Tensor, mask: Tensor | None = None, start: int = 0, end: int = NUM_BLOCKS):
-    """The whole sequence (B, S, C) through blocks [start, end) in one go."""
+def with_prompt(hidden: Tensor, prompt: Tensor | None, position: int) -> Tensor:
+    """`hidden` (B, T, C) at positions from `position`, plus `prompt` (B or 1, P, C) where
+    the step covers positions below P."""
+    if prompt is None or position >= prompt.shape[1]:
+        return hidden
+    n = min(prompt.shape[1], position + hidden.shape[1]) - position
+    out = hidden.clone()
+    out[:, :n] += prompt[:, position : position + n]
+    return out
+
+
+def reference(
+    hidden: Tensor,
+    mask: Tensor | None = None,
+    start: int = 0,
+    end: int = NUM_BLOCKS,
+    prompts: Tensor | None = None,
+) -> Tensor:
+    """The whole sequence (B, S, C) through blocks [start, end) in one go; `prompts`
+    (end - start, B or 1, P, C)."""
     mask = torch.ones(hidden.shape[:2], dtype=torch.bool) if mask is None else mask
     for i in range(start, end):
-        hidden = block_fn(i, hidden, mask, 0, hidden.shape[1])
+        prompt = None if prompts is None else prompts[i - start]
+        hidden = block_fn(i, with_prompt(hidden, prompt, 0), mask, 0, hidden.shape[1])
     return hidden
 
 
@@ -57,6 +78,7 @@ class FakeHost(SpanClient):
     wrong_shape: bool = False
     hang_at_step: int | None = None  # never answers this step nor any close
     steps: list[tuple[int, int]] = field(default_factory=list)  # (start_position, T)
+    prompted: list[bool] = field(default_factory=list)  # per step: were prompts sent
     sessions: list[FakeHopSession] = field(default_factory=list)
     dead: bool = False
 
@@ -77,8 +99,26 @@ class FakeHost(SpanClient):
         self.sessions.append(session)
         return session
 
-    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
-        return reference(hidden, None, start, end)
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        return reference(hidden, padding_mask, start, end, prompts)
+
+    async def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        grad_output: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError("inference sessions never call backward")
 
 
 class FakeHopSession(HopSession):
@@ -92,13 +132,20 @@ class FakeHopSession(HopSession):
         self.closed = False
 
     async def step(
-        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
     ) -> Tensor:
         host = self.host
         if host.busy_steps > 0:
             host.busy_steps -= 1
             raise HostBusy("no room to grow the cache", retry_after_s=0.0)
         host.steps.append((start_position, hidden.shape[1]))
+        host.prompted.append(prompts is not None)
+        # Not a HopError: a session sending another span's prompts is a bug, not a failure.
+        assert prompts is None or prompts.shape[0] == self.end - self.start
         if host.hang_at_step == len(host.steps):
             host.dead = True
             await asyncio.sleep(3600)
@@ -112,7 +159,8 @@ class FakeHopSession(HopSession):
         end = start_position + T
         self.mask[:, start_position:end] = True if padding_mask is None else padding_mask
         for k, inputs in enumerate(self.inputs):
-            inputs[:, start_position:end] = hidden
+            prompt = None if prompts is None else prompts[k]
+            inputs[:, start_position:end] = with_prompt(hidden, prompt, start_position)
             hidden = block_fn(
                 self.start + k, inputs[:, :end], self.mask[:, :end], start_position, T
             )
@@ -433,6 +481,73 @@ async def test_closing_closes_every_hop_even_when_one_host_hangs() -> None:
     assert s.route == []
 
 
+# -- deep prompts ---------------------------------------------------------------------
+
+PRE_SEQ_LEN = 4
+
+
+def deep_prompts(batch: int = 1, num_blocks: int = NUM_BLOCKS, seed: int = 9) -> Tensor:
+    """(num_blocks, batch, P, C): distinct per block, so a wrong slice shows."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 1000, (num_blocks, batch, PRE_SEQ_LEN, C), generator=generator)
+
+
+def expected_with(prompts: Tensor, steps: list[Tensor]) -> list[Tensor]:
+    full = reference(torch.cat(steps, dim=1), prompts=prompts)
+    bounds = torch.tensor([0] + [x.shape[1] for x in steps]).cumsum(0).tolist()
+    return [full[:, a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize("batch", [1, B], ids=["shared", "per-row"])
+async def test_deep_prompts_give_the_whole_models_outputs(batch: int) -> None:
+    prompts = deep_prompts(batch)
+    steps = prefill_and_decode()  # a prefill of 3 < P: the first decode step is prompted too
+    swarm = FakeSwarm(fake("a", 0, 3), fake("b", 3, 6), fake("c", 5, 8, throughput=500.0))
+    async with session(swarm, prompts=prompts) as s:
+        outputs = await generate(s, steps)
+    assert_same(outputs, expected_with(prompts, steps))
+    assert not torch.equal(outputs[0], expected(steps)[0])  # the prompts did change them
+
+
+async def test_decode_steps_past_the_prompts_send_none() -> None:
+    a, b = fake("a", 0, 4), fake("b", 4, 8)
+    async with session(FakeSwarm(a, b), prompts=deep_prompts()) as s:
+        await generate(s, [tokens(5, 0), tokens(1, 1), tokens(1, 2)])
+        await s.step(tokens(2, 3), start_position=2)  # a rollback below P sends them again
+    for host in (a, b):
+        assert host.steps == [(0, 5), (5, 1), (6, 1), (2, 2)]
+        assert host.prompted == [True, False, False, True]
+
+
+async def test_a_replacement_host_gets_the_prompts_with_the_replay() -> None:
+    prompts = deep_prompts(B)
+    steps = [tokens(2, 0)] + [tokens(1, k) for k in range(1, 6)]  # crosses P while decoding
+    dying = fake("b", 4, 8, fail_at_step=2)  # serves the prefill, dies on the next step
+    backup = fake("backup", 2, 8, throughput=100.0)
+    swarm = FakeSwarm(fake("a", 0, 4), dying, backup)
+    async with session(swarm, prompts=prompts) as s:
+        outputs = await generate(s, steps)
+        assert route_of(s) == [("a", 0, 4), ("backup", 4, 8)]
+    assert_same(outputs, expected_with(prompts, steps))
+    assert backup.steps == [(0, 2), (2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]
+    assert backup.prompted == [True, True, True, False, False, False]
+
+
+async def test_prompts_that_do_not_fit_the_session_are_refused() -> None:
+    swarm = FakeSwarm(fake("a", 0, 8))
+    for bad in (
+        deep_prompts(num_blocks=NUM_BLOCKS - 1),  # not one per block
+        deep_prompts(batch=B + 1),  # neither 1 nor the batch
+        deep_prompts()[0],  # no block dimension
+        torch.zeros(NUM_BLOCKS, 1, 0, C, dtype=torch.long),  # P = 0
+    ):
+        with pytest.raises(ValueError, match="prompts"):
+            session(swarm, prompts=bad)
+    async with session(swarm, prompts=deep_prompts()) as s:
+        with pytest.raises(InvalidStepError, match="hidden size"):
+            await s.step(torch.zeros(B, 1, C + 1, dtype=torch.long))
+
+
 class SpanHost(SpanClient):
     """A fake host running real blocks with the same span code as the host runtime."""
 
@@ -470,8 +585,26 @@ class SpanHost(SpanClient):
         )
         return SpanHopSession(self, blocks, cache)
 
-    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
-        raise NotImplementedError
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        raise NotImplementedError("inference sessions never call forward")
+
+    async def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        grad_output: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError("inference sessions never call backward")
 
 
 class SpanHopSession(HopSession):
@@ -479,7 +612,11 @@ class SpanHopSession(HopSession):
         self.host, self.blocks, self.cache = host, blocks, cache
 
     async def step(
-        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
     ) -> Tensor:
         from stamen.models.chain import run_span
 
@@ -487,7 +624,9 @@ class SpanHopSession(HopSession):
             if self.host.steps_left == 0:
                 raise HopError("connection lost")
             self.host.steps_left -= 1
-        return run_span(self.blocks, self.cache, hidden, start_position, padding_mask)
+        if prompts is not None:  # the host's part: cut them to the step's positions
+            prompts = prompts[:, :, start_position : start_position + hidden.shape[1]]
+        return run_span(self.blocks, self.cache, hidden, start_position, padding_mask, prompts)
 
     async def close(self) -> None:
         pass

@@ -22,6 +22,11 @@ says which blocks could not be served and why, and the session refuses further s
 `step(..., start_position=p)` with `p <= position` rolls back: everything from `p` on is
 forgotten (histories are truncated, hosts overwrite their cache from `p`).
 
+Deep prompts (`prompts`, `(end - start, B or 1, P, C)`, fixed for the session's life)
+belong to the session: every hop call that covers positions below `P` (the prefill, a
+rollback or replay from position 0) carries that hop's slice of them, and calls past `P`
+carry nothing, so decode steps cost no more than without prompts.
+
 This module knows nothing about transports or discovery: hosts come from a `SwarmView`.
 """
 
@@ -196,11 +201,13 @@ class InferenceSession:
         close_timeout_s: float = 5.0,
         retry_delay_s: float = 1.0,
         ban_list: BanList | None = None,
+        prompts: Tensor | None = None,
     ) -> None:
         if not 0 <= start < end:
             raise ValueError(f"empty or negative block range [{start}, {end})")
         if max_length < 1 or batch_size < 1 or (max_retries is not None and max_retries < 0):
             raise ValueError("max_length and batch_size must be >= 1, max_retries >= 0")
+        _check_prompts(prompts, end - start, batch_size)
         self._view = swarm_view
         self.start, self.end = start, end
         self.max_length, self.batch_size = max_length, batch_size
@@ -211,9 +218,11 @@ class InferenceSession:
         self.close_timeout_s = close_timeout_s
         self.retry_delay_s = retry_delay_s  # the longest backoff between two attempts
         self.ban_list = ban_list if ban_list is not None else BanList()
+        # Detached: a session only runs inference, and its prompts must not change under it.
+        self._prompts = None if prompts is None else prompts.detach()  # (n, B or 1, P, C)
         self._hops: list[_Hop] = []
         self._position = 0
-        self._hidden_size: int | None = None
+        self._hidden_size: int | None = None if prompts is None else prompts.shape[3]
         self._failure: SessionFailedError | None = None
         self._lock = asyncio.Lock()
         # Sessions on failed hosts close in the background, so failover does not wait for
@@ -304,7 +313,7 @@ class InferenceSession:
             self._hidden_size = C
         elif C != self._hidden_size:
             raise InvalidStepError(
-                f"hidden size {C} differs from earlier steps' {self._hidden_size}"
+                f"hidden size {C} differs from the prompts' or earlier steps' {self._hidden_size}"
             )
         if not 0 <= position <= self._position:
             raise InvalidStepError(
@@ -443,8 +452,9 @@ class InferenceSession:
     ) -> Tensor:
         # asyncio.timeout, not wait_for: wait_for wraps the step in a task of its own,
         # which costs a task and extra event-loop turns on every hop of every step.
+        prompts = self._prompts_for(hop.route, position)
         async with asyncio.timeout(self.step_timeout_s):
-            out = await hop.session.step(hidden, position, padding_mask)
+            out = await hop.session.step(hidden, position, padding_mask, prompts)
         if not isinstance(out, Tensor) or out.shape != hidden.shape or out.dtype != hidden.dtype:
             got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out)
             raise HopError(
@@ -452,6 +462,13 @@ class InferenceSession:
                 peer_id=hop.route.peer_id,
             )
         return out
+
+    def _prompts_for(self, route_hop: RouteHop, position: int) -> Tensor | None:
+        """The hop's deep prompts (n_hop, B or 1, P, C) for a step from `position`, or None
+        when the step lies past them (hosts would ignore them)."""
+        if self._prompts is None or position >= self._prompts.shape[2]:
+            return None
+        return self._prompts[route_hop.start - self.start : route_hop.end - self.start]
 
     def _ban(self, route_hop: RouteHop, error: Exception) -> None:
         remaining_s = self.ban_list.ban(route_hop.host.incarnation)
@@ -470,6 +487,19 @@ class InferenceSession:
         except Exception:
             # Closing is best effort: a broken host must not stop the others from closing.
             logger.warning("closing the session on %s failed", hop.route.peer_id, exc_info=True)
+
+
+def _check_prompts(prompts: Tensor | None, num_blocks: int, batch_size: int) -> None:
+    if prompts is None:
+        return
+    batch_ok = prompts.dim() == 4 and prompts.shape[1] in (1, batch_size)
+    if not batch_ok or prompts.shape[0] != num_blocks:
+        raise ValueError(
+            f"prompts must be ({num_blocks}, {batch_size} or 1, P, C) for the session's "
+            f"blocks, got {tuple(prompts.shape)}"
+        )
+    if prompts.shape[2] < 1 or prompts.shape[3] < 1:
+        raise ValueError(f"prompts must have P >= 1 and C >= 1, got {tuple(prompts.shape)}")
 
 
 def _concat(history: Sequence[_Entry]) -> _Entry | None:
