@@ -25,6 +25,7 @@ from stamen.swarm_core.runtime import (
     Busy,
     CacheLimitExceeded,
     NotFound,
+    RequestTooLarge,
     RuntimeLimits,
     SessionId,
     SpanRuntime,
@@ -255,8 +256,9 @@ async def test_bad_requests_get_typed_errors_and_runtime_keeps_serving(
             await runtime.open_session(max_length, batch_size)  # type: ignore[arg-type]
     with pytest.raises(BadRequest):
         await runtime.backward(torch.randn(1, 4, C), torch.randn(1, 3, C))
-    with pytest.raises(BadRequest):
+    with pytest.raises(RequestTooLarge) as too_large:
         await runtime.forward(torch.randn(1, LIMITS.max_bulk_tokens + 1, C))
+    assert too_large.value.code == "too_large" and isinstance(too_large.value, BadRequest)
     x = torch.randn(2, 4, C)
     await runtime.step(session, x, 0)
     out = await runtime.step(session, x[:, 3:], 3)  # the session is intact
@@ -373,7 +375,8 @@ async def test_session_closed_while_its_step_is_queued_is_not_found() -> None:
 async def test_backward_equals_autograd_on_the_blocks(runtime: SpanRuntime) -> None:
     x, grad_output = torch.randn(2, 5, C), torch.randn(2, 5, C)
     mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    grad = await runtime.backward(x, grad_output, padding_mask=mask)
+    grad, grad_prompts = await runtime.backward(x, grad_output, padding_mask=mask)
+    assert grad_prompts is None
 
     leaf = x.clone().requires_grad_(True)
     context = StepContext.make(0, 5, batch_size=2, key_padding_mask=mask)

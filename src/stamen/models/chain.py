@@ -3,9 +3,16 @@
 `SpanCache` is the per-sequence-batch state of one span: a `KVCache` per block and the
 key padding mask of every slot written so far. `SpanCache.grown` makes a longer copy of
 it (new buffers, the filled prefix copied), so a host can allocate cache as a session
-grows instead of its whole `max_length` up front. `run_span` steps one span; `LocalChain`
+grows instead of its whole `max_length` up front. `run_span` steps one span; `run_blocks`
+runs blocks statelessly (no cache; under autograd when the caller enables it); `LocalChain`
 chains several spans in-process. Hosts use the same pieces for their sessions, and the
 local chain is the reference the swarm is compared with in tests and benchmarks.
+
+Deep prompts: both runners take an optional `prompts` tensor `(n_blocks, B or 1, P', C)`
+already cut to the step's positions (P' <= T). Before block i, `prompts[i]` is added to the
+first P' positions of its input, out of place, so the caller's tensors are never written
+and autograd sees the addition. Without prompts the loops are exactly what they were.
+Which positions a prompt covers (absolute `[0, P)`) is the caller's business.
 """
 
 from __future__ import annotations
@@ -84,12 +91,15 @@ def run_span(
     hidden: Tensor,
     offset: int,
     padding_mask: Tensor | None = None,
+    prompts: Tensor | None = None,
 ) -> Tensor:
     """Write `hidden` (B, T, C) at slots `[offset, offset + T)` of every block's cache.
 
     `padding_mask` (B, T) is False for left-padding tokens; the span remembers it so that
     later steps attend only to real tokens. Slots past `offset + T` are ignored, which is
-    what lets a caller roll back or replay by passing a smaller `offset`.
+    what lets a caller roll back or replay by passing a smaller `offset`. `prompts`
+    (n_blocks, B or 1, P', C), P' <= T, is added before each block to the step's first P'
+    tokens (module docstring).
     """
     B, T, _ = hidden.shape
     end = offset + T
@@ -110,9 +120,54 @@ def run_span(
         context = StepContext.make(
             offset, T, batch_size=B, key_padding_mask=history[:, :end], device=hidden.device
         )
-    for block, block_cache in zip(blocks, cache.caches, strict=True):
-        hidden = block(hidden, block_cache, context)
+    if prompts is None:
+        for block, block_cache in zip(blocks, cache.caches, strict=True):
+            hidden = block(hidden, block_cache, context)
+        return hidden
+    _check_prompts_fit(prompts, hidden)
+    for block, block_cache, prompt in zip(blocks, cache.caches, prompts, strict=True):
+        hidden = block(add_prompt(hidden, prompt), block_cache, context)
     return hidden
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module],
+    hidden: Tensor,
+    context: StepContext,
+    prompts: Tensor | None = None,
+) -> Tensor:
+    """`hidden` (B, T, C) through `blocks` without a cache, `prompts` (n_blocks, B or 1,
+    P', C) added before each block. Runs in whatever grad mode the caller chose."""
+    if prompts is None:
+        for block in blocks:
+            hidden = block(hidden, None, context)
+        return hidden
+    _check_prompts_fit(prompts, hidden)
+    for block, prompt in zip(blocks, prompts, strict=True):
+        hidden = block(add_prompt(hidden, prompt), None, context)
+    return hidden
+
+
+def add_prompt(hidden: Tensor, prompt: Tensor) -> Tensor:
+    """`hidden` (B, T, C) with `prompt` (B or 1, P', C) added to its first P' positions.
+
+    A new tensor: the caller's `hidden` may be a view of a received frame or a leaf that
+    autograd must differentiate through, so it is never written in place.
+    """
+    P = prompt.shape[1]
+    prompted = hidden[:, :P] + prompt  # (B, P', C); a batch of 1 broadcasts
+    return torch.cat([prompted, hidden[:, P:]], dim=1)  # (B, T, C)
+
+
+def _check_prompts_fit(prompts: Tensor, hidden: Tensor) -> None:
+    if prompts.dim() != 4 or prompts.shape[1] not in (1, hidden.shape[0]):
+        raise ValueError(
+            f"prompts of shape {tuple(prompts.shape)} for hidden {tuple(hidden.shape)}"
+        )
+    if prompts.shape[2] > hidden.shape[1] or prompts.shape[3] != hidden.shape[2]:
+        raise ValueError(
+            f"prompts of shape {tuple(prompts.shape)} for hidden {tuple(hidden.shape)}"
+        )
 
 
 class LocalChain:

@@ -5,7 +5,10 @@ DHT in the background (joining it in client mode, so nobody routes through us), 
 each connected host's ping, and hands out `RpcSpanClient`s over pooled connections: a few
 per host (`pool.HostConnections`), each call on one with a free slot. Any
 failure of a host (lost connection, timeout, remote error, a reply of the wrong shape)
-surfaces as `remote.HopError`, which inference sessions answer by routing around it.
+surfaces as `remote.HopError`, which inference sessions answer by routing around it; a
+refusal for lack of room is `remote.HostBusy` and one over the host's announced request
+size is `remote.RequestTooLarge`, neither of them a failure of the host. Steps are bounded
+by `step_timeout_s`, stateless forward / backward (fine-tuning) by `bulk_timeout_s`.
 
     async with SwarmClient(model_name, num_blocks, initial_peers=[...]) as swarm:
         async with InferenceSession(swarm, 0, num_blocks, max_length=512, batch_size=1) as s:
@@ -29,11 +32,28 @@ from stamen.swarm_core.codecs import Codec
 from stamen.swarm_core.discovery import Discovery
 from stamen.swarm_core.pool import HostConnections
 from stamen.swarm_core.records import HostRecord, HostState
-from stamen.swarm_core.remote import HopError, HopSession, HostBusy, HostInfo, SpanClient
+from stamen.swarm_core.remote import (
+    HopError,
+    HopSession,
+    HostBusy,
+    HostInfo,
+    RequestTooLarge,
+    SpanClient,
+)
 from stamen.swarm_core.remote import HostState as ViewState
-from stamen.swarm_core.rpc import RemoteBusy, RpcClient, RpcError, RpcStream, SlotTimeout
+from stamen.swarm_core.rpc import (
+    RemoteBusy,
+    RemoteTooLarge,
+    RpcClient,
+    RpcError,
+    RpcStream,
+    SlotTimeout,
+)
 from stamen.swarm_core.wire import (
+    Backward,
+    BackwardResult,
     CloseSession,
+    Decoded,
     Forward,
     ForwardResult,
     Hello,
@@ -57,6 +77,7 @@ class ClientSettings:
     refresh_interval_s: float = 5.0
     connect_timeout_s: float = 10.0
     step_timeout_s: float = 30.0
+    bulk_timeout_s: float = 120.0  # one forward / backward: queued below steps, larger
     ping_timeout_s: float = 3.0
     reply_codec: Codec = Codec.NONE
     liveness_interval_s: float = 1.0  # how often hosts with lost connections are redialed
@@ -67,6 +88,9 @@ def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
     message = f"{what} on {peer_id[:12]} failed: {type(error).__name__}: {error}"
     if isinstance(error, RemoteBusy):
         return HostBusy(message, peer_id=peer_id, retry_after_s=error.retry_after_s)
+    if isinstance(error, RemoteTooLarge):
+        # The request's fault, not the host's: never a ban, and resending it cannot help.
+        return RequestTooLarge(message, peer_id=peer_id)
     if isinstance(error, SlotTimeout):
         # No free slot on our side is no failure of the host: load, like `busy`.
         return HostBusy(message, peer_id=peer_id)
@@ -82,6 +106,27 @@ def _check_reply(hidden: Tensor | None, expected: Tensor, peer_id: str) -> Tenso
             peer_id=peer_id,
         )
     return hidden.to(expected.dtype)
+
+
+def _check_type(reply: object, expected: type, peer_id: str) -> None:
+    if not isinstance(reply, expected):
+        raise HopError(
+            f"host {peer_id[:12]} replied {type(reply).__name__}, expected {expected.__name__}",
+            peer_id=peer_id,
+        )
+
+
+def _request_tensors(
+    hidden: Tensor, prompts: Tensor | None, padding_mask: Tensor | None, **more: Tensor
+) -> dict[str, Tensor]:
+    """The named tensors of a step / forward / backward, contiguous for the wire."""
+    tensors = {"hidden": hidden.contiguous()}
+    tensors.update((name, tensor.contiguous()) for name, tensor in more.items())
+    if prompts is not None:
+        tensors["prompts"] = prompts.contiguous()
+    if padding_mask is not None:
+        tensors["padding_mask"] = padding_mask.contiguous()
+    return tensors
 
 
 class RpcHopSession(HopSession):
@@ -101,18 +146,19 @@ class RpcHopSession(HopSession):
         self._closed = False
 
     async def step(
-        self, hidden: Tensor, start_position: int, padding_mask: Tensor | None = None
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
     ) -> Tensor:
-        tensors = {"hidden": hidden.contiguous()}
-        if padding_mask is not None:
-            tensors["padding_mask"] = padding_mask.contiguous()
+        tensors = _request_tensors(hidden, prompts, padding_mask)
         message = Step(session_id=self.session_id, start_position=start_position)
         try:
             reply = await self._stream.call(message, tensors)
         except _HOST_FAILURES as error:
             raise _hop_error(error, self._peer_id, "step") from error
-        if not isinstance(reply.message, StepResult):
-            raise HopError(f"expected step_result, got {type(reply.message).__name__}")
+        _check_type(reply.message, StepResult, self._peer_id)
         return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
 
     async def close(self) -> None:
@@ -169,20 +215,53 @@ class RpcSpanClient(SpanClient):
             raise
         return RpcHopSession(self._peer_id, stack, stream, reply.message.session_id)
 
-    async def forward(self, start: int, end: int, hidden: Tensor) -> Tensor:
+    async def forward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> Tensor:
         message = Forward(block_start=start, block_end=end, reply_codec=self._settings.reply_codec)
+        tensors = _request_tensors(hidden, prompts, padding_mask)
+        reply = await self._bulk_call(message, tensors, "forward")
+        _check_type(reply.message, ForwardResult, self._peer_id)
+        return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
+
+    async def backward(
+        self,
+        start: int,
+        end: int,
+        hidden: Tensor,
+        grad_output: Tensor,
+        prompts: Tensor | None = None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        message = Backward(block_start=start, block_end=end, reply_codec=self._settings.reply_codec)
+        tensors = _request_tensors(hidden, prompts, padding_mask, grad_output=grad_output)
+        reply = await self._bulk_call(message, tensors, "backward")
+        _check_type(reply.message, BackwardResult, self._peer_id)
+        grad_hidden = _check_reply(reply.tensors.get("grad_hidden"), hidden, self._peer_id)
+        grad_prompts = reply.tensors.get("grad_prompts")
+        if prompts is None:
+            if grad_prompts is not None:
+                raise HopError(
+                    f"host {self._peer_id[:12]} sent grad_prompts for a call without prompts",
+                    peer_id=self._peer_id,
+                )
+            return grad_hidden, None
+        return grad_hidden, _check_reply(grad_prompts, prompts, self._peer_id)
+
+    async def _bulk_call(
+        self, message: Forward | Backward, tensors: dict[str, Tensor], what: str
+    ) -> Decoded:
+        """One forward / backward on a leased slot, bounded by `bulk_timeout_s`."""
         try:
             async with self._connections.lease(self._settings.connect_timeout_s) as rpc:
-                reply = await rpc.call(
-                    message,
-                    {"hidden": hidden.contiguous()},
-                    timeout_s=self._settings.step_timeout_s,
-                )
+                return await rpc.call(message, tensors, timeout_s=self._settings.bulk_timeout_s)
         except _HOST_FAILURES as error:
-            raise _hop_error(error, self._peer_id, "forward") from error
-        if not isinstance(reply.message, ForwardResult):
-            raise HopError(f"expected forward_result, got {type(reply.message).__name__}")
-        return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
+            raise _hop_error(error, self._peer_id, what) from error
 
 
 _VIEW_STATES = {
@@ -208,6 +287,7 @@ def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
         ping_s=ping_s,
         started_at_s=record.started_at_s,
         max_session_cache_tokens=record.max_session_cache_tokens or None,
+        max_request_tokens=record.max_request_tokens or None,
     )
 
 

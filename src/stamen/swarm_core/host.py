@@ -7,10 +7,14 @@
    by block, progress logged), quantizes it if asked, and measures its decode throughput;
 3. listens on its transport and serves `Info`, `OpenSession` (one stream per inference
    session), `Forward` and `Backward`, translating runtime refusals into typed remote
-   errors (with the runtime's `retry_after_s` hint). A step refused as busy or timed out
-   in the queue never ran: it is answered with an `ErrorReply` and the session stream
-   stays open, so the client may send the same step again;
-4. announces ONLINE every `announce_interval_s` (5 s) with its free cache, each record
+   errors (with the runtime's `retry_after_s` hint; `too_large` for a forward / backward
+   over `max_request_tokens`). A step refused as busy or timed out in the queue never
+   ran: it is answered with an `ErrorReply` and the session stream stays open, so the
+   client may send the same step again. Steps, forwards and backwards take the deep
+   `prompts` tensor of the wire's messages; a `BackwardResult` carries `grad_prompts`
+   exactly when prompts were sent. Forward / backward run below steps in priority;
+4. announces ONLINE every `announce_interval_s` (5 s) with its free cache and its size
+   limits (`max_session_cache_tokens`, `max_request_tokens`), each record
    valid for `record_ttl_s` (15 s): a host that dies without saying so drops out of the
    swarm's view within 15 s, and cache freed by closed sessions shows within 5 s;
 5. when asked to stop: announces OFFLINE, refuses new sessions, lets in-flight steps
@@ -50,6 +54,7 @@ from stamen.swarm_core.rpc import (
     RemoteError,
     RemoteNotFound,
     RemoteTimeout,
+    RemoteTooLarge,
     Reply,
     RpcServer,
 )
@@ -103,6 +108,7 @@ class HostSettings:
     dtype: torch.dtype = torch.float32
     quantization: str = "none"
     max_cache_tokens: int = 16384
+    max_request_tokens: int = 16384  # B x T of one forward / backward, announced
     public_name: str = ""
     announce_interval_s: float = 5.0
     record_ttl_s: float = 15.0  # > announce_interval_s, so a live host's record never lapses
@@ -155,6 +161,7 @@ def choose_span(
 _REMOTE_ERRORS: dict[str, type[RemoteError]] = {
     "busy": RemoteBusy,
     "bad_request": RemoteBadRequest,
+    "too_large": RemoteTooLarge,
     "not_found": RemoteNotFound,
     "timeout": RemoteTimeout,
 }
@@ -279,8 +286,11 @@ class Host:
         return span
 
     def _limits(self) -> RuntimeLimits:
+        if self.runtime is not None:
+            return self.runtime.limits
         return self.settings.limits or RuntimeLimits(
-            max_cache_tokens=self.settings.max_cache_tokens
+            max_cache_tokens=self.settings.max_cache_tokens,
+            max_bulk_tokens=self.settings.max_request_tokens,
         )
 
     async def _drain(self) -> None:
@@ -317,6 +327,7 @@ class Host:
             throughput_tokens_per_s=self.throughput_tokens_s,
             free_cache_tokens=free,
             max_session_cache_tokens=info.session_cache_tokens_max if info else 0,
+            max_request_tokens=self._limits().max_bulk_tokens,
             dtype=str(self.settings.dtype).removeprefix("torch."),
             quantization="" if self.settings.quantization == "none" else self.settings.quantization,
             version=stamen.__version__,
@@ -410,6 +421,7 @@ class Host:
                                     hidden,
                                     start_position,
                                     decoded.tensors.get("padding_mask"),
+                                    decoded.tensors.get("prompts"),
                                 )
                         except (RemoteBusy, RemoteTimeout) as refusal:
                             yield _retry_later(refusal)  # the session is as it was
@@ -436,6 +448,7 @@ class Host:
             out = await self._runtime().forward(
                 request.tensors["hidden"],
                 request.tensors.get("padding_mask"),
+                request.tensors.get("prompts"),
                 block_range=(message.block_start, message.block_end),
             )
         return Outgoing(ForwardResult(), {"hidden": out}, codec=message.reply_codec)
@@ -444,10 +457,14 @@ class Host:
         message = request.message
         assert isinstance(message, Backward)
         with self._request():
-            grad = await self._runtime().backward(
+            grad_hidden, grad_prompts = await self._runtime().backward(
                 request.tensors["hidden"],
                 request.tensors["grad_output"],
                 request.tensors.get("padding_mask"),
+                request.tensors.get("prompts"),
                 block_range=(message.block_start, message.block_end),
             )
-        return Outgoing(BackwardResult(), {"grad_hidden": grad}, codec=message.reply_codec)
+        tensors = {"grad_hidden": grad_hidden}
+        if grad_prompts is not None:
+            tensors["grad_prompts"] = grad_prompts
+        return Outgoing(BackwardResult(), tensors, codec=message.reply_codec)

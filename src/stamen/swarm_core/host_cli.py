@@ -3,6 +3,7 @@
     swarm-host MODEL [--blocks A:B | --num-blocks N] [--transport tcp|webrtc]
                [--listen ADDR] [--initial-peers HOST:PORT ...] [--device cuda]
                [--dtype bfloat16] [--quant none|int8|nf4] [--max-cache-tokens N]
+               [--max-request-tokens N]
                [--public-name NAME] [--identity PATH] [--swarm-key-file PATH]
                [--parent-pid PID]
 
@@ -55,6 +56,16 @@ def _host_port(text: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("MAX_CACHE_TOKENS", "16384") or 16384),
         help="KV cache budget per block, in tokens, shared by all sessions",
     )
+    parser.add_argument(
+        "--max-request-tokens",
+        type=_positive_int,
+        default=_env("MAX_REQUEST_TOKENS", "16384"),
+        metavar="N",
+        help="most tokens (batch x length) one forward or backward call (fine-tuning, "
+        "bulk scoring) may carry; announced to clients, and larger calls are refused as "
+        "too_large so the client splits them (default 16384; env STAMEN_MAX_REQUEST_TOKENS)",
+    )
     parser.add_argument("--public-name", default=_env("PUBLIC_NAME", ""))
     parser.add_argument(
         "--identity",
@@ -154,6 +174,7 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
         dtype=_DTYPES[args.dtype],
         quantization=args.quant,
         max_cache_tokens=args.max_cache_tokens,
+        max_request_tokens=args.max_request_tokens,
         public_name=args.public_name,
         announce_interval_s=args.announce_interval_s,
     )

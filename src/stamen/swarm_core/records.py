@@ -89,6 +89,8 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     free_cache_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     # What one session may hold (batch x length); 0: not announced (older hosts).
     max_session_cache_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Tokens (batch x length) one forward / backward may carry; 0: not announced.
+    max_request_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     dtype: _ShortText = ""
     quantization: _ShortText = ""  # "" (none), "int8", "nf4"
     adapters: Annotated[tuple[_Name, ...], msgspec.Meta(max_length=16)] = ()

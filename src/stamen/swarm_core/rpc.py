@@ -28,6 +28,7 @@ Errors raised on the client:
     RpcError
     ├── RemoteError             the peer answered with an `ErrorReply`
     │   ├── RemoteBusy          ├── RemoteBadRequest   ├── RemoteNotFound
+    │   │                       │   └── RemoteTooLarge  (over an announced size limit)
     │   ├── RemoteTimeout       └── RemoteInternal
     ├── RpcTimeout              our own deadline passed (also a `TimeoutError`)
     │   └── SlotTimeout         ... while waiting for a free call slot (nothing was sent)
@@ -109,6 +110,12 @@ class RemoteBadRequest(RemoteError):
     code = ErrorCode.BAD_REQUEST
 
 
+class RemoteTooLarge(RemoteBadRequest):
+    """The request is over a size limit the host announced; resending it fails again."""
+
+    code = ErrorCode.TOO_LARGE
+
+
 class RemoteNotFound(RemoteError):
     code = ErrorCode.NOT_FOUND
 
@@ -122,7 +129,8 @@ class RemoteInternal(RemoteError):
 
 
 _ERRORS_BY_CODE: dict[ErrorCode, type[RemoteError]] = {
-    cls.code: cls for cls in (RemoteBusy, RemoteBadRequest, RemoteNotFound, RemoteTimeout)
+    cls.code: cls
+    for cls in (RemoteBusy, RemoteBadRequest, RemoteTooLarge, RemoteNotFound, RemoteTimeout)
 }
 
 

@@ -6,8 +6,8 @@
         session_id = await runtime.open_session(max_length=512, batch_size=1)
         out = await runtime.step(session_id, hidden, start_position=0)   # (B, T, C)
         await runtime.close_session(session_id)
-        out = await runtime.forward(hidden)                   # stateless, no cache
-        grad = await runtime.backward(hidden, grad_output)    # d(out)/d(hidden), params frozen
+        out = await runtime.forward(hidden, prompts=prompts)  # stateless, no cache
+        grad_hidden, grad_prompts = await runtime.backward(hidden, grad_output, prompts=prompts)
 
 Contract:
 
@@ -32,7 +32,21 @@ Contract:
    forward/backward, each job failing with `Timeout` if it waits too long in the queue.
    Idle sessions are closed by a reaper task owned by the runtime.
 4. Every request is validated before anything is allocated; refusals are
-   `sessions.RuntimeRequestError`s and the runtime keeps serving.
+   `sessions.RuntimeRequestError`s and the runtime keeps serving. A forward / backward of
+   more than `max_bulk_tokens` tokens (B x T, what a host announces as
+   `max_request_tokens`) is `RequestTooLarge` (code "too_large").
+5. Deep prompts `(n_blocks of the range, B or 1, P, C)`, P <= `max_prompt_tokens`, are
+   added to the hidden states at absolute positions `[0, P)` before each block
+   (`stamen.models.chain`). `forward` / `backward` start at position 0 and need P <= T. A
+   step at `start_position = s` adds `prompts[:, :, s:min(P, s + T)]` when s < P and
+   ignores them otherwise, so a replay from 0 that resends them rebuilds the same cache.
+   Prompts are cast to the span's dtype and device; results come back in the dtype the
+   request's tensors came in.
+6. `backward` keeps nothing between calls: it recomputes the blocks from the client's
+   `hidden` under autograd and returns `(grad_hidden, grad_prompts)`, `grad_prompts`
+   shaped like the prompts (a batch-1 prompt gets the gradient summed over rows; None
+   without prompts). Only the inputs are differentiated: no parameter gets a `.grad`
+   and no weight changes, float, int8 and nf4 spans alike.
 
 Not done: continuous batching of different sessions' decode steps into one block call.
 The block contract takes one `KVCache` and one `StepContext` with a single `offset`, while
@@ -59,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from stamen.models.base import BlockAdapter, StepContext
-from stamen.models.chain import SpanCache, run_span
+from stamen.models.chain import SpanCache, run_blocks, run_span
 from stamen.swarm_core.scheduler import ComputeScheduler, Priority
 from stamen.swarm_core.sessions import (
     BadRequest,
@@ -67,6 +81,7 @@ from stamen.swarm_core.sessions import (
     CacheBudget,
     CacheLimitExceeded,
     NotFound,
+    RequestTooLarge,
     RuntimeRequestError,
     Session,
     SessionId,
@@ -75,6 +90,7 @@ from stamen.swarm_core.sessions import (
     check_no_gap,
     check_padding_mask,
     check_positive_int,
+    check_prompts,
     check_step_position,
     new_session_id,
 )
@@ -86,6 +102,7 @@ __all__ = [
     "Busy",
     "CacheLimitExceeded",
     "NotFound",
+    "RequestTooLarge",
     "RuntimeInfo",
     "RuntimeLimits",
     "RuntimeRequestError",
@@ -119,7 +136,8 @@ class RuntimeLimits:
     bulk_timeout_s: float = 120.0  # same for forward / backward
     max_batch_size: int = 64
     max_session_length: int = 8192
-    max_bulk_tokens: int = 16384  # B * T of one forward / backward
+    max_bulk_tokens: int = 16384  # B * T of one forward / backward: max_request_tokens
+    max_prompt_tokens: int = 1024  # P of deep prompts
     max_queued_jobs: int = 1024
     reaper_interval_s: float = 1.0
 
@@ -131,6 +149,7 @@ class RuntimeLimits:
             "max_batch_size",
             "max_session_length",
             "max_bulk_tokens",
+            "max_prompt_tokens",
             "max_queued_jobs",
         ):
             if getattr(self, name) < 1:
@@ -352,13 +371,19 @@ class SpanRuntime:
         hidden: Tensor,
         start_position: int,
         padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
     ) -> Tensor:
-        """Run `hidden` (B, T, C) through the span, caching its keys and values."""
+        """Run `hidden` (B, T, C) through the session's blocks, caching its keys and values;
+        `prompts` (n_blocks, B or 1, P, C) count from position 0 (contract, 5)."""
         session = self._session(session_id)
         hidden = check_hidden(hidden, hidden_size=self.hidden_size, batch_size=session.batch_size)
         B, T, _ = hidden.shape
         mask = check_padding_mask(padding_mask, B, T)
         start = check_step_position(session, start_position, T)
+        prompts = self._check_prompts(prompts, session.block_range, B)
+        step_prompts = None
+        if prompts is not None and start < prompts.shape[2]:
+            step_prompts = prompts[:, :, start : start + T]  # (n, B or 1, P', C), a view
         if session.in_flight == 0:
             # Nothing of this session is queued or running, so its length is settled:
             # refuse a gap before growing the reservation for it.
@@ -369,7 +394,7 @@ class SpanRuntime:
         session.touch()
         try:
             return await self._scheduler.run(
-                lambda: self._compute_step(session, hidden, start, mask, capacity),
+                lambda: self._compute_step(session, hidden, start, mask, capacity, step_prompts),
                 priority=Priority.INFERENCE,
                 queue_timeout_s=self.limits.step_timeout_s,
             )
@@ -381,14 +406,16 @@ class SpanRuntime:
         self,
         hidden: Tensor,
         padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
         *,
         block_range: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Stateless forward over the span (no cache); lower priority than steps."""
-        blocks = self._blocks(self.block_range(block_range))
-        hidden, mask = self._check_bulk(hidden, padding_mask)
+        """Stateless forward over `block_range` (no cache); lower priority than steps."""
+        blocks_range = self.block_range(block_range)
+        hidden, mask, prompts = self._check_bulk(hidden, padding_mask, prompts, blocks_range)
+        blocks = self._blocks(blocks_range)
         return await self._scheduler.run(
-            lambda: self._compute_forward(blocks, hidden, mask),
+            lambda: self._compute_forward(blocks, hidden, mask, prompts),
             priority=Priority.BULK,
             queue_timeout_s=self.limits.bulk_timeout_s,
         )
@@ -398,12 +425,15 @@ class SpanRuntime:
         hidden: Tensor,
         grad_output: Tensor,
         padding_mask: Tensor | None = None,
+        prompts: Tensor | None = None,
         *,
         block_range: tuple[int, int] | None = None,
-    ) -> Tensor:
-        """Gradient of the span's output w.r.t. `hidden`, given `grad_output` (B, T, C)."""
-        blocks = self._blocks(self.block_range(block_range))
-        hidden, mask = self._check_bulk(hidden, padding_mask)
+    ) -> tuple[Tensor, Tensor | None]:
+        """Gradients `(d hidden (B, T, C), d prompts or None)` of the output of
+        `block_range` run on `hidden`, given `grad_output` (B, T, C) (contract, 6)."""
+        blocks_range = self.block_range(block_range)
+        hidden, mask, prompts = self._check_bulk(hidden, padding_mask, prompts, blocks_range)
+        blocks = self._blocks(blocks_range)
         grad_output = check_hidden(grad_output, hidden_size=self.hidden_size, name="grad_output")
         if grad_output.shape != hidden.shape:
             raise BadRequest(
@@ -411,27 +441,60 @@ class SpanRuntime:
                 f"hidden has {tuple(hidden.shape)}"
             )
         return await self._scheduler.run(
-            lambda: self._compute_backward(blocks, hidden, grad_output, mask),
+            lambda: self._compute_backward(blocks, hidden, grad_output, mask, prompts),
             priority=Priority.BULK,
             queue_timeout_s=self.limits.bulk_timeout_s,
         )
 
-    def _check_bulk(self, hidden: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Any]:
+    def _check_bulk(
+        self,
+        hidden: Tensor,
+        padding_mask: Tensor | None,
+        prompts: Tensor | None,
+        block_range: tuple[int, int],
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         hidden = check_hidden(hidden, hidden_size=self.hidden_size)
         B, T, _ = hidden.shape
         if B * T > self.limits.max_bulk_tokens:
-            raise BadRequest(
-                f"{B * T} tokens in one request, the limit is {self.limits.max_bulk_tokens}"
+            raise RequestTooLarge(
+                f"{B * T} tokens (batch {B} x {T}) in one request; this host takes at most "
+                f"{self.limits.max_bulk_tokens} (max_request_tokens): split the batch"
             )
-        return hidden, check_padding_mask(padding_mask, B, T)
+        mask = check_padding_mask(padding_mask, B, T)
+        return hidden, mask, self._check_prompts(prompts, block_range, B, num_tokens=T)
+
+    def _check_prompts(
+        self,
+        prompts: Tensor | None,
+        block_range: tuple[int, int],
+        batch_size: int,
+        *,
+        num_tokens: int | None = None,
+    ) -> Tensor | None:
+        start, end = block_range
+        return check_prompts(
+            prompts,
+            num_blocks=end - start,
+            batch_size=batch_size,
+            hidden_size=self.hidden_size,
+            max_tokens=self.limits.max_prompt_tokens,
+            num_tokens=num_tokens,
+        )
 
     # -- compute (runs on the scheduler's thread only) ----------------------------------
 
     def _compute_step(
-        self, session: Session, hidden: Tensor, start: int, mask: Tensor | None, capacity: int
+        self,
+        session: Session,
+        hidden: Tensor,
+        start: int,
+        mask: Tensor | None,
+        capacity: int,
+        prompts: Tensor | None,
     ) -> Tensor:
         """`capacity`: slots per sequence reserved for this session when the step was
-        queued (at least `start + T`); the buffers grow to it if they are shorter."""
+        queued (at least `start + T`); the buffers grow to it if they are shorter.
+        `prompts`: the slice for this step's positions, or None."""
         if session.closed:
             raise NotFound(f"session {session.session_id!r} was closed before its step ran")
         check_no_gap(session, start)
@@ -443,7 +506,8 @@ class SpanRuntime:
         session.length = start
         x = _on(hidden, self.device, self.dtype)  # (B, T, C)
         mask = None if mask is None else mask.to(self.device)
-        x = run_span(blocks, session.cache, x, start, mask)
+        p = None if prompts is None else _on(prompts, self.device, self.dtype)
+        x = run_span(blocks, session.cache, x, start, mask, p)
         session.length = start + T
         session.tokens_processed += B * T
         self._steps += 1
@@ -477,13 +541,17 @@ class SpanRuntime:
         return StepContext.make(0, T, batch_size=B, key_padding_mask=mask, device=self.device)
 
     def _compute_forward(
-        self, blocks: Iterable[nn.Module], hidden: Tensor, mask: Tensor | None
+        self,
+        blocks: Iterable[nn.Module],
+        hidden: Tensor,
+        mask: Tensor | None,
+        prompts: Tensor | None,
     ) -> Tensor:
         context = self._bulk_context(hidden, mask)
         with torch.inference_mode():
-            x = hidden.to(device=self.device, dtype=self.dtype)  # (B, T, C)
-            for block in blocks:
-                x = block(x, None, context)
+            x = _on(hidden, self.device, self.dtype)  # (B, T, C)
+            p = None if prompts is None else _on(prompts, self.device, self.dtype)
+            x = run_blocks(blocks, x, context, p)
         self._tokens_processed += hidden.shape[0] * hidden.shape[1]
         return x.to(device=hidden.device, dtype=hidden.dtype)
 
@@ -493,19 +561,25 @@ class SpanRuntime:
         hidden: Tensor,
         grad_output: Tensor,
         mask: Tensor | None,
-    ) -> Tensor:
+        prompts: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
         context = self._bulk_context(hidden, mask)
-        x = hidden.to(device=self.device, dtype=self.dtype).detach().requires_grad_(True)
+        # Fresh leaves (detached views): the caller's tensors get no autograd history.
+        x = _on(hidden, self.device, self.dtype).detach().requires_grad_(True)  # (B, T, C)
+        p = None
+        if prompts is not None:
+            p = _on(prompts, self.device, self.dtype).detach().requires_grad_(True)
+        inputs = (x,) if p is None else (x, p)
         with torch.enable_grad():
-            y = x  # (B, T, C)
-            for block in blocks:
-                y = block(y, None, context)
-            # Gradient w.r.t. the input only: parameters stay frozen, no .grad is written.
-            (grad_input,) = torch.autograd.grad(
-                y, x, grad_output.to(device=y.device, dtype=y.dtype)
-            )
+            y = run_blocks(blocks, x, context, p)  # (B, T, C)
+            # Gradients w.r.t. the inputs only: parameters stay frozen, no .grad is written.
+            grads = torch.autograd.grad(y, inputs, _on(grad_output, y.device, y.dtype))
         self._tokens_processed += hidden.shape[0] * hidden.shape[1]
-        return grad_input.to(device=hidden.device, dtype=hidden.dtype)
+        grad_hidden = grads[0].to(device=hidden.device, dtype=hidden.dtype)
+        if prompts is None:
+            return grad_hidden, None
+        # A batch-1 prompt broadcast over B rows: autograd already summed its gradient.
+        return grad_hidden, grads[1].to(device=prompts.device, dtype=prompts.dtype)
 
 
 def _on(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

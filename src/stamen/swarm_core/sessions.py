@@ -24,6 +24,8 @@ of when trying again could succeed:
      |                                          try another host
      +-- BadRequest              "bad_request"  malformed shape, dtype, position or size
      |    +-- CacheLimitExceeded                a session outgrowing its share of the budget
+     |    +-- RequestTooLarge    "too_large"    more tokens in one forward / backward than
+     |                                          the host announces (`max_request_tokens`)
      +-- NotFound                "not_found"    unknown, closed or expired session id
      +-- Timeout                 "timeout"      waited too long in the compute queue
 
@@ -69,6 +71,13 @@ class BadRequest(RuntimeRequestError):
 
 class CacheLimitExceeded(BadRequest):
     """A session needs more cache than one session may hold on this host."""
+
+
+class RequestTooLarge(BadRequest):
+    """A forward / backward over the host's announced tokens-per-call limit: the client
+    must split it; sending it again fails again."""
+
+    code = "too_large"
 
 
 class NotFound(RuntimeRequestError):
@@ -262,3 +271,39 @@ def check_no_gap(session: Session, start_position: int) -> None:
             f"start_position {start_position} would leave a gap: the session holds "
             f"{session.length} tokens"
         )
+
+
+def check_prompts(
+    prompts: object,
+    *,
+    num_blocks: int,
+    batch_size: int,
+    hidden_size: int,
+    max_tokens: int,
+    num_tokens: int | None = None,
+) -> Tensor | None:
+    """None, or floating deep prompts `(num_blocks, B or 1, P, C)` with
+    `1 <= P <= max_tokens`, and `P <= num_tokens` when given (a stateless call starts at
+    position 0, so every prompt position must fall on one of its tokens)."""
+    if prompts is None:
+        return None
+    if not isinstance(prompts, Tensor):
+        raise BadRequest(f"prompts must be a tensor, got {type(prompts).__name__}")
+    if prompts.dim() != 4:
+        raise BadRequest(f"prompts must be (n_blocks, B, P, C), got shape {tuple(prompts.shape)}")
+    if not prompts.dtype.is_floating_point:
+        raise BadRequest(f"prompts must be a floating-point tensor, got {prompts.dtype}")
+    n, B, P, C = prompts.shape
+    if n != num_blocks:
+        raise BadRequest(f"prompts are for {n} blocks, the request runs {num_blocks}")
+    if B not in (1, batch_size):
+        raise BadRequest(f"prompts have batch {B}, expected 1 or {batch_size}")
+    if C != hidden_size:
+        raise BadRequest(f"prompts have hidden size {C}, this span expects {hidden_size}")
+    if not 1 <= P <= max_tokens:
+        raise BadRequest(f"prompts must hold 1 to {max_tokens} positions, got {P}")
+    if num_tokens is not None and P > num_tokens:
+        raise BadRequest(
+            f"prompts cover {P} positions but the request has only {num_tokens} tokens"
+        )
+    return prompts

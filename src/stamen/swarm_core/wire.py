@@ -129,6 +129,7 @@ class HostState(StrEnum):
 class ErrorCode(StrEnum):
     BUSY = "busy"  # no capacity now (cache, streams); retry later or elsewhere
     BAD_REQUEST = "bad_request"  # the request is invalid; retrying it will not help
+    TOO_LARGE = "too_large"  # over a size limit the host announces; split it, do not resend
     NOT_FOUND = "not_found"  # unknown session, method, model or span
     TIMEOUT = "timeout"  # the host gave up waiting (for compute, for the next message)
     INTERNAL = "internal"  # the host failed; it keeps serving other calls
