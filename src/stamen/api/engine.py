@@ -6,30 +6,42 @@ hidden states through every transformer block for one batch of sequences, with r
 `max_length` tokens. Leaving `open_chain`'s context, normally or by cancellation (a client
 that disconnected), closes the chain and frees its KV cache wherever it lives.
 
+Fine-tuning needs two more things of an engine: chains that carry deep prompts
+(`open_chain(..., prompts=)`, `(num_blocks, B or 1, P, C)` added to the hidden states at
+positions `[0, P)` before each block, as `stamen.swarm_core.remote` defines them), and
+`blocks_function`, every block as one differentiable function of the hidden states and
+the prompts, callable from a worker thread.
+
 `LocalEngine` runs every block in this process (tests, reference, no peers); the swarm
 client provides the same seam over remote hosts. The API layer never looks further.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from stamen.models.base import ClientHead
-from stamen.models.chain import LocalChain, SpanCache
+from stamen.models.base import ClientHead, StepContext
+from stamen.models.chain import LocalChain, SpanCache, run_blocks, run_span
 from stamen.models.loading import load_config, load_head, load_span, load_tokenizer
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.generation import BlockChain
 
 logger = logging.getLogger(__name__)
+
+# Runs a coroutine on the engine's event loop from a worker thread and returns its result.
+RunOnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
+# (hidden (B, T, C), prompts (num_blocks, B or 1, P, C) or None) -> (B, T, C)
+BlocksFunction = Callable[[Tensor, Tensor | None], Tensor]
 
 
 class HostView(msgspec.Struct):
@@ -90,12 +102,20 @@ class EngineClient(Protocol):
         ...
 
     def open_chain(
-        self, max_length: int, batch_size: int
+        self, max_length: int, batch_size: int, *, prompts: Tensor | None = None
     ) -> AbstractAsyncContextManager[BlockChain]:
-        """A chain through every block for `batch_size` sequences of up to `max_length`.
+        """A chain through every block for `batch_size` sequences of up to `max_length`,
+        with deep `prompts` (num_blocks, B or 1, P, C) added before each block when given.
 
         Raises `EngineUnavailable` (when opening or from a step) if the model cannot be
         served right now."""
+        ...
+
+    def blocks_function(self, run: RunOnLoop) -> BlocksFunction:
+        """Every block as one stateless function `(hidden, prompts) -> hidden`, which
+        autograd differentiates with respect to both; call it from a worker thread, never
+        the event loop (`run` takes its remote calls back to the loop). The returned
+        function raises `EngineUnavailable` when the model cannot be served."""
         ...
 
     def ready(self) -> bool:
@@ -212,19 +232,45 @@ class LocalEngine(ClientSide):
         return True
 
     @asynccontextmanager
-    async def open_chain(self, max_length: int, batch_size: int) -> AsyncIterator[BlockChain]:
+    async def open_chain(
+        self, max_length: int, batch_size: int, *, prompts: Tensor | None = None
+    ) -> AsyncIterator[BlockChain]:
+        if prompts is not None:
+            check_prompts(prompts, self.num_blocks, batch_size, max_length)
         caches = [
             SpanCache.empty(
                 self._adapter, self._config, len(blocks), batch_size, max_length, dtype=self._dtype
             )
             for blocks in self._spans
         ]
+        spans = list(zip(self._spans, caches, strict=True))
         self.chains_opened += 1
         try:
-            yield LocalChain(list(zip(self._spans, caches, strict=True)))
+            if prompts is None:
+                yield LocalChain(spans)
+            else:
+                yield PromptedLocalChain(spans, prompts.to(self._dtype))
         finally:
             self.chains_closed += 1
             caches.clear()
+
+    def blocks_function(self, run: RunOnLoop) -> BlocksFunction:
+        return self._run_blocks  # in-process: nothing goes through the loop
+
+    def _run_blocks(self, hidden: Tensor, prompts: Tensor | None) -> Tensor:
+        B, T, _ = hidden.shape
+        if prompts is not None:
+            check_prompts(prompts, self.num_blocks, B, T)
+        context = StepContext.make(0, T, batch_size=B, device=hidden.device)
+        x = hidden.to(self._dtype)  # (B, T, C)
+        first = 0
+        for blocks in self._spans:
+            span_prompts = None
+            if prompts is not None:  # a differentiable cast: float32 prompts, blocks' dtype
+                span_prompts = prompts[first : first + len(blocks)].to(self._dtype)
+            x = run_blocks(blocks, x, context, span_prompts)
+            first += len(blocks)
+        return x.to(hidden.dtype)
 
     def swarm_snapshot(self) -> SwarmSnapshot:
         hosts, start = [], 0
@@ -241,3 +287,47 @@ def default_model_id(model_ref: str | Path) -> str:
         name = path.name
         return name.split(".")[0] if path.is_file() else name
     return str(model_ref)
+
+
+def check_prompts(prompts: Tensor, num_blocks: int, batch_size: int, max_length: int) -> None:
+    """Refuse deep prompts that are not (num_blocks, B or 1, P <= max_length, C)."""
+    if prompts.ndim != 4 or prompts.shape[0] != num_blocks:
+        raise ValueError(
+            f"prompts must be (num_blocks={num_blocks}, B, P, C), got {tuple(prompts.shape)}"
+        )
+    if prompts.shape[1] not in (1, batch_size) or prompts.shape[2] > max_length:
+        raise ValueError(
+            f"prompts {tuple(prompts.shape)} do not fit a batch of {batch_size} sequences "
+            f"of up to {max_length} tokens"
+        )
+
+
+class PromptedLocalChain:
+    """`LocalChain` with deep prompts: each step that covers positions below P hands each
+    span its blocks' prompts for those positions (the swarm hosts' semantics)."""
+
+    def __init__(self, spans: Iterable[tuple[Sequence[nn.Module], SpanCache]], prompts: Tensor):
+        self._spans = list(spans)
+        self._prompts = prompts  # (num_blocks, B or 1, P, C)
+        self._position = 0
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    async def step(self, hidden: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        hidden = await asyncio.to_thread(self._run, hidden, padding_mask, self._position)
+        self._position += hidden.shape[1]
+        return hidden
+
+    def _run(self, hidden: Tensor, padding_mask: Tensor | None, offset: int) -> Tensor:
+        T, P = hidden.shape[1], self._prompts.shape[2]
+        first = 0
+        for blocks, cache in self._spans:
+            if offset < P:
+                prompts = self._prompts[first : first + len(blocks), :, offset : min(P, offset + T)]
+                hidden = run_span(blocks, cache, hidden, offset, padding_mask, prompts=prompts)
+            else:
+                hidden = run_span(blocks, cache, hidden, offset, padding_mask)
+            first += len(blocks)
+        return hidden

@@ -4,7 +4,9 @@ The API process keeps the tokenizer and the client head; every request's chain i
 `InferenceSession` through the hosts (routing, failover and replay included), opened for
 exactly the request's batch and length and closed when the request ends, so a client that
 disconnects frees the hosts' cache at once. The swarm connection lives on the API's own
-event loop.
+event loop. Fine-tuning's differentiable pass goes through `RemoteSpans` (stateless
+forward / backward calls to the hosts), from a worker thread whose remote calls come
+back to that loop.
 
 This module knows nothing about HTTP or OpenAI schemas.
 """
@@ -18,17 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from stamen.api.engine import (
+    BlocksFunction,
     ClientSide,
     EngineUnavailable,
     HostView,
+    RunOnLoop,
     SwarmSnapshot,
+    check_prompts,
     default_model_id,
 )
 from stamen.models.base import ClientHead
 from stamen.models.loading import load_config, load_head, load_tokenizer
 from stamen.models.registry import get_adapter
+from stamen.swarm_core.autograd import RemoteSpans
 from stamen.swarm_core.client import ClientSettings, SwarmClient
 from stamen.swarm_core.generation import BlockChain
 from stamen.swarm_core.host import model_name_of
@@ -109,7 +116,11 @@ class SwarmEngine(ClientSide):
         return None
 
     @asynccontextmanager
-    async def open_chain(self, max_length: int, batch_size: int) -> AsyncIterator[BlockChain]:
+    async def open_chain(
+        self, max_length: int, batch_size: int, *, prompts: Tensor | None = None
+    ) -> AsyncIterator[BlockChain]:
+        if prompts is not None:
+            check_prompts(prompts, self.swarm.num_blocks, batch_size, max_length)
         session = InferenceSession(
             self.swarm,
             0,
@@ -117,6 +128,7 @@ class SwarmEngine(ClientSide):
             max_length,
             batch_size,
             ban_list=self.ban_list,
+            prompts=prompts,
         )
         try:
             await session.open()
@@ -130,6 +142,17 @@ class SwarmEngine(ClientSide):
         finally:
             # Shielded: a cancelled request (client gone) must still free the hosts' cache.
             await asyncio.shield(session.close())
+
+    def blocks_function(self, run: RunOnLoop) -> BlocksFunction:
+        spans = RemoteSpans(self.swarm, 0, self.swarm.num_blocks, ban_list=self.ban_list)
+
+        def blocks(hidden: Tensor, prompts: Tensor | None) -> Tensor:
+            try:
+                return spans.apply(run, hidden, prompts)
+            except SwarmClientError as error:
+                raise EngineUnavailable(str(error)) from error
+
+        return blocks
 
     def swarm_snapshot(self) -> SwarmSnapshot:
         hosts = [
