@@ -57,6 +57,7 @@ def test_a_signed_record_survives_the_wire(host: Credentials) -> None:
         host,
         throughput_tokens_per_s=123.5,
         free_cache_tokens=8192,
+        max_request_tokens=4096,
         dtype="bfloat16",
         quantization="nf4",
         next_hop_pings_s={"pzz": 0.02, "paa": 0.01},
@@ -67,6 +68,7 @@ def test_a_signed_record_survives_the_wire(host: Credentials) -> None:
         decode_signed(encode_signed(sign_record(record, host, now_s=NOW_S))), now_s=NOW_S + 1
     )
     assert received == record
+    assert received.max_request_tokens == 4096
     assert received.span == (4, 12)
     assert received.state is HostState.ONLINE
 
@@ -132,6 +134,7 @@ def test_expired_and_overlong_records_are_refused(host: Credentials) -> None:
         {"public_name": "x" * 1000},
         {"addresses": tuple(f"tcp://10.0.0.{i}:1" for i in range(100))},
         {"free_cache_tokens": -5},
+        {"max_request_tokens": -1},
         {"issued_at_s": NOW_S + 100.0, "expires_at_s": NOW_S + 50.0},
     ],
 )

@@ -17,6 +17,7 @@ from stamen.swarm_core.rpc import (
     RemoteInternal,
     RemoteNotFound,
     RemoteTimeout,
+    RemoteTooLarge,
     RpcClient,
     RpcLimits,
     RpcServer,
@@ -110,6 +111,10 @@ async def fail(request, context):
     raise ValueError("handler bug")
 
 
+async def too_large(request, context):
+    raise RemoteTooLarge("split it")
+
+
 async def busy(request, context):
     raise RemoteBusy("cache full", retry_after_s=2.5)
 
@@ -194,6 +199,10 @@ async def test_handler_errors_are_typed_and_server_keeps_serving(serve):
     with pytest.raises(RemoteBusy) as caught:
         await client.call(Ping(), timeout_s=5)
     assert caught.value.retry_after_s == 2.5 and caught.value.message == "cache full"
+    server.add_unary(Ping, too_large)
+    with pytest.raises(RemoteTooLarge) as refused:  # its own type, still a bad request
+        await client.call(Ping(), timeout_s=5)
+    assert isinstance(refused.value, RemoteBadRequest) and refused.value.message == "split it"
     with pytest.raises(RemoteNotFound, match="SessionClosed"):
         await client.call(SessionClosed(session_id=SID), timeout_s=5)
     reply = await client.call(FORWARD, {"hidden": torch.ones(1, 1, 2)}, timeout_s=5)

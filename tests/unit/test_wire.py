@@ -55,6 +55,7 @@ def test_messages_without_tensors_round_trip():
         OpenSession(block_start=2, block_end=5, max_length=128, batch_size=2),
         InfoReply(model="m", block_start=0, block_end=4, state="online", torch_dtype="bf16"),
         ErrorReply(code=ErrorCode.BUSY, message="no cache", retry_after_s=1.5),
+        ErrorReply(code=ErrorCode.TOO_LARGE, message="over max_request_tokens"),
     ]
     for message in messages:
         decoded = _roundtrip(message)
