@@ -52,7 +52,8 @@ from stamen.swarm_core.codecs import (
     encoded_nbytes,
 )
 
-PROTOCOL_VERSION: tuple[int, int] = (1, 0)
+# 1.1: deep prompts in Step / Forward / Backward served, grad_prompts, `too_large` errors.
+PROTOCOL_VERSION: tuple[int, int] = (1, 1)
 
 Frame = bytes | bytearray | memoryview
 Tensors = Mapping[str, torch.Tensor]
