@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from stamen.swarm_core.routing import (
     RouteHop,
     plan_latency_route,
     plan_spread_route,
+    plan_throughput_route,
     route_latency_s,
 )
 
@@ -173,6 +175,48 @@ def test_spread_route_skips_banned_and_reports_gaps() -> None:
     assert info.value.uncovered == (4, 8)
 
 
+def test_throughput_route_sends_each_next_chunk_to_the_replica_with_less_queued() -> None:
+    hosts = [host("a", 0, 4), host("b1", 4, 8), host("b2", 4, 8)]
+    load: Counter[str] = Counter()
+    for _ in range(6):
+        route = plan_throughput_route(hosts, 0, 8, load=load, tokens=100)
+        assert_valid_chain(route, 0, 8)
+        for hop in route:
+            load[hop.peer_id] += 100
+    assert load == {"a": 600, "b1": 300, "b2": 300}
+
+
+def test_throughput_route_shares_chunks_in_proportion_to_throughput() -> None:
+    hosts = [host("fast", 0, 8, throughput=3000.0), host("slow", 0, 8, throughput=1000.0)]
+    load: Counter[str] = Counter()
+    for _ in range(40):
+        (hop,) = plan_throughput_route(hosts, 0, 8, load=load, tokens=10)
+        load[hop.peer_id] += 10
+    assert load["fast"] == 3 * load["slow"]
+
+
+def test_throughput_route_prefers_two_idle_hosts_to_one_busy_host() -> None:
+    hosts = [host("whole", 0, 8), host("a", 0, 4), host("b", 4, 8)]
+    assert spans(plan_throughput_route(hosts, 0, 8, tokens=10)) == [("whole", 0, 8)]
+    busy = plan_throughput_route(hosts, 0, 8, load={"whole": 1000}, tokens=10)
+    assert spans(busy) == [("a", 0, 4), ("b", 4, 8)]
+
+
+def test_throughput_route_skips_hosts_whose_request_cap_is_below_one_row() -> None:
+    small = HostInfo("small", 0, 8, 5000.0, 10_000, ping_s=0.01, max_request_tokens=64)
+    other = host("other", 0, 8, throughput=10.0)
+    assert spans(plan_throughput_route([small, other], 0, 8, min_request_tokens=64)) == [
+        ("small", 0, 8)
+    ]
+    assert spans(plan_throughput_route([small, other], 0, 8, min_request_tokens=65)) == [
+        ("other", 0, 8)
+    ]
+    with pytest.raises(NoRouteError) as info:
+        plan_throughput_route([small], 0, 8, min_request_tokens=65)
+    assert info.value.skipped == {"small": "requests limited to 64 tokens < 65"}
+    assert info.value.too_large
+
+
 def test_bans_double_on_repeated_failures_up_to_a_cap() -> None:
     now = [0.0]
     bans = BanList(base_ban_s=15.0, max_ban_s=100.0, clock=lambda: now[0])
@@ -209,6 +253,14 @@ def test_failures_while_banned_are_one_outage_not_many_strikes() -> None:
 
 def _brute_force_latency_s(hosts: list[HostInfo], start: int, end: int) -> float:
     """Dijkstra over every block boundary (no shortcuts), as a reference."""
+    return _brute_force_cost(
+        hosts, start, end, lambda h, n: (h.ping_s or 0.0) + h.compute_s_per_block * n
+    )
+
+
+def _brute_force_cost(
+    hosts: list[HostInfo], start: int, end: int, hop_cost: Callable[[HostInfo, int], float]
+) -> float:
     best = {start: 0.0}
     heap = [(0.0, start)]
     while heap:
@@ -218,7 +270,7 @@ def _brute_force_latency_s(hosts: list[HostInfo], start: int, end: int) -> float
         for h in hosts:
             if h.start <= node < h.end:
                 for exit_node in range(node + 1, min(h.end, end) + 1):
-                    new = cost + (h.ping_s or 0.0) + h.compute_s_per_block * (exit_node - node)
+                    new = cost + hop_cost(h, exit_node - node)
                     if new < best.get(exit_node, float("inf")):
                         best[exit_node] = new
                         heapq.heappush(heap, (new, exit_node))
@@ -258,3 +310,29 @@ def test_route_is_as_fast_as_the_best_chain_over_all_boundaries(
     route = plan_latency_route(hosts, start, end)
     assert_valid_chain(route, start, end)
     assert route_latency_s(route) == pytest.approx(reference_s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    swarms(),
+    st.integers(0, 9),
+    st.integers(1, 10),
+    st.dictionaries(st.sampled_from([f"h{i}" for i in range(6)]), st.integers(0, 500)),
+    st.integers(1, 64),
+)
+def test_throughput_route_is_the_cheapest_chain_over_all_boundaries(
+    hosts: list[HostInfo], start: int, length: int, load: dict[str, int], tokens: int
+) -> None:
+    end = min(start + length, 10)
+
+    def cost_s(h: HostInfo, n: int) -> float:
+        return (h.ping_s or 0.0) + (load.get(h.peer_id, 0) + tokens) * n / h.throughput_tokens_s
+
+    reference_s = _brute_force_cost(hosts, start, end, cost_s)
+    if reference_s == float("inf"):
+        with pytest.raises(NoRouteError):
+            plan_throughput_route(hosts, start, end, load=load, tokens=tokens)
+        return
+    route = plan_throughput_route(hosts, start, end, load=load, tokens=tokens)
+    assert_valid_chain(route, start, end)
+    assert sum(cost_s(hop.host, hop.num_blocks) for hop in route) == pytest.approx(reference_s)

@@ -5,14 +5,20 @@
   time per block times the blocks it takes. A host may be entered at any block inside its
   span and left at any block up to its end, so this is a shortest path over block
   boundaries.
-- `plan_spread_route` spreads bulk (stateless) forward/backward work: at each block it
-  picks among the covering hosts at random, weighted by throughput.
+- `plan_throughput_route` routes one chunk of bulk (stateless) forward/backward work:
+  the same shortest path, but a hop costs its ping plus the time the host needs for the
+  tokens already queued on it (`load`, which the caller keeps) and this chunk's, so
+  chunks routed one after another spread over replicas like data parallelism.
+- `plan_spread_route` spreads bulk work at random: at each block it picks among the
+  covering hosts, weighted by throughput.
 - `BanList` remembers failed host incarnations, with ban durations that double on
   repeated failures.
 
-Hosts that are not online, banned (`banned` holds `Incarnation`s), or (for inference)
-without room for the session's cache are skipped; when what is left does not cover the
-blocks, `NoRouteError` names the first uncovered ones. This module knows nothing about connections, sessions or discovery.
+Hosts that are not online, banned (`banned` holds `Incarnation`s), (for inference)
+without room for the session's cache, or (for bulk work) announcing a request cap below
+one row of the call are skipped; when what is left does not cover the blocks,
+`NoRouteError` names the first uncovered ones. This module knows nothing about
+connections, sessions or discovery.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import heapq
 import logging
 import random
 import time
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stamen.swarm_core.remote import HostInfo, HostState, Incarnation, SwarmClientError
@@ -56,8 +62,9 @@ class NoRouteError(SwarmClientError):
 
     `uncovered` is the first gap `[a, b)`; `skipped` maps peer ids of hosts overlapping it
     to why they were not usable (banned, offline, no free cache...). `too_large` is True
-    when every host there was skipped only because the session could outgrow its
-    announced per-session cap: waiting will not help that session.
+    when every host there was skipped only because of an announced cap (the session
+    could outgrow the per-session cache cap, one row of a bulk call is over the request
+    cap): waiting will not help.
     """
 
     def __init__(
@@ -92,8 +99,56 @@ def plan_latency_route(
     skipped too, so the limit is known before the session runs into it. Among equally
     fast chains the one with fewer hops wins. Raises `NoRouteError`.
     """
-    _check_range(start, end)
+
+    def latency_s(host: HostInfo, num_blocks: int) -> float:
+        ping_s = default_ping_s if host.ping_s is None else host.ping_s
+        return ping_s + host.compute_s_per_block * num_blocks
+
     where = _Filter(banned, min_cache_tokens, session_cache_tokens)
+    return _cheapest_chain(hosts, start, end, where, latency_s)
+
+
+def plan_throughput_route(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    *,
+    banned: Container[Incarnation] = (),
+    load: Mapping[str, float] | None = None,
+    tokens: int = 1,
+    min_request_tokens: int = 0,
+    default_ping_s: float = DEFAULT_PING_S,
+) -> list[RouteHop]:
+    """The cheapest chain covering `[start, end)` for a stateless call of `tokens` tokens.
+
+    A hop costs its ping plus the compute time of what the host already has queued
+    (`load[peer_id]` tokens, 0 when absent) and these `tokens`:
+    `(load + tokens) * blocks / throughput_tokens_s`. A caller that adds each routed
+    chunk's tokens to `load` sends the next chunk to a replica with less queued.
+    Hosts announcing `max_request_tokens` below `min_request_tokens` (one row of the
+    call: it cannot be split further) are skipped. Raises `NoRouteError`.
+    """
+    queued = load or {}
+
+    def busy_s(host: HostInfo, num_blocks: int) -> float:
+        ping_s = default_ping_s if host.ping_s is None else host.ping_s
+        work = queued.get(host.peer_id, 0.0) + tokens
+        return ping_s + work * num_blocks * host.compute_s_per_block
+
+    where = _Filter(banned, request_tokens=min_request_tokens)
+    return _cheapest_chain(hosts, start, end, where, busy_s)
+
+
+def _cheapest_chain(
+    hosts: Iterable[HostInfo],
+    start: int,
+    end: int,
+    where: _Filter,
+    hop_cost: Callable[[HostInfo, int], float],
+) -> list[RouteHop]:
+    """Shortest path over block boundaries, a hop through `host` for `n` blocks costing
+    `hop_cost(host, n)` (linear in `n`). Fewer hops win among equal costs."""
+    _check_range(start, end)
     hosts = list(hosts)
     usable = where.usable(hosts, start, end)
     # Some optimal chain switches hosts only where a span starts or ends: moving a switch
@@ -101,22 +156,21 @@ def plan_latency_route(
     nodes = sorted(
         {start, end} | {max(h.start, start) for h in usable} | {min(h.end, end) for h in usable}
     )
-    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}  # node -> (latency_s, hops)
+    best: dict[int, tuple[float, int]] = {start: (0.0, 0)}  # node -> (cost, hops)
     came_from: dict[int, RouteHop] = {}
     heap: list[tuple[float, int, int]] = [(0.0, 0, start)]
     while heap:
-        cost_s, hops, node = heapq.heappop(heap)
+        cost, hops, node = heapq.heappop(heap)
         if node == end:
             break
-        if (cost_s, hops) > best[node]:
+        if (cost, hops) > best[node]:
             continue
         for host in usable:
             if not host.start <= node < host.end:
                 continue
-            ping_s = default_ping_s if host.ping_s is None else host.ping_s
             last = bisect.bisect_right(nodes, min(host.end, end))
             for exit_node in nodes[bisect.bisect_right(nodes, node) : last]:
-                new = (cost_s + ping_s + host.compute_s_per_block * (exit_node - node), hops + 1)
+                new = (cost + hop_cost(host, exit_node - node), hops + 1)
                 if exit_node not in best or new < best[exit_node]:
                     best[exit_node] = new
                     came_from[exit_node] = RouteHop(host, node, exit_node)
@@ -130,7 +184,7 @@ def plan_latency_route(
         route.append(hop)
         node = hop.start
     route.reverse()
-    logger.debug("route [%d, %d): %s, %.3f s expected", start, end, route, best[end][0])
+    logger.debug("route [%d, %d): %s, cost %.3f s", start, end, route, best[end][0])
     return route
 
 
@@ -179,15 +233,20 @@ def _check_range(start: int, end: int) -> None:
 @dataclass(frozen=True)
 class _Filter:
     """Which hosts a route may use: online, not banned, with room for the session's first
-    tokens now and a per-session cap that fits the whole session."""
+    tokens now, a per-session cap that fits the whole session, and a request cap that
+    fits one row of a bulk call."""
 
     banned: Container[Incarnation] = ()
     min_cache_tokens: int = 0
     session_cache_tokens: int = 0
+    request_tokens: int = 0
 
     def cap_too_small(self, host: HostInfo) -> bool:
-        cap = host.max_session_cache_tokens
-        return cap is not None and cap < self.session_cache_tokens
+        """An announced cap the request can never fit under (waiting will not help)."""
+        session_cap, request_cap = host.max_session_cache_tokens, host.max_request_tokens
+        return (session_cap is not None and session_cap < self.session_cache_tokens) or (
+            request_cap is not None and request_cap < self.request_tokens
+        )
 
     def skip_reason(self, host: HostInfo) -> str | None:
         if host.state is not HostState.ONLINE:
@@ -196,9 +255,11 @@ class _Filter:
             return "banned"
         if host.free_cache_tokens < self.min_cache_tokens:
             return f"{host.free_cache_tokens} free cache tokens < {self.min_cache_tokens}"
-        if self.cap_too_small(host):
-            cap = host.max_session_cache_tokens
-            return f"sessions limited to {cap} cache tokens < {self.session_cache_tokens}"
+        session_cap, request_cap = host.max_session_cache_tokens, host.max_request_tokens
+        if session_cap is not None and session_cap < self.session_cache_tokens:
+            return f"sessions limited to {session_cap} cache tokens < {self.session_cache_tokens}"
+        if request_cap is not None and request_cap < self.request_tokens:
+            return f"requests limited to {request_cap} tokens < {self.request_tokens}"
         return None
 
     def usable(self, hosts: Iterable[HostInfo], start: int, end: int) -> list[HostInfo]:
