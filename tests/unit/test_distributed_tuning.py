@@ -30,6 +30,7 @@ from stamen.swarm_core.distributed import (
     _LoopThread,
     left_padding_mask,
     shifted_cross_entropy,
+    vocabulary_prefix,
 )
 from stamen.swarm_core.generation import DecodingPlan, decode
 from stamen.swarm_core.prompts import PromptedChain, PromptTuning, TuningMode
@@ -424,3 +425,34 @@ def test_prompts_save_and_load(make_model, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="5 blocks"):
         other.load_prompts(tmp_path / "wrong.safetensors")
     assert other.prompts is loaded
+
+
+def test_the_prefix_starts_at_seeded_vocabulary_embeddings(built: Built) -> None:
+    prefix = vocabulary_prefix(built.head, 96, PRE_SEQ_LEN, seed=5)
+    assert prefix.shape == (PRE_SEQ_LEN, 64) and prefix.dtype == torch.float32
+    assert torch.equal(prefix, vocabulary_prefix(built.head, 96, PRE_SEQ_LEN, seed=5))
+    assert not torch.equal(prefix, vocabulary_prefix(built.head, 96, PRE_SEQ_LEN, seed=6))
+    with torch.no_grad():
+        vocabulary = built.head.embed(torch.arange(96)[None])[0]  # (V, C)
+    assert all(bool((vocabulary == row).all(dim=1).any()) for row in prefix)
+
+
+def test_from_pretrained_refuses_prompts_that_do_not_fit_before_joining(tmp_path: Path) -> None:
+    reference = reference_for(VARIANT, seed=3)
+    reference.model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    with pytest.raises(ValueError, match="tuning_mode"):
+        DistributedModelForCausalLM.from_pretrained(
+            tmp_path / "model",
+            initial_peers=[],
+            tuning_mode="lora",  # type: ignore[arg-type]
+        )
+    wrong = tmp_path / "wrong.safetensors"
+    PromptTuning("ptune", pre_seq_len=4, hidden_size=32, num_blocks=3).save(wrong)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        DistributedModelForCausalLM.from_pretrained(
+            tmp_path / "model", initial_peers=[], prompts_path=wrong
+        )
+    with pytest.raises(ValueError, match="ptune prompts, not deep_ptune"):
+        DistributedModelForCausalLM.from_pretrained(
+            tmp_path / "model", initial_peers=[], prompts_path=wrong, tuning_mode="deep_ptune"
+        )

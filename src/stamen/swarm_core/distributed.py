@@ -414,7 +414,9 @@ class DistributedModelForCausalLM(nn.Module):
     ) -> CausalLMOutput:
         """`logits` (B, T, V) for a batch, and `loss` when `labels` (B, T) are given,
         through stateless remote calls; differentiable with respect to the prompts (and
-        to the embeddings' output, should the caller make it require grad)."""
+        to the embeddings' output, should the caller make it require grad). As in
+        transformers, labels of padding should be -100: `attention_mask` only keeps
+        real tokens from attending to left padding."""
         logits = self.head.logits(self._blocks_output(input_ids, attention_mask))  # (B, T, V)
         loss = None if labels is None else shifted_cross_entropy(logits, labels)
         return CausalLMOutput(loss=loss, logits=logits)
