@@ -1,9 +1,16 @@
-"""The Litestar application: `create_app(settings, engines)`.
+"""The Litestar application: `create_app(settings, engines, trainer=...)`.
 
 `engines` is a factory of an async context manager yielding the engines to serve; the
 app's lifespan enters it at startup and leaves it at shutdown, so whoever builds the app
 (the CLI, a test) decides what runs the model and the app owns its lifetime. The typed
 `ApiState` reaches handlers through the `api` dependency.
+
+The lifespan also opens the fine-tuning store under `settings.fine_tuning.data_dir` (a
+temporary directory when None, removed at shutdown) and runs the `JobManager` with the
+given `Trainer` (None: creating a job is refused) and `tuned_engines` (default: the
+lazily imported `stamen.api.tuned.tuned_engine`). Handlers reach them through the
+`files` (the `Store`) and `jobs` dependencies. Entering, the manager serves every stored
+tuned model and queues unfinished jobs again; leaving, it asks running trainers to stop.
 
 API keys, when configured, guard every `/v1/` route (`Authorization: Bearer KEY`);
 the probes (`/livez`, `/readyz`, `/health...`), `/metrics` and the OpenAPI document stay
@@ -19,8 +26,11 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response
@@ -30,9 +40,12 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from stamen.api.engine import EngineClient
 from stamen.api.errors import APIError, error_response, exception_handlers
+from stamen.api.jobs import JobManager, TunedEngineFactory, default_tuned_engines
 from stamen.api.metrics import ApiMetrics
 from stamen.api.routes import route_handlers
-from stamen.api.state import ApiState, ServingSettings
+from stamen.api.state import ApiState, FineTuningSettings, ServingSettings
+from stamen.api.store import Store, open_store
+from stamen.api.training import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +65,16 @@ def static_engines(*engines: EngineClient) -> EngineProvider:
 def _provide_api(state: State) -> ApiState:
     api: ApiState = state.api
     return api
+
+
+def _provide_files(state: State) -> Store:
+    store: Store = state.store
+    return store
+
+
+def _provide_jobs(state: State) -> JobManager:
+    jobs: JobManager = state.jobs
+    return jobs
 
 
 def _unauthorized(message: str, code: str) -> Response[bytes]:
@@ -76,14 +99,14 @@ def _auth_hook(keys: frozenset[str]) -> Callable[[Request[Any, Any, Any]], Any]:
     return check
 
 
-_KNOWN_PATHS = frozenset(path for handler in route_handlers for path in handler.paths)
+_PATH_PARAMETER = re.compile(r"\{(\w+):\w+\}")
 
 
-def _endpoint(path: str) -> str:
-    """A bounded label for the requests counter (no per-model or per-junk-path series)."""
-    if path.startswith("/v1/models/"):
-        return "/v1/models/{id}"
-    return path if path in _KNOWN_PATHS else "other"
+def _endpoint(scope: Scope) -> str:
+    """A bounded label for the requests counter: the route's template (no per-model,
+    per-file or per-junk-path series)."""
+    template = scope.get("path_template")
+    return _PATH_PARAMETER.sub(r"{\1}", template) if isinstance(template, str) else "other"
 
 
 def _count_requests(metrics: ApiMetrics) -> Callable[[ASGIApp], ASGIApp]:
@@ -95,7 +118,7 @@ def _count_requests(metrics: ApiMetrics) -> Callable[[ASGIApp], ASGIApp]:
 
             async def send_counted(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    endpoint = _endpoint(scope["path"])
+                    endpoint = _endpoint(scope)
                     metrics.requests.labels(endpoint, str(message["status"])).inc()
                 await send(message)
 
@@ -113,24 +136,49 @@ def begin_shutdown(app: Litestar) -> None:
         api.begin_shutdown()
 
 
+@asynccontextmanager
+async def _data_dir(settings: FineTuningSettings) -> AsyncIterator[Path]:
+    if settings.data_dir is not None:
+        yield settings.data_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="stamen-data-") as temporary:
+        yield Path(temporary)
+
+
 def create_app(
-    settings: ServingSettings, engines: EngineProvider, *, debug: bool = False
+    settings: ServingSettings,
+    engines: EngineProvider,
+    *,
+    trainer: Trainer | None = None,
+    tuned_engines: TunedEngineFactory | None = None,
+    debug: bool = False,
 ) -> Litestar:
     holder: dict[str, ApiState] = {}
 
     def snapshots() -> list[Any]:
         api = holder.get("api")
-        return [] if api is None else [e.swarm_snapshot() for e in api.engines.values()]
+        return [] if api is None else [e.swarm_snapshot() for e in api.base_engines()]
 
     metrics = ApiMetrics(snapshots)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with engines() as served:
+        async with AsyncExitStack() as stack:
+            served = await stack.enter_async_context(engines())
             api = ApiState(settings, {e.model_id: e for e in served}, metrics)
+            data_dir = await stack.enter_async_context(_data_dir(settings.fine_tuning))
+            store = await stack.enter_async_context(open_store(data_dir))
+            manager = JobManager(
+                store,
+                api,
+                trainer,
+                settings.fine_tuning,
+                tuned_engines or default_tuned_engines(),
+            )
+            await stack.enter_async_context(manager.running())
             holder["api"] = api
-            app.state.api = api
-            logger.info("serving models %s", list(api.engines))
+            app.state.api, app.state.store, app.state.jobs = api, store, manager
+            logger.info("serving models %s; fine-tuning data in %s", list(api.engines), data_dir)
             try:
                 yield
             finally:
@@ -138,7 +186,11 @@ def create_app(
 
     return Litestar(
         route_handlers=route_handlers,
-        dependencies={"api": Provide(_provide_api, sync_to_thread=False)},
+        dependencies={
+            "api": Provide(_provide_api, sync_to_thread=False),
+            "files": Provide(_provide_files, sync_to_thread=False),
+            "jobs": Provide(_provide_jobs, sync_to_thread=False),
+        },
         exception_handlers=exception_handlers,
         lifespan=[lifespan],
         before_request=_auth_hook(settings.api_keys) if settings.api_keys else None,

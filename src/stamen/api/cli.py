@@ -2,6 +2,7 @@
 
     swarm-api [--model PATH_OR_HUB_ID ...] [--initial-peers HOST:PORT ...]
               [--host 127.0.0.1] [--port 8000] [--api-key KEY | --api-keys-file FILE]
+              [--data-dir DIR] [--owner NAME] [--max-file-bytes N] [--max-running-jobs N]
 
 Settings come from flags, then `STAMEN_*` environment variables, then defaults, parsed
 once in `main()`. `build_engines` is the one place that decides what runs the models:
@@ -11,6 +12,11 @@ once in `main()`. `build_engines` is the one place that decides what runs the mo
   as child processes, `LocalSwarm`) serving each model, stopped on exit. With no
   `--model` either, the bundled SmolLM2-135M-Instruct is served;
 - with `--in-process`, every block in this process (`LocalEngine`), no swarm at all.
+
+Fine-tuning (`/v1/files`, `/v1/fine_tuning/jobs`) keeps its files, jobs and checkpoints
+under `--data-dir` (default `$XDG_DATA_HOME/stamen`, else `~/.local/share/stamen`), so
+a restarted server lists them again and resumes unfinished jobs. Jobs are trained by
+`stamen.api.tuning.SwarmTrainer` in this process, `--max-running-jobs` at a time.
 
 Shutdown (SIGTERM, or SIGINT) takes at most `SHUTDOWN_BOUND_S` (5 s): at the signal the
 app ends every generation in flight (streams get an error event, whole completions a
@@ -40,8 +46,9 @@ from litestar import Litestar
 
 from stamen.api.app import EngineProvider, begin_shutdown, create_app
 from stamen.api.engine import EngineClient, LocalEngine
-from stamen.api.state import ServingSettings
+from stamen.api.state import FineTuningSettings, ServingSettings
 from stamen.api.swarm_engine import SwarmEngine
+from stamen.api.training import Trainer
 from stamen.models.loading import load_config
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.local_swarm import LocalSwarm
@@ -162,8 +169,37 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         default=float(_env(environ, "KEEPALIVE_S", "10") or 10),
         help="seconds of silence in a stream before a keep-alive comment (default 10)",
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=_env(environ, "DATA_DIR") or _default_data_dir(environ),
+        help="where fine-tuning files, jobs and checkpoints live (default "
+        "$XDG_DATA_HOME/stamen, else ~/.local/share/stamen)",
+    )
+    parser.add_argument(
+        "--owner",
+        default=_env(environ, "OWNER", "stamen"),
+        help="the owner named in fine-tuned model ids, ft:BASE:OWNER:SUFFIX:JOB (default stamen)",
+    )
+    parser.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=int(_env(environ, "MAX_FILE_BYTES", str(512 << 20)) or 512 << 20),
+        help="larger uploaded files get 413 (default 512 MiB)",
+    )
+    parser.add_argument(
+        "--max-running-jobs",
+        type=int,
+        default=int(_env(environ, "MAX_RUNNING_JOBS", "1") or 1),
+        help="fine-tuning jobs trained at once; the others wait queued (default 1)",
+    )
     parser.add_argument("--log-level", default=_env(environ, "LOG_LEVEL", "INFO"))
     return parser
+
+
+def _default_data_dir(environ: Mapping[str, str]) -> Path:
+    base = environ.get("XDG_DATA_HOME") or str(Path(environ.get("HOME", "~")) / ".local/share")
+    return Path(base).expanduser() / "stamen"
 
 
 def _api_keys(args: argparse.Namespace, environ: Mapping[str, str]) -> frozenset[str]:
@@ -183,7 +219,14 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
         if bundled is None:
             parser.error("no model to serve: pass --model (or set STAMEN_MODEL)")
         model_texts = [f"{DEFAULT_MODEL_ID}={bundled}"]
-    for name in ("max_concurrent_requests", "max_n", "max_body_bytes", "default_max_tokens"):
+    for name in (
+        "max_concurrent_requests",
+        "max_n",
+        "max_body_bytes",
+        "default_max_tokens",
+        "max_file_bytes",
+        "max_running_jobs",
+    ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -204,6 +247,12 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
             max_body_bytes=args.max_body_bytes,
             default_max_tokens=args.default_max_tokens,
             keepalive_s=args.keepalive_s,
+            fine_tuning=FineTuningSettings(
+                data_dir=Path(args.data_dir).expanduser(),
+                owner=args.owner,
+                max_file_bytes=args.max_file_bytes,
+                max_running_jobs=args.max_running_jobs,
+            ),
         ),
         log_level=args.log_level.upper(),
     )
@@ -252,6 +301,15 @@ async def _engine(
     return engine
 
 
+def _trainer() -> Trainer | None:
+    try:
+        from stamen.api.tuning import SwarmTrainer
+    except ImportError as error:
+        logger.error("fine-tuning is off: the trainer cannot be imported (%s)", error)
+        return None
+    return SwarmTrainer()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv, os.environ)
     logging.basicConfig(
@@ -259,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("kademlia", "rpcudp"):  # they log every datagram at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    app = create_app(settings.serving, build_engines(settings))
+    app = create_app(settings.serving, build_engines(settings), trainer=_trainer())
     config = uvicorn.Config(
         app,
         host=settings.host,

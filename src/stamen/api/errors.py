@@ -7,7 +7,8 @@
                                 translated at the boundary by `exception_handlers`
 
 Status codes follow OpenAI: 400 for every invalid request (validation included, where
-Litestar would say 422), 401 bad key, 404 unknown model or route, 413 body too large,
+Litestar would say 422), 401 bad key, 404 unknown model, file, job or route, 413 body
+(or uploaded file) too large,
 429 too many requests in flight, 503 (with Retry-After) while the swarm cannot serve or
 the server is stopping; 499 (nginx's "client closed request", for the logs and metrics
 only: nobody reads it) when the client left before its answer was ready.
@@ -93,6 +94,26 @@ def model_not_found(model: str) -> APIError:
         f"The model `{model}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
+    )
+
+
+def file_not_found(file_id: str, param: str | None = None) -> APIError:
+    return APIError(404, f"No such File object: {file_id}", param=param, code="file_not_found")
+
+
+def job_not_found(job_id: str) -> APIError:
+    return APIError(
+        404, f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id", code="job_not_found"
+    )
+
+
+def file_too_large(max_file_bytes: int) -> APIError:
+    return APIError(
+        413,
+        f"The file is larger than this server accepts ({max_file_bytes} bytes at most; "
+        "swarm-api --max-file-bytes).",
+        param="file",
+        code="file_too_large",
     )
 
 

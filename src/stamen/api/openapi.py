@@ -9,14 +9,18 @@ describe them. Each route names its body and its answer instead, in its `opt`:
 and `openapi_document` turns those types into JSON Schema with msgspec: the same types
 that decode requests, so the document states exactly what the server accepts, numeric
 ranges included. Every operation also lists the errors it can answer, in OpenAI's shape.
-A route without `response_body` is documented as answering some JSON object.
+A route without `response_body` is documented as answering some JSON object. An upload
+names its form instead (`multipart_body=`, a struct of the form's fields), and a
+handler's keyword parameters with defaults are its query parameters.
 
 This module knows nothing about models; it reads route handlers and types only.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -45,8 +49,8 @@ class ErrorResponse(msgspec.Struct):
 _ERRORS = {
     "400": "Invalid request (a field named in `error.param`)",
     "401": "Missing or wrong API key (when the server has keys)",
-    "404": "Unknown model or route",
-    "413": "Request body larger than the server accepts",
+    "404": "Unknown model, file, job or route",
+    "413": "Request body (or uploaded file) larger than the server accepts",
     "429": "Too many generations in flight; retry after `Retry-After`",
     "503": "The swarm cannot serve now, or the server is stopping; retry after `Retry-After`",
 }
@@ -58,6 +62,17 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _ref(struct: type) -> dict[str, Any]:
     return {"$ref": _REF.format(name=struct.__name__)}
+
+
+def _query_parameters(handler: HTTPRouteHandler) -> list[dict[str, Any]]:
+    hints = typing.get_type_hints(handler.fn, include_extras=True)
+    parameters = []
+    for name, parameter in inspect.signature(handler.fn).parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            continue  # dependencies and path parameters
+        schema = msgspec.json.schema(hints[name])
+        parameters.append({"name": name, "in": "query", "required": False, "schema": schema})
+    return parameters
 
 
 def _operation(handler: HTTPRouteHandler, method: str, parameters: list[str]) -> dict[str, Any]:
@@ -76,11 +91,15 @@ def _operation(handler: HTTPRouteHandler, method: str, parameters: list[str]) ->
     }
     if "request_body" in opt:
         operation["requestBody"] = {"required": True, "content": _json(_ref(opt["request_body"]))}
-    if parameters:
+    if "multipart_body" in opt:
+        form = {"multipart/form-data": {"schema": _ref(opt["multipart_body"])}}
+        operation["requestBody"] = {"required": True, "content": form}
+    query = _query_parameters(handler)
+    if parameters or query:
         operation["parameters"] = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in parameters
-        ]
+        ] + query
     if method != "GET" or parameters:
         errors = {code: text for code, text in _ERRORS.items() if method != "GET" or code == "404"}
         for code, text in errors.items():
@@ -100,7 +119,7 @@ def openapi_document(
     for handler in handlers:
         if handler.include_in_schema is False:
             continue
-        for key in ("request_body", "response_body"):
+        for key in ("request_body", "response_body", "multipart_body"):
             if key in handler.opt:
                 structs.append(handler.opt[key])
         for path in sorted(handler.paths):

@@ -1,7 +1,15 @@
 """HTTP endpoints; thin: parse, pick the engine, hand over to serving, shape the answer.
 
-GET  /v1/models, /v1/models/{model_id}     the served models
+GET  /v1/models, /v1/models/{model_id}     the served models, base and fine-tuned
 POST /v1/chat/completions, /v1/completions  generation (JSON or SSE stream)
+POST /v1/files; GET /v1/files               upload (multipart), list    (`files.py`)
+GET, DELETE /v1/files/{file_id}             retrieve, delete
+GET  /v1/files/{file_id}/content            the bytes
+POST /v1/fine_tuning/jobs; GET ...          create, list                (`fine_tuning.py`)
+GET  /v1/fine_tuning/jobs/{id}              retrieve
+POST /v1/fine_tuning/jobs/{id}/cancel       cancel
+GET  /v1/fine_tuning/jobs/{id}/events       events: messages and per-step metrics
+GET  /v1/fine_tuning/jobs/{id}/checkpoints  one per epoch, each served as a model
 GET  /v1/swarm                              which hosts serve which blocks
 GET  /livez, /health/live                   liveness: 200 while the process serves
 GET  /readyz, /health/ready, /health        readiness: 200 when a request sent now would
@@ -27,6 +35,8 @@ from litestar.params import FromPath
 from stamen.api import responses
 from stamen.api import schemas as s
 from stamen.api.cancellation import unless_abandoned
+from stamen.api.files import file_handlers
+from stamen.api.fine_tuning import fine_tuning_handlers
 from stamen.api.openapi import OPENAPI_PATH, openapi_document
 from stamen.api.serving import chat_job, check_ready, completion_jobs
 from stamen.api.state import ApiState
@@ -65,6 +75,9 @@ async def _whole(
 
 
 def _model(api: ApiState, engine_id: str) -> s.Model:
+    tuned = api.tuned.get(engine_id)
+    if tuned is not None:
+        return s.Model(id=engine_id, created=tuned.created_at, owned_by=tuned.owned_by)
     return s.Model(id=engine_id, created=api.started_at, owned_by="stamen")
 
 
@@ -140,7 +153,7 @@ def swarm(api: Api) -> dict[str, Any]:
     return {
         "object": "swarm",
         "ready": api.ready(),
-        "models": [msgspec.to_builtins(e.swarm_snapshot()) for e in api.engines.values()],
+        "models": [msgspec.to_builtins(e.swarm_snapshot()) for e in api.base_engines()],
     }
 
 
@@ -159,7 +172,7 @@ def ready(api: Api) -> Response[dict[str, Any]]:
         {
             "status": "unavailable" if reasons else "ready",
             "reasons": reasons,
-            "models": {model_id: e.ready() for model_id, e in api.engines.items()},
+            "models": {e.model_id: e.ready() for e in api.base_engines()},
         },
         status_code=503 if reasons else 200,
         headers=headers,
@@ -193,4 +206,6 @@ route_handlers = [
     ready,
     metrics,
     openapi,
+    *file_handlers,
+    *fine_tuning_handlers,
 ]

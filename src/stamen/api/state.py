@@ -1,6 +1,11 @@
 """Typed application state: settings, engines by model id, metrics, admission control,
 readiness, and the `stopping` switch that ends every generation in flight at shutdown.
 
+`engines` is the registry of served models, base and tuned: the job manager adds a tuned
+model (`add_tuned`) when a job or checkpoint produces one, so `/v1/models` lists it and
+completions route to it. `base_engines()` are the models the CLI loaded, whose swarms
+`/v1/swarm` and the metrics describe (a tuned model runs on its base's swarm).
+
 Readiness is "a request sent now would be served": not stopping, every model's engine
 `ready()` (a route through live, non-banned hosts), and a generation slot free. Each
 reason it is not is named, for the `/readyz` body.
@@ -11,14 +16,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from stamen.api.engine import EngineClient
 from stamen.api.errors import APIError, model_not_found, shutting_down
 from stamen.api.metrics import ApiMetrics
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FineTuningSettings:
+    """The files and fine-tuning jobs API (`files.py`, `fine_tuning.py`, `jobs.py`)."""
+
+    data_dir: Path | None = None  # None: a temporary directory, removed at shutdown
+    owner: str = "stamen"  # the `{owner}` of `ft:{base}:{owner}:{suffix}:{job_id}`
+    max_file_bytes: int = 512 * 1024 * 1024  # an upload's file part; larger: 413
+    max_running_jobs: int = 1  # jobs trained at once; the others wait `queued`
+    cancel_wait_s: float = 10.0  # how long a cancel waits for a running job to stop
+
+
+@dataclass(frozen=True)
+class TunedModelInfo:
+    base_model: str
+    created_at: int
+    owned_by: str
 
 
 @dataclass(frozen=True)
@@ -32,13 +56,15 @@ class ServingSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     keepalive_s: float = 10.0
     retry_after_s: int = 5
+    fine_tuning: FineTuningSettings = field(default_factory=FineTuningSettings)
 
 
 @dataclass
 class ApiState:
     settings: ServingSettings
-    engines: Mapping[str, EngineClient]
+    engines: dict[str, EngineClient]  # every served model, base and tuned
     metrics: ApiMetrics
+    tuned: dict[str, TunedModelInfo] = field(default_factory=dict)
     started_at: int = field(default_factory=lambda: int(time.time()))
     in_flight: int = 0
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -49,6 +75,15 @@ class ApiState:
         except KeyError:
             raise model_not_found(model_id) from None
 
+    def add_tuned(self, engine: EngineClient, info: TunedModelInfo) -> None:
+        """Serve a tuned model (replacing one of the same id)."""
+        self.engines[engine.model_id] = engine
+        self.tuned[engine.model_id] = info
+        logger.info("serving tuned model %s", engine.model_id)
+
+    def base_engines(self) -> list[EngineClient]:
+        return [e for model_id, e in self.engines.items() if model_id not in self.tuned]
+
     def unready_reasons(self) -> list[str]:
         """Why a request sent now would not be served; empty when it would."""
         reasons = []
@@ -56,9 +91,9 @@ class ApiState:
             reasons.append("the server is shutting down")
         if not self.engines:
             reasons.append("no model is loaded")
-        for model_id, engine in self.engines.items():
+        for engine in self.base_engines():
             if not engine.ready():
-                reasons.append(f"{model_id}: no route through live hosts covers every block")
+                reasons.append(f"{engine.model_id}: no route through live hosts covers every block")
         if self.in_flight >= self.settings.max_concurrent_requests:
             reasons.append(f"at capacity: {self.in_flight} generations in flight")
         return reasons
