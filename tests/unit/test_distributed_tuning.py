@@ -198,7 +198,7 @@ def make_model(built: Built) -> Iterator:
             built.config,
             built.head,
             GenerationConfig(),
-            swarm,  # type: ignore[arg-type]
+            swarm,
             _LoopThread(),
             prompts=prompts,
         )
@@ -444,7 +444,7 @@ def test_from_pretrained_refuses_prompts_that_do_not_fit_before_joining(tmp_path
         DistributedModelForCausalLM.from_pretrained(
             tmp_path / "model",
             initial_peers=[],
-            tuning_mode="lora",  # type: ignore[arg-type]
+            tuning_mode="lora",
         )
     wrong = tmp_path / "wrong.safetensors"
     PromptTuning("ptune", pre_seq_len=4, hidden_size=32, num_blocks=3).save(wrong)
