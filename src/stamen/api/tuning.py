@@ -436,7 +436,7 @@ class _Run:
         self.step += 1
         self.trained_tokens += batch.tokens
         row: dict[str, float] = {
-            "train_loss": float(result.loss) / result.count,
+            "train_loss": float(result.loss.detach()) / result.count,
             "train_mean_token_accuracy": result.correct / result.count,
         }
         valid_loss = None
