@@ -199,7 +199,11 @@ class DistributedModelForCausalLM(nn.Module):
             self.prompts = self._fitting(prompts)
         self._loop = loop
         self._active: _ActiveSession | None = None
-        self._remote_spans: dict[tuple[int, int], RemoteSpans] = {}
+        self._remote_spans: dict[tuple[int, int, int | None], RemoteSpans] = {}
+        # Rows x tokens per bulk call: smaller chunks spread a batch over replicas and let
+        # the hosts of a chain work on different chunks at once. None: whole batches,
+        # split only by the hosts' announced `max_request_tokens`.
+        self.max_chunk_tokens: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -452,10 +456,17 @@ class DistributedModelForCausalLM(nn.Module):
         """Blocks `[start, end)` as one differentiable function; failures ban hosts in
         the model's ban list, like its inference sessions. One per range, so that calls
         under way at once spread over replicas."""
-        spans = self._remote_spans.get((start, end))
+        key = (start, end, self.max_chunk_tokens)
+        spans = self._remote_spans.get(key)
         if spans is None:
-            spans = RemoteSpans(self.swarm, start, end, ban_list=self.ban_list)
-            self._remote_spans[start, end] = spans
+            spans = RemoteSpans(
+                self.swarm,
+                start,
+                end,
+                ban_list=self.ban_list,
+                max_chunk_tokens=self.max_chunk_tokens,
+            )
+            self._remote_spans[key] = spans
         return spans
 
 
