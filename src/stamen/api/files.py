@@ -26,7 +26,7 @@ from typing import IO, Annotated, Any, Literal
 
 from litestar import Request, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 from litestar.response import File
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
@@ -180,16 +180,16 @@ async def upload_file(request: AnyRequest, api: Api, files: Files) -> FileObject
     return file
 
 
-Limit = Annotated[int, Parameter(ge=1, le=10_000)]
+Limit = Annotated[int, QueryParameter(ge=1, le=10_000)]
 
 
 @get("/v1/files", response_body=FileList)
 async def list_files(
     files: Files,
-    purpose: str | None = None,
-    after: str | None = None,
+    purpose: FromQuery[str | None] = None,
+    after: FromQuery[str | None] = None,
     limit: Limit = 10_000,
-    order: Literal["asc", "desc"] = "desc",
+    order: FromQuery[Literal["asc", "desc"]] = "desc",
 ) -> FileList:
     """List files, newest first unless `order=asc`; `after` is a file id (the cursor)."""
     try:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 from litestar import Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, Parameter
+from litestar.params import FromPath, FromQuery, QueryParameter
 
 from stamen.api import schemas as s
 from stamen.api.errors import invalid_request
@@ -34,7 +34,7 @@ from stamen.api.store import Database, Page, UnknownCursor
 
 Jobs = NamedDependency[JobManager]
 AnyRequest = Request[Any, Any, Any]
-Limit = Annotated[int, Parameter(ge=1, le=100)]
+Limit = Annotated[int, QueryParameter(ge=1, le=100)]
 
 
 async def _page(call: Any, after: str | None) -> Page:
@@ -58,7 +58,7 @@ async def create_job(request: AnyRequest, jobs: Jobs) -> FineTuningJob:
 
 
 @get("/v1/fine_tuning/jobs", response_body=JobList)
-async def list_jobs(jobs: Jobs, after: str | None = None, limit: Limit = 20) -> JobList:
+async def list_jobs(jobs: Jobs, after: FromQuery[str | None] = None, limit: Limit = 20) -> JobList:
     """List fine-tuning jobs, newest first."""
     page = await _page(jobs.store.run(Database.list_jobs, after, limit), after)
     return JobList(page.items, page.has_more)  # type: ignore[arg-type]
@@ -82,7 +82,10 @@ async def cancel_job(jobs: Jobs, fine_tuning_job_id: FromPath[str]) -> FineTunin
 
 @get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/events", response_body=EventList)
 async def list_events(
-    jobs: Jobs, fine_tuning_job_id: FromPath[str], after: str | None = None, limit: Limit = 20
+    jobs: Jobs,
+    fine_tuning_job_id: FromPath[str],
+    after: FromQuery[str | None] = None,
+    limit: Limit = 20,
 ) -> EventList:
     """A job's events (messages and per-step metrics), newest first."""
     await jobs.get(fine_tuning_job_id)
@@ -93,7 +96,10 @@ async def list_events(
 
 @get("/v1/fine_tuning/jobs/{fine_tuning_job_id:str}/checkpoints", response_body=CheckpointList)
 async def list_checkpoints(
-    jobs: Jobs, fine_tuning_job_id: FromPath[str], after: str | None = None, limit: Limit = 10
+    jobs: Jobs,
+    fine_tuning_job_id: FromPath[str],
+    after: FromQuery[str | None] = None,
+    limit: Limit = 10,
 ) -> CheckpointList:
     """A job's checkpoints (one per epoch, each served as a model), newest first."""
     await jobs.get(fine_tuning_job_id)
