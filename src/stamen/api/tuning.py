@@ -13,8 +13,8 @@ frozen here and the blocks frozen on the hosts. One job:
    right, so no mask is needed), embedded by the frozen head, the prefix put in front,
    every block through `engine.blocks_function` (deep prompts added there), logits of
    only the trained positions, token-mean cross-entropy, backward, AdamW step.
-4. The validation loss (the whole validation file, no grad) every `valid_every_steps`
-   steps and at each epoch's end; a checkpoint at each epoch's end: the prompts
+4. The validation loss (the whole validation file, no grad) before the first step (a
+   message), every `valid_every_steps` steps and at each epoch's end; a checkpoint at each epoch's end: the prompts
    (servable, `tuned.tuned_engine`) and a state file (optimizer, step, epoch, generator
    state). Resuming from it continues exactly where it stopped: same final prompts.
 
@@ -414,6 +414,9 @@ class _Run:
 
     def train(self) -> TrainingResult:
         total_steps = self.hp.n_epochs * self.steps_per_epoch
+        if self.step == 0 and self.data.valid:
+            loss, _ = self._valid_loss()
+            self.bridge.call(self.bridge.report.message, f"valid_loss before training: {loss:.6g}")
         while self.epoch < self.hp.n_epochs:
             order = torch.randperm(len(self.data.train), generator=self.generator).tolist()
             for first in range(0, len(order), self.hp.batch_size):
@@ -441,14 +444,7 @@ class _Run:
         }
         valid_loss = None
         if self.data.valid and (epoch_end or self.step % self.valid_every_steps == 0):
-            valid_loss, accuracy = dataset_loss(
-                self.tuning,
-                self.engine.head,
-                self.blocks,
-                self.data.valid,
-                self.hp.batch_size,
-                self.data.pad_token_id,
-            )
+            valid_loss, accuracy = self._valid_loss()
             row |= {"valid_loss": valid_loss, "valid_mean_token_accuracy": accuracy}
         self.last = row
         _append_row(
@@ -457,6 +453,16 @@ class _Run:
         report = self.bridge.report
         self.bridge.call(
             report.step, self.step, total_steps, row["train_loss"], valid_loss, self.trained_tokens
+        )
+
+    def _valid_loss(self) -> tuple[float, float]:
+        return dataset_loss(
+            self.tuning,
+            self.engine.head,
+            self.blocks,
+            self.data.valid,
+            self.hp.batch_size,
+            self.data.pad_token_id,
         )
 
     def _write_checkpoint(self) -> None:
