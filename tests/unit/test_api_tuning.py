@@ -12,6 +12,7 @@ import csv
 import json
 import time
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 from typing import Any
 
@@ -338,3 +339,51 @@ def test_smollm2_learns_the_sentiment_task_full(smollm2: LocalEngine, tmp_path: 
     assert figures["accuracy_before"] <= 0.1
     assert figures["valid_loss_after"] < 0.1 * figures["valid_loss_before"]
     assert figures["accuracy_after"] >= 0.9
+
+
+# -- the same loop over the swarm's seam (in-memory hosts) ---------------------------------
+
+
+def swarm_of(engine: LocalEngine) -> Any:
+    """`engine`'s model as a `SwarmEngine` over two in-memory hosts holding its blocks."""
+    from stamen.api.swarm_engine import SwarmEngine
+    from tests.unit.test_distributed_tuning import BlocksHost, FakeSwarm
+
+    class Swarm(FakeSwarm):
+        def records(self) -> list[Any]:
+            return []
+
+    blocks = [block for span in engine._spans for block in span]
+    hosts = [BlocksHost("p-a", 0, 1, blocks[:1], engine._config)]
+    hosts.append(BlocksHost("p-b", 1, 3, blocks[1:], engine._config))
+    swarm = Swarm(3, *hosts)
+    return SwarmEngine(
+        "tiny", config=engine._config, tokenizer=engine.tokenizer, head=engine.head, swarm=swarm
+    ), hosts
+
+
+def test_training_through_the_swarm_seam_equals_training_in_process(
+    tiny: LocalEngine, tmp_path: Path
+) -> None:
+    swarm, hosts = swarm_of(tiny)
+    req = request(
+        tmp_path, tuning_mode="deep_ptune", hyperparameters={"n_epochs": 1, "batch_size": 4}
+    )
+    local = train(tiny, req, Recorder())
+    remote = train(swarm, dataclass_replace(req, workdir=tmp_path / "remote"), Recorder())
+    assert "backward" in hosts[0].calls and "backward" in hosts[1].calls
+    a, b = PromptTuning.load(local.prompts_path), PromptTuning.load(remote.prompts_path)
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4)
+
+
+async def test_a_tuned_engine_over_the_swarm_sends_the_deep_prompts(
+    tiny: LocalEngine, tmp_path: Path
+) -> None:
+    swarm, hosts = swarm_of(tiny)
+    random_prompts(tiny, "deep_ptune", tmp_path / "p.safetensors")
+    ids = tiny.tokenizer.encode("Broken on arrival.", add_special_tokens=False)
+    over_swarm = await greedy(tuned_engine(swarm, "ft:s", tmp_path / "p.safetensors"), ids, 5)
+    in_process = await greedy(tuned_engine(tiny, "ft:l", tmp_path / "p.safetensors"), ids, 5)
+    assert over_swarm == in_process
+    assert "step+prompts" in hosts[0].calls

@@ -333,6 +333,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(
             self.tuning.parameters(), lr=learning_rate, weight_decay=0.0
         )
+        request.workdir.mkdir(parents=True, exist_ok=True)
         self.metrics_csv = request.workdir / "metrics.csv"
         if state:
             self._restore(state)
