@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -441,3 +442,69 @@ async def test_without_a_data_dir_the_store_is_temporary() -> None:
         uploaded = (await upload(client)).json()
         listed = (await client.get("/v1/files")).json()["data"]
     assert [f["id"] for f in listed] == [uploaded["id"]]
+
+
+@pytest.mark.slow
+async def test_the_real_trainer_tunes_smollm2_into_a_model_chat_completions_serve(
+    tmp_path: Path,
+) -> None:
+    from stamen.api.tuning import SwarmTrainer
+    from tests.unit.test_api_app import load_engine_once
+
+    engine = load_engine_once()
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": "Say hi"},
+                {"role": "assistant", "content": "hi"},
+            ]
+        }
+    ] * 2
+    settings = ServingSettings(fine_tuning=FineTuningSettings(data_dir=tmp_path))
+    app = create_app(settings, static_engines(engine), trainer=SwarmTrainer())
+    async with AsyncTestClient(app) as client:
+        content = "\n".join(json.dumps(line) for line in lines).encode()
+        file_id = (await upload(client, content)).json()["id"]
+        hyperparameters = {"n_epochs": 1, "batch_size": 2}
+        method = {
+            "type": "supervised",
+            "supervised": {"hyperparameters": hyperparameters, "pre_seq_len": 2},
+        }
+        body = {"model": engine.model_id, "training_file": file_id, "method": method}
+        job = (await client.post("/v1/fine_tuning/jobs", json=body)).json()
+        for _ in range(600):
+            done = (await client.get(f"/v1/fine_tuning/jobs/{job['id']}")).json()
+            if done["status"] in ("succeeded", "failed"):
+                break
+            await asyncio.sleep(0.1)
+        assert done["status"] == "succeeded", done["error"]
+        chat = await client.post(
+            "/v1/chat/completions",
+            json={
+                "model": done["fine_tuned_model"],
+                "messages": [{"role": "user", "content": "Say hi"}],
+                "max_tokens": 3,
+                "temperature": 0,
+            },
+        )
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["model"] == done["fine_tuned_model"]
+
+
+def test_cli_fine_tuning_settings_come_from_flags_then_environment_then_defaults() -> None:
+    from stamen.api.cli import parse_settings
+
+    model = ["--model", "m=/nowhere"]
+    default = parse_settings(model, {"HOME": "/home/u"}).serving.fine_tuning
+    assert default.data_dir == Path("/home/u/.local/share/stamen") and default.owner == "stamen"
+    assert default.max_file_bytes == 512 << 20 and default.max_running_jobs == 1
+    xdg = parse_settings(model, {"HOME": "/home/u", "XDG_DATA_HOME": "/xdg"}).serving.fine_tuning
+    assert xdg.data_dir == Path("/xdg/stamen")
+    environ = {"STAMEN_DATA_DIR": "/env", "STAMEN_OWNER": "acme", "STAMEN_MAX_FILE_BYTES": "9"}
+    from_env = parse_settings(model, environ).serving.fine_tuning
+    assert (from_env.data_dir, from_env.owner, from_env.max_file_bytes) == (Path("/env"), "acme", 9)
+    flags = [*model, "--data-dir", "/flag", "--max-running-jobs", "2"]
+    from_flags = parse_settings(flags, environ).serving.fine_tuning
+    assert from_flags.data_dir == Path("/flag") and from_flags.max_running_jobs == 2
+    with pytest.raises(SystemExit):
+        parse_settings([*model, "--owner", "a:b"], {})

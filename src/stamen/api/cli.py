@@ -229,6 +229,8 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
     ):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.owner or ":" in args.owner:
+        parser.error("--owner must be a non-empty name without ':' (it is part of model ids)")
     try:
         keys = _api_keys(args, environ)
     except OSError as error:

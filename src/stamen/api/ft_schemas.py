@@ -26,10 +26,12 @@ import msgspec
 
 from stamen.api.training import DEFAULT_PRE_SEQ_LEN, DEFAULT_TUNING_MODE
 
+# The trainer's own limits (`tuning.LIMITS`), so that every value it resolves is one a
+# stored job can hold.
 Auto = Literal["auto"]
 Epochs = Annotated[int, msgspec.Meta(ge=1, le=50)]
 BatchSize = Annotated[int, msgspec.Meta(ge=1, le=256)]
-LrMultiplier = Annotated[float, msgspec.Meta(gt=0.0, le=10.0)]
+LrMultiplier = Annotated[float, msgspec.Meta(gt=0.0, le=100.0)]
 PreSeqLen = Annotated[int, msgspec.Meta(ge=1, le=1024)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 # The suffix becomes part of a model id made of ":"-separated fields.
