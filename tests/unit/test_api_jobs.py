@@ -508,3 +508,17 @@ def test_cli_fine_tuning_settings_come_from_flags_then_environment_then_defaults
     assert from_flags.data_dir == Path("/flag") and from_flags.max_running_jobs == 2
     with pytest.raises(SystemExit):
         parse_settings([*model, "--owner", "a:b"], {})
+
+
+async def test_a_fine_tuned_model_cannot_be_tuned_again(tmp_path: Path) -> None:
+    async with api_client(tmp_path, FakeTrainer()) as client:
+        job = (await create_job(client, hyperparameters={"n_epochs": 1})).json()
+        model = (await wait_for(client, job["id"], "succeeded"))["fine_tuned_model"]
+        response = await create_job(client, model=model)
+    assert response.status_code == 400
+    assert response.json()["error"] == {
+        "message": f"`{model}` is a fine-tuned model; tune its base model instead.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_supported",
+    }

@@ -315,13 +315,13 @@ class JobManager:
                 400, "This server runs no trainer: fine-tuning is off.", code="fine_tuning_disabled"
             )
         method = self._method(request)
-        if request.model not in self._api.engines or request.model in self._api.tuned:
-            if request.model in self._api.tuned:
-                raise invalid_request(
-                    f"`{request.model}` is a fine-tuned model; tune its base model instead.",
-                    param="model",
-                    code="model_not_supported",
-                )
+        if request.model in self._api.tuned:
+            raise invalid_request(
+                f"`{request.model}` is a fine-tuned model; tune its base model instead.",
+                param="model",
+                code="model_not_supported",
+            )
+        if request.model not in self._api.engines:
             raise model_not_found(request.model)
         await self._check_file(request.training_file, "training_file")
         if request.validation_file is not None:
