@@ -416,6 +416,7 @@ async def test_a_restarted_server_keeps_its_jobs_and_resumes_a_running_one(
         first.hold_after = 2
         running = (await create_job(client, suffix="resumed")).json()
         await asyncio.wait_for(first.held.wait(), 5)  # the checkpoint at step 2 is written
+        queued = (await create_job(client, hyperparameters={"n_epochs": 1})).json()
         file_ids = [f["id"] for f in (await client.get("/v1/files")).json()["data"]]
     second = FakeTrainer()
     async with api_client(tmp_path, second) as client:
@@ -423,10 +424,12 @@ async def test_a_restarted_server_keeps_its_jobs_and_resumes_a_running_one(
         assert f"ft:{BASE}:stamen::{done['id']}" in models  # served again from the store
         assert [f["id"] for f in (await client.get("/v1/files")).json()["data"]] == file_ids
         jobs = (await client.get("/v1/fine_tuning/jobs")).json()["data"]
-        assert [j["id"] for j in jobs] == [running["id"], done["id"]]
+        assert [j["id"] for j in jobs] == [queued["id"], running["id"], done["id"]]
         resumed = await wait_for(client, running["id"], "succeeded")
+        await wait_for(client, queued["id"], "succeeded")
         events = await events_of(client, running["id"])
-    ((request, resume),) = second.calls
+    (request, resume), (queued_request, queued_resume) = second.calls  # in their order
+    assert queued_request.job_id == queued["id"] and queued_resume is None
     assert request.job_id == running["id"]
     assert resume is not None and resume.step == 2 and resume.prompts_path.exists()
     assert resumed["fine_tuned_model"] == f"ft:{BASE}:stamen:resumed:{running['id']}"
