@@ -21,3 +21,12 @@ def smollm2_reference(smollm2_gguf):
     from stamen.conformance.generation import reference_model
 
     return reference_model(smollm2_gguf)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """`swarm-api` processes that tests start keep their fine-tuning data (files, jobs,
+    checkpoints) in this run's temporary directory, never in the user's data directory."""
+    import os
+
+    os.environ.setdefault("STAMEN_DATA_DIR", str(tmp_path_factory.mktemp("stamen-data")))
