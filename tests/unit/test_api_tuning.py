@@ -11,6 +11,7 @@ import asyncio
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
@@ -55,10 +56,12 @@ def tiny() -> LocalEngine:
 
 @dataclass
 class Recorder:
-    """A `TrainingReport` that keeps every call; `cancel_after` cancels at a step."""
+    """A `TrainingReport` that keeps every call; it turns `cancelled` after step
+    `cancel_after_step`, or after a checkpoint with `cancel_after_checkpoint`."""
 
     cancel_after_step: int | None = None
     cancel_after_checkpoint: bool = False
+    on_step: Callable[[], Any] | None = None
     calls: list[tuple[str, Any]] = field(default_factory=list)
     _cancelled: bool = False
 
@@ -77,6 +80,8 @@ class Recorder:
 
     def step(self, step: int, total: int, train: float, valid: float | None, tokens: int) -> None:
         self.calls.append(("step", (step, total, train, valid, tokens)))
+        if self.on_step is not None:
+            self.on_step()
         if step == self.cancel_after_step:
             self._cancelled = True
 
@@ -387,3 +392,18 @@ async def test_a_tuned_engine_over_the_swarm_sends_the_deep_prompts(
     in_process = await greedy(tuned_engine(tiny, "ft:l", tmp_path / "p.safetensors"), ids, 5)
     assert over_swarm == in_process
     assert "step+prompts" in hosts[0].calls
+
+
+async def test_cancelling_the_train_task_stops_its_thread(
+    tiny: LocalEngine, tmp_path: Path
+) -> None:
+    stepped = asyncio.Event()  # report calls run on the loop, so this is safe to set
+    report = Recorder(on_step=stepped.set)
+    task = asyncio.create_task(SwarmTrainer().train(request(tmp_path), tiny, report))
+    await stepped.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    steps = len(report.of("step"))
+    await asyncio.sleep(1.5)  # three of the bridge's polls: a live thread would go on
+    assert len(report.of("step")) <= steps + 1 and report.of("checkpoint") == []

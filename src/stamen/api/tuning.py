@@ -280,6 +280,8 @@ class SwarmTrainer:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
             bridge.stop.set()  # the thread ends at its next step or remote call
+            # Nobody awaits the thread's JobCancelled now: retrieve it so it is not logged.
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise
 
     def _train(
