@@ -58,7 +58,7 @@ from stamen.api.training import (
     TrainingResult,
 )
 from stamen.models.base import ClientHead
-from stamen.swarm_core.prompts import TUNING_MODES, PromptTuning, TuningMode
+from stamen.swarm_core.prompts import MAX_PRE_SEQ_LEN, TUNING_MODES, PromptTuning, TuningMode
 
 logger = logging.getLogger(__name__)
 
@@ -350,6 +350,12 @@ class _Run:
         engine, request = self.engine, self.request
         if not engine.eos_token_ids:
             raise JobFailure("invalid_request", f"{engine.model_id} names no end-of-sequence token")
+        if not 1 <= request.pre_seq_len <= MAX_PRE_SEQ_LEN:
+            raise JobFailure(
+                "invalid_request",
+                f"pre_seq_len must be in [1, {MAX_PRE_SEQ_LEN}], got {request.pre_seq_len}",
+                "pre_seq_len",
+            )
         max_tokens = engine.context_length - request.pre_seq_len
         if max_tokens < 2:
             raise JobFailure(
