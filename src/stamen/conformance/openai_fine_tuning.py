@@ -110,7 +110,7 @@ def check_file_errors(suite: Suite) -> None:
         400,
         lambda: suite.client.files.create(
             file=("x.jsonl", training_jsonl(), "application/jsonl"),
-            purpose="no-such-purpose",  # type: ignore[arg-type]
+            purpose="no-such-purpose",
         ),
         "purpose",
     )
