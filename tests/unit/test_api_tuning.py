@@ -330,6 +330,9 @@ def real_task(
     return figures
 
 
+# Slow: the default run's short version of the task goes through the SDK and the swarm
+# (tests/integration/test_api_finetune.py), which costs less than loading the model again.
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_learns_the_sentiment_task_short(smollm2: LocalEngine, tmp_path: Path) -> None:
     figures = real_task(

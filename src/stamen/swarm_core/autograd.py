@@ -20,7 +20,7 @@ What one call does:
    forward's host left), the intermediate inputs are recomputed with forwards along the
    new route and the gradient goes back hop by hop.
 
-Failures, per chunk, follow the policy of inference sessions (`inference._Failover`): a
+Failures, per chunk, follow the policy of inference sessions (`inference.Failover`): a
 host that fails or times out is banned (by incarnation) and its hop's blocks are run again
 from the saved input on a new route, possibly several hops; at most `max_retries`
 failures and `failover_timeout_s` per chunk, then `SpanCallFailed` names the blocks and
@@ -51,9 +51,9 @@ from torch.autograd.function import once_differentiable
 
 from stamen.swarm_core.inference import (
     VIEW_MAX_AGE_S,
+    Avoid,
+    Failover,
     SessionFailedError,
-    _Avoid,
-    _Failover,
 )
 from stamen.swarm_core.remote import (
     HopError,
@@ -257,14 +257,14 @@ class RemoteSpans:
 
     def _plan_chunks(
         self, call: _Call, batch_size: int
-    ) -> list[tuple[range, list[RouteHop] | None, _Failover]]:
+    ) -> list[tuple[range, list[RouteHop] | None, Failover]]:
         """Cut the batch into chunks and route each (adding its tokens to the load before
         the next is routed, so replicas share the work). A chunk without a route now
         looks for one under its own failover budget."""
         T = call.row_tokens
         per_chunk = batch_size if self.max_chunk_tokens is None else self.max_chunk_tokens // T
         per_chunk = max(1, per_chunk)
-        chunks: list[tuple[range, list[RouteHop] | None, _Failover]] = []
+        chunks: list[tuple[range, list[RouteHop] | None, Failover]] = []
         row = 0
         while row < batch_size:
             rows = min(per_chunk, batch_size - row)
@@ -286,14 +286,14 @@ class RemoteSpans:
         rows: range,
         hidden: Tensor,
         route: list[RouteHop] | None,
-        failover: _Failover,
+        failover: Failover,
         node: int | None = None,
     ) -> tuple[Tensor, ChunkTrace]:
         """`hidden` (b, T, C), batch rows `rows`, from block `node` (default: the first)
         to the end, along `route` when given, re-routing around failures."""
         node = self.start if node is None else node
         trace = ChunkTrace(rows)
-        avoid = _Avoid(self.ban_list, set())
+        avoid = Avoid(self.ban_list, set())
         hops = list(route or [])
         while node < self.end:
             if not hops:
@@ -334,7 +334,7 @@ class RemoteSpans:
         hidden: Tensor,
         node: int,
         rows_per_piece: int,
-        failover: _Failover,
+        failover: Failover,
     ) -> tuple[Tensor, ChunkTrace]:
         """The rest of `trace`'s chunk from block `node` on, split into pieces of
         `rows_per_piece` rows, each routed on its own."""
@@ -385,7 +385,7 @@ class RemoteSpans:
         return torch.cat(grads), grad_prompts  # (B, T, C)
 
     async def _backward_chunk(
-        self, call: _Call, chunk: ChunkTrace, grad: Tensor, failover: _Failover
+        self, call: _Call, chunk: ChunkTrace, grad: Tensor, failover: Failover
     ) -> Tensor:
         """`grad` (b, T, C) at the chunk's output -> at its input."""
         if chunk.pieces:
@@ -403,11 +403,11 @@ class RemoteSpans:
         return grad
 
     async def _backward_hop(
-        self, call: _Call, rows: range, record: HopRecord, grad: Tensor, failover: _Failover
+        self, call: _Call, rows: range, record: HopRecord, grad: Tensor, failover: Failover
     ) -> Tensor:
         """`grad` (b, T, C) at the output of `record`'s blocks -> at their input, on
         whichever hosts serve those blocks now."""
-        avoid = _Avoid(self.ban_list, set())
+        avoid = Avoid(self.ban_list, set())
         while True:
             route = await self._route(call, record.start, record.end, len(rows), avoid, failover)
             fit = _rows_fitting(route, call.row_tokens)
@@ -428,7 +428,7 @@ class RemoteSpans:
         record: HopRecord,
         grad: Tensor,
         rows_per_piece: int,
-        failover: _Failover,
+        failover: Failover,
     ) -> Tensor:
         def part(piece: range, tensor: Tensor) -> Tensor:
             return tensor[piece.start - rows.start : piece.stop - rows.start]
@@ -512,7 +512,7 @@ class RemoteSpans:
         )
 
     async def _route(
-        self, call: _Call, start: int, end: int, num_rows: int, avoid: _Avoid, failover: _Failover
+        self, call: _Call, start: int, end: int, num_rows: int, avoid: Avoid, failover: Failover
     ) -> list[RouteHop]:
         """A route for `num_rows` rows over `[start, end)`, its tokens added to the load.
         Waits (within the budget) when every usable host is busy or none is left."""
@@ -532,7 +532,7 @@ class RemoteSpans:
             call.load.add(route, num_rows * call.row_tokens)
             return route
 
-    def _count(self, failure: _HopFailed, avoid: _Avoid, failover: _Failover) -> None:
+    def _count(self, failure: _HopFailed, avoid: Avoid, failover: Failover) -> None:
         """Account for a failed hop call: busy is avoided for now and costs only time;
         anything else bans the host's incarnation and costs a retry. Raises
         `SessionFailedError` once the budget is spent."""
@@ -545,7 +545,7 @@ class RemoteSpans:
         self.ban_list.ban(hop.host.incarnation)
         failover.failed(hop.start, hop.end, hop.peer_id, error)
 
-    def _half(self, rows: range, failure: _HopFailed, failover: _Failover) -> int:
+    def _half(self, rows: range, failure: _HopFailed, failover: Failover) -> int:
         """Rows per piece after `RequestTooLarge`; a single row cannot be split."""
         if len(rows) > 1:
             return (len(rows) + 1) // 2
@@ -553,8 +553,8 @@ class RemoteSpans:
         cause = f"{hop.peer_id}: {type(failure.error).__name__}: {failure.error}"
         raise SpanCallFailed(hop.start, hop.end, [*failover.causes, cause]) from failure.error
 
-    def _failover(self) -> _Failover:
-        return _Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
+    def _failover(self) -> Failover:
+        return Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
 
     async def _budgeted(self, work: Coroutine[Any, Any, _T]) -> _T:
         """One chunk's work, its spent failover budget raised as `SpanCallFailed`."""

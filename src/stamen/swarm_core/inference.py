@@ -122,9 +122,10 @@ VIEW_MAX_AGE_S = 1.0
 ROUTE_CACHE_TOKENS = 128
 
 
-class _Failover:
-    """The failover budget of one `open` or `step` call: attempts go on until
-    `timeout_s` after the call began (and at most `max_attempts` failures, if set)."""
+class Failover:
+    """The failover budget of one `open` or `step` call (and of one chunk of a bulk
+    call, `autograd.RemoteSpans`): attempts go on until `timeout_s` after the call began
+    (and at most `max_attempts` failures, if set)."""
 
     def __init__(
         self, timeout_s: float, max_backoff_s: float, max_attempts: int | None = None
@@ -169,7 +170,7 @@ class _Failover:
 
 
 @dataclass(frozen=True)
-class _Avoid:
+class Avoid:
     """What routing skips in one call: banned incarnations and hosts that just said busy."""
 
     bans: BanList
@@ -332,11 +333,11 @@ class InferenceSession:
             )
         return position
 
-    def _failover(self) -> _Failover:
-        return _Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
+    def _failover(self) -> Failover:
+        return Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
 
     async def _run_chain(
-        self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: _Failover
+        self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: Failover
     ) -> Tensor:
         index = 0
         while index < len(self._hops):
@@ -371,7 +372,7 @@ class InferenceSession:
         return hidden
 
     async def _build_chain(
-        self, start: int, end: int, history: Sequence[_Entry], attempts: _Failover
+        self, start: int, end: int, history: Sequence[_Entry], attempts: Failover
     ) -> list[_Hop]:
         """Route `[start, end)`, open a session per hop and replay `history` through them.
 
@@ -389,10 +390,10 @@ class InferenceSession:
         return hops
 
     async def _extend_chain(
-        self, hops: list[_Hop], start: int, end: int, replay: _Entry | None, attempts: _Failover
+        self, hops: list[_Hop], start: int, end: int, replay: _Entry | None, attempts: Failover
     ) -> None:
         node = start
-        avoid = _Avoid(self.ban_list, set())
+        avoid = Avoid(self.ban_list, set())
         while node < end:
             try:
                 route = plan_latency_route(
