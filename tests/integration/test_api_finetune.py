@@ -198,13 +198,14 @@ def test_fine_tuning_conformance_cases_pass(api: Api) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # 40 steps of 8 examples and 120 greedy answers: ~6 min here
 def test_the_whole_task_teaches_the_label_format(api: Api) -> None:
     client = sdk(api)
     train = upload(client, read_jsonl("train.jsonl"), "train.jsonl")
     valid = upload(client, read_jsonl("valid.jsonl"), "valid.jsonl")
     test = read_jsonl("test.jsonl")
     before = accuracy(client, MODEL_ID, test)
-    job = create_job(client, train, valid, epochs=3, batch=8)
+    job = create_job(client, train, valid, epochs=2, batch=8)
     job = wait_for(client, job.id, succeeded, api)
     valid_losses = losses(all_events(client, job.id), "valid_loss")
     after = accuracy(client, job.fine_tuned_model, test)

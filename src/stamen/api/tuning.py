@@ -14,9 +14,9 @@ frozen here and the blocks frozen on the hosts. One job:
    every block through `engine.blocks_function` (deep prompts added there), logits of
    only the trained positions, token-mean cross-entropy, backward, AdamW step.
 4. The validation loss (the whole validation file, no grad) before the first step (a
-   message), every `valid_every_steps` steps and at each epoch's end; a checkpoint at each epoch's end: the prompts
-   (servable, `tuned.tuned_engine`) and a state file (optimizer, step, epoch, generator
-   state). Resuming from it continues exactly where it stopped: same final prompts.
+   message), every `valid_every_steps` steps and at each epoch's end; a checkpoint at
+   each epoch's end: the prompts (servable, `tuned.tuned_engine`) and a state file
+   (optimizer, step, epoch, generator state). Resuming from it continues exactly where it stopped: same final prompts.
 
 The loop runs in a worker thread so the API's event loop keeps serving chat traffic; the
 remote calls of the blocks and every `TrainingReport` call go back to that loop
