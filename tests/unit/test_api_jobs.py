@@ -444,7 +444,10 @@ async def test_without_a_data_dir_the_store_is_temporary() -> None:
     async with api_client(None, FakeTrainer()) as client:
         uploaded = (await upload(client)).json()
         listed = (await client.get("/v1/files")).json()["data"]
+        data_dir = client.app.state.store.data_dir
+        assert (data_dir / "files" / uploaded["id"]).is_file()
     assert [f["id"] for f in listed] == [uploaded["id"]]
+    assert not data_dir.exists()  # removed with the app: nothing left in any home directory
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from stamen.conformance.adapters import reference_for
 from stamen.models.base import StepContext
 from stamen.models.chain import SpanCache, run_span
 from stamen.models.registry import get_adapter
+from stamen.swarm_core.client import ClientSettings
 from stamen.swarm_core.distributed import (
     DistributedModelForCausalLM,
     _LoopThread,
@@ -145,6 +146,8 @@ class BlocksHopSession(HopSession):
 
 
 class FakeSwarm:
+    settings = ClientSettings()  # what the model reads its call timeouts from
+
     def __init__(self, num_blocks: int, *hosts: BlocksHost) -> None:
         self.num_blocks = num_blocks
         self.by_id = {h.peer_id: h for h in hosts}

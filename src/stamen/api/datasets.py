@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stamen.api.training import JobFailure
+from stamen.swarm_core.distributed import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # label of a token the loss skips (torch's cross-entropy default)
+__all__ = ["IGNORE_INDEX", "Example", "FileKind", "load_examples"]
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 FileKind = Literal["training", "validation"]
 

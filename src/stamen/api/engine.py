@@ -97,6 +97,11 @@ class EngineClient(Protocol):
     def eos_token_ids(self) -> tuple[int, ...]: ...
 
     @property
+    def num_blocks(self) -> int:
+        """Transformer blocks of the model (what deep prompts are given for)."""
+        ...
+
+    @property
     def fingerprint(self) -> str:
         """`system_fingerprint` of responses: changes when the served weights change."""
         ...

@@ -289,9 +289,12 @@ class JobManager:
             job_id = await self._queue.get()
             if job_id not in self._queued:
                 continue  # cancelled while queued
-            self._queued.discard(job_id)
             job = await self.store.run(Database.get_job, job_id)
-            if job is None or job.status in FINAL_STATUSES:
+            # Checked again after the read: a cancel may have come during it. From here to
+            # `_running` nothing awaits, so a cancel finds the job queued or running.
+            cancelled = job_id not in self._queued
+            self._queued.discard(job_id)
+            if cancelled or job is None or job.status in FINAL_STATUSES:
                 continue
             report = _JobReport(self, job)
             self._running[job_id] = report
@@ -482,15 +485,15 @@ class JobManager:
             return
         results = await self._store_results(result.metrics_csv)
         await self.store.run(Database.set_prompts_path, job.id, result.prompts_path)
-        await self.store.run(
-            Database.update_job,
+        await self._note(job.id, f"New fine-tuned model created: {model_id}")
+        await self._finish(
             job.id,
+            "succeeded",
+            _event("The job has successfully completed"),
             fine_tuned_model=model_id,
             trained_tokens=result.trained_tokens,
             result_files=[results.id],
         )
-        await self._note(job.id, f"New fine-tuned model created: {model_id}")
-        await self._finish(job.id, "succeeded", _event("The job has successfully completed"))
 
     async def _store_results(self, metrics_csv: Path) -> FileObject:
         file_id = new_id("file")
@@ -507,10 +510,17 @@ class JobManager:
         await self._finish(job_id, "failed", event, error=error)
 
     async def _finish(
-        self, job_id: str, status: str, event: JobEvent, error: JobError | None = None
+        self,
+        job_id: str,
+        status: str,
+        event: JobEvent,
+        error: JobError | None = None,
+        **changes: object,
     ) -> FineTuningJob:
+        """The final status and `changes` in one write: a server that dies around it leaves
+        the job either unfinished (it runs again) or finished, never half of each."""
         job = await self.store.run(
-            Database.update_job, job_id, status=status, finished_at=_now(), error=error
+            Database.update_job, job_id, status=status, finished_at=_now(), error=error, **changes
         )
         await self.store.run(Database.add_event, job_id, event)
         return job
@@ -543,12 +553,6 @@ class JobManager:
         task = asyncio.get_running_loop().create_task(serve())
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
-
-    async def settled(self) -> None:
-        """Wait until every checkpoint model being registered is served (tests)."""
-        while self._serving:
-            await asyncio.gather(*self._serving, return_exceptions=True)
-
 
 def _seed() -> int:
     return secrets.randbelow(2**31)

@@ -306,7 +306,8 @@ class Store:
     async def run(
         self, fn: Callable[Concatenate[Database, P], T], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        future = self.submit(fn, *args, **kwargs)
+        # Awaited: a failure reaches the caller (an unknown cursor is a 400), not the log.
+        future = self._executor.submit(fn, self._database, *args, **kwargs)
         return await asyncio.wrap_future(future)
 
     def submit(

@@ -94,6 +94,10 @@ class SwarmEngine(ClientSide):
             swarm=swarm,
         )
 
+    @property
+    def num_blocks(self) -> int:
+        return self.swarm.num_blocks
+
     async def aclose(self) -> None:
         await self.swarm.aclose()
 
@@ -144,7 +148,13 @@ class SwarmEngine(ClientSide):
             await asyncio.shield(session.close())
 
     def blocks_function(self, run: RunOnLoop) -> BlocksFunction:
-        spans = RemoteSpans(self.swarm, 0, self.swarm.num_blocks, ban_list=self.ban_list)
+        spans = RemoteSpans(
+            self.swarm,
+            0,
+            self.swarm.num_blocks,
+            ban_list=self.ban_list,
+            call_timeout_s=self.swarm.settings.bulk_timeout_s,
+        )
 
         def blocks(hidden: Tensor, prompts: Tensor | None) -> Tensor:
             try:

@@ -35,7 +35,7 @@ class TunedEngine:
     def __init__(
         self, base: EngineClient, model_id: str, tuning: PromptTuning, *, digest: str
     ) -> None:
-        num_blocks = base.swarm_snapshot().num_blocks
+        num_blocks = base.num_blocks  # not the snapshot: this may run off the event loop
         if tuning.num_blocks != num_blocks:
             raise ValueError(
                 f"prompts for {tuning.num_blocks} blocks cannot tune {base.model_id} "
@@ -66,6 +66,10 @@ class TunedEngine:
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.base.eos_token_ids
+
+    @property
+    def num_blocks(self) -> int:
+        return self.base.num_blocks
 
     @property
     def fingerprint(self) -> str:

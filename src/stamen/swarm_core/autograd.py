@@ -194,7 +194,7 @@ class RemoteSpans:
         failover_timeout_s: float = 60.0,
         max_retries: int = 3,
         max_chunk_tokens: int | None = None,
-        call_timeout_s: float = 60.0,
+        call_timeout_s: float = 120.0,
         retry_delay_s: float = 1.0,
     ) -> None:
         if not 0 <= start < end:

@@ -465,6 +465,7 @@ class DistributedModelForCausalLM(nn.Module):
                 end,
                 ban_list=self.ban_list,
                 max_chunk_tokens=self.max_chunk_tokens,
+                call_timeout_s=self.swarm.settings.bulk_timeout_s,
             )
             self._remote_spans[key] = spans
         return spans
