@@ -554,5 +554,6 @@ class JobManager:
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
+
 def _seed() -> int:
     return secrets.randbelow(2**31)
