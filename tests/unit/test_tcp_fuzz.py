@@ -1,6 +1,7 @@
 """Hostile bytes at a tcp listener: garbage handshakes, and malformed, truncated and
-oversized packets after a real handshake. Each offender is disconnected, nothing absurd is
-allocated, and the listener keeps serving a well-behaved client throughout."""
+oversized packets after a real handshake (sealed as valid records, so that they reach the
+packet parser). Each offender is disconnected, nothing absurd is allocated, and the
+listener keeps serving a well-behaved client throughout."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stamen.transports.base import Connection, Credentials, Limits, TransportError
-from stamen.transports.handshake import RECORD_PREFIX, handshake
+from stamen.transports.handshake import RECORD_PREFIX, RecordCipher, handshake
 from stamen.transports.packets import (
     ALL_KINDS,
     FLAG_SYN,
@@ -59,51 +60,48 @@ class Target:
     host: str
     port: int
     address: str
-    encrypt: bool
 
 
-async def _start_target(encrypt: bool) -> Target:
-    options = TcpOptions(encrypt=encrypt, limits=LIMITS, handshake_timeout_s=0.5)
+async def _start_target() -> Target:
+    options = TcpOptions(limits=LIMITS, handshake_timeout_s=0.5)
     transport = TcpTransport(Credentials.generate(), options)
     listener = await transport.listen("tcp://127.0.0.1:0", echo_handler)
     host, port = parse_address(listener.addresses[0])
-    return Target(transport, host, port, listener.addresses[0], encrypt)
-
-
-@pytest.fixture(params=[False, True], ids=["plaintext", "encrypted"])
-async def target(request: pytest.FixtureRequest) -> AsyncIterator[Target]:
-    started = await _start_target(request.param)
-    yield started
-    await started.transport.aclose()
+    return Target(transport, host, port, listener.addresses[0])
 
 
 @pytest.fixture
-async def plaintext_target() -> AsyncIterator[Target]:
-    started = await _start_target(encrypt=False)
+async def target() -> AsyncIterator[Target]:
+    started = await _start_target()
     yield started
     await started.transport.aclose()
 
 
-@pytest.fixture
-async def encrypted_target() -> AsyncIterator[Target]:
-    started = await _start_target(encrypt=True)
-    yield started
-    await started.transport.aclose()
+@dataclass
+class RawPeer:
+    """A raw socket that completed a real handshake, with its sending cipher."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    cipher: RecordCipher
+
+    def send_records(self, packets: list[bytes]) -> None:
+        """Each packet sealed as one valid record."""
+        for packet_bytes in packets:
+            self.writer.write(self.cipher.seal(packet_bytes))
 
 
-async def _handshaken(target: Target) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw socket that completed a real handshake (plaintext packets follow)."""
+async def _handshaken(target: Target) -> RawPeer:
     reader, writer = await asyncio.open_connection(target.host, target.port)
-    await handshake(
+    result = await handshake(
         reader,
         writer,
         credentials=Credentials.generate(),
         is_dialer=True,
-        encrypt=False,
         limits=LIMITS,
         window_bytes=1024 * 1024,
     )
-    return reader, writer
+    return RawPeer(reader, writer, result.send_cipher)
 
 
 async def _assert_disconnected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,7 +122,7 @@ async def _assert_serving(target: Target, good: Connection) -> None:
     await stream.send([b"still", b"here"])
     assert await stream.recv() == [b"still", b"here"]
     await stream.close()
-    client = TcpTransport(Credentials.generate(), TcpOptions(encrypt=target.encrypt))
+    client = TcpTransport(Credentials.generate())
     try:
         fresh = await client.connect(target.address)
         stream = await fresh.open_stream()
@@ -145,56 +143,51 @@ def msg_header(*sizes: int, count: int | None = None) -> bytes:
 
 
 MALFORMED_PACKETS = {
-    "u64 max length": packet(Kind.MSG, 1, flags=FLAG_SYN, length=U64_MAX),
-    "length just over the limit": packet(Kind.DATA, 1, flags=FLAG_SYN, length=2**20),
-    "u32 max frame count": packet(Kind.MSG, 1, msg_header(count=2**32 - 1), FLAG_SYN),
-    "too many frames": packet(Kind.MSG, 1, msg_header(*[1] * 9), FLAG_SYN),
-    "u64 max frame size": packet(Kind.MSG, 1, msg_header(U64_MAX), FLAG_SYN),
-    "frame sizes over the message limit": packet(
-        Kind.MSG, 1, msg_header(2**19, 2**19 + 1), FLAG_SYN
-    ),
-    "truncated message header": packet(Kind.MSG, 1, b"\x00\x00", FLAG_SYN),
-    "data beyond the declared size": packet(Kind.MSG, 1, msg_header(1) + b"xy", FLAG_SYN),
-    "data for a never-opened stream": packet(Kind.DATA, 77, b"x"),
-    "stream id of the wrong parity": packet(Kind.MSG, 2, msg_header(1) + b"x", FLAG_SYN),
-    "stream 0": packet(Kind.MSG, 0, msg_header(1) + b"x", FLAG_SYN),
-    "unknown packet type": packet(200, 0),
-    "unknown flags": packet(Kind.PING, 0, bytes(8), flags=0x80),
-    "reserved bits set": PACKET.pack(Kind.PING, 0, 1, 0, 8) + bytes(8),
-    "window overflow": packet(Kind.WINDOW, 1, WINDOW.pack(U64_MAX), FLAG_SYN),
-    "malformed ping": packet(Kind.PING, 0, b"\x01"),
-    "data outside a message": packet(Kind.DATA, 1, b"x", FLAG_SYN),
-    "sending beyond the window": b"".join(
-        [packet(Kind.MSG, 1, msg_header(1024 * 1024), FLAG_SYN)]
-        + [packet(Kind.DATA, 1, b"z" * 256 * 1024)] * 5
-    ),
+    "u64 max length": [packet(Kind.MSG, 1, flags=FLAG_SYN, length=U64_MAX)],
+    "length just over the limit": [packet(Kind.DATA, 1, flags=FLAG_SYN, length=2**20)],
+    "u32 max frame count": [packet(Kind.MSG, 1, msg_header(count=2**32 - 1), FLAG_SYN)],
+    "too many frames": [packet(Kind.MSG, 1, msg_header(*[1] * 9), FLAG_SYN)],
+    "u64 max frame size": [packet(Kind.MSG, 1, msg_header(U64_MAX), FLAG_SYN)],
+    "frame sizes over the message limit": [
+        packet(Kind.MSG, 1, msg_header(2**19, 2**19 + 1), FLAG_SYN)
+    ],
+    "truncated message header": [packet(Kind.MSG, 1, b"\x00\x00", FLAG_SYN)],
+    "data beyond the declared size": [packet(Kind.MSG, 1, msg_header(1) + b"xy", FLAG_SYN)],
+    "data for a never-opened stream": [packet(Kind.DATA, 77, b"x")],
+    "stream id of the wrong parity": [packet(Kind.MSG, 2, msg_header(1) + b"x", FLAG_SYN)],
+    "stream 0": [packet(Kind.MSG, 0, msg_header(1) + b"x", FLAG_SYN)],
+    "unknown packet type": [packet(200, 0)],
+    "unknown flags": [packet(Kind.PING, 0, bytes(8), flags=0x80)],
+    "reserved bits set": [PACKET.pack(Kind.PING, 0, 1, 0, 8) + bytes(8)],
+    "window overflow": [packet(Kind.WINDOW, 1, WINDOW.pack(U64_MAX), FLAG_SYN)],
+    "malformed ping": [packet(Kind.PING, 0, b"\x01")],
+    "data outside a message": [packet(Kind.DATA, 1, b"x", FLAG_SYN)],
+    "two packets in one record": [packet(Kind.PING, 0, bytes(8)) * 2],
+    "sending beyond the window": [packet(Kind.MSG, 1, msg_header(1024 * 1024), FLAG_SYN)]
+    + [packet(Kind.DATA, 1, b"z" * 256 * 1024)] * 5,
 }
 
 
 @pytest.mark.parametrize("case", MALFORMED_PACKETS)
-async def test_malformed_packet_disconnects_only_the_offender(
-    plaintext_target: Target, case: str
-) -> None:
-    target = plaintext_target
-    client = TcpTransport(Credentials.generate(), TcpOptions(encrypt=False))
+async def test_malformed_packet_disconnects_only_the_offender(target: Target, case: str) -> None:
+    client = TcpTransport(Credentials.generate())
     try:
         good = await client.connect(target.address)
-        reader, writer = await _handshaken(target)
-        writer.write(MALFORMED_PACKETS[case])
-        await _assert_disconnected(reader, writer)
+        peer = await _handshaken(target)
+        peer.send_records(MALFORMED_PACKETS[case])
+        await _assert_disconnected(peer.reader, peer.writer)
         await _assert_serving(target, good)
     finally:
         await client.aclose()
 
 
-async def test_truncated_packet_then_hangup_is_cleaned_up(plaintext_target: Target) -> None:
-    target = plaintext_target
-    reader, writer = await _handshaken(target)
-    whole = packet(Kind.MSG, 1, msg_header(100) + b"x" * 100, FLAG_SYN)
-    writer.write(whole[:50])
-    await writer.drain()
-    writer.close()
-    client = TcpTransport(Credentials.generate(), TcpOptions(encrypt=False))
+async def test_truncated_record_then_hangup_is_cleaned_up(target: Target) -> None:
+    peer = await _handshaken(target)
+    whole = peer.cipher.seal(packet(Kind.MSG, 1, msg_header(100) + b"x" * 100, FLAG_SYN))
+    peer.writer.write(bytes(whole)[:50])
+    await peer.writer.drain()
+    peer.writer.close()
+    client = TcpTransport(Credentials.generate())
     try:
         await _assert_serving(target, await client.connect(target.address))
     finally:
@@ -207,12 +200,14 @@ GARBAGE_HANDSHAKES = {
     "wrong magic": b"NOTSTAMEN" + bytes(40),
     "short hello": b"STAMEN\x00\x01\x01",
     "zeros": bytes(4096),
+    "preamble, then an oversized message": b"STAMEN\x00\x03\xff\xff" + bytes(100),
+    "preamble, then a short message": b"STAMEN\x00\x03\x00\x05abcde",
 }
 
 
 @pytest.mark.parametrize("case", GARBAGE_HANDSHAKES)
 async def test_garbage_handshake_is_refused(target: Target, case: str) -> None:
-    client = TcpTransport(Credentials.generate(), TcpOptions(encrypt=target.encrypt))
+    client = TcpTransport(Credentials.generate())
     try:
         good = await client.connect(target.address)
         reader, writer = await asyncio.open_connection(target.host, target.port)
@@ -223,8 +218,7 @@ async def test_garbage_handshake_is_refused(target: Target, case: str) -> None:
         await client.aclose()
 
 
-async def test_forged_records_after_an_encrypted_handshake(encrypted_target: Target) -> None:
-    target = encrypted_target
+async def test_forged_records_after_a_handshake(target: Target) -> None:
     client = TcpTransport(Credentials.generate())
     try:
         good = await client.connect(target.address)
@@ -233,26 +227,18 @@ async def test_forged_records_after_an_encrypted_handshake(encrypted_target: Tar
             RECORD_PREFIX.pack(64) + os.urandom(64),
             RECORD_PREFIX.pack(3) + b"abc",
         ):
-            reader, writer = await asyncio.open_connection(target.host, target.port)
-            await handshake(
-                reader,
-                writer,
-                credentials=Credentials.generate(),
-                is_dialer=True,
-                encrypt=True,
-                limits=LIMITS,
-                window_bytes=1024 * 1024,
-            )
-            writer.write(forged)
-            await _assert_disconnected(reader, writer)
+            peer = await _handshaken(target)
+            peer.writer.write(forged)
+            await _assert_disconnected(peer.reader, peer.writer)
         await _assert_serving(target, good)
     finally:
         await client.aclose()
 
 
 @st.composite
-def packet_soup(draw: st.DrawFn) -> bytes:
-    """Packets with plausible headers and arbitrary fields, or plain noise."""
+def packet_soup(draw: st.DrawFn) -> list[bytes]:
+    """Packets with plausible headers and arbitrary fields, or plain noise (one record
+    each)."""
     pieces = []
     for _ in range(draw(st.integers(1, 6))):
         if draw(st.booleans()):
@@ -264,7 +250,7 @@ def packet_soup(draw: st.DrawFn) -> bytes:
         length = draw(st.sampled_from([-1, -1, 0, 2**32, U64_MAX]))
         flags = draw(st.sampled_from([0, FLAG_SYN, 0xFF]))
         pieces.append(packet(int(kind), stream_id, payload, flags, length))
-    return b"".join(pieces)
+    return pieces
 
 
 @settings(
@@ -273,20 +259,20 @@ def packet_soup(draw: st.DrawFn) -> bytes:
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(soup=packet_soup())
-def test_arbitrary_packets_never_hurt_the_listener(soup: bytes) -> None:
+def test_arbitrary_packets_never_hurt_the_listener(soup: list[bytes]) -> None:
     """Whatever arrives after a handshake, memory stays bounded and service goes on."""
 
     async def scenario() -> None:
-        target = await _start_target(encrypt=False)
+        target = await _start_target()
         transport = target.transport
-        client = TcpTransport(Credentials.generate(), TcpOptions(encrypt=False))
+        client = TcpTransport(Credentials.generate())
         try:
             good = await client.connect(target.address)
-            reader, writer = await _handshaken(target)
-            writer.write(soup)
-            await writer.drain()
+            peer = await _handshaken(target)
+            peer.send_records(soup)
+            await peer.writer.drain()
             await asyncio.sleep(0.01)
-            writer.close()
+            peer.writer.close()
             await _assert_serving(target, good)
         finally:
             await client.aclose()
@@ -298,7 +284,8 @@ def test_arbitrary_packets_never_hurt_the_listener(soup: bytes) -> None:
         _, peak_bytes = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak_bytes < 16 * 1024 * 1024, f"peak {peak_bytes} bytes for {len(soup)} hostile bytes"
+    hostile_bytes = sum(len(piece) for piece in soup)
+    assert peak_bytes < 16 * 1024 * 1024, f"peak {peak_bytes} bytes for {hostile_bytes} hostile"
 
 
 def test_packet_helper_matches_the_wire_format() -> None:

@@ -53,10 +53,10 @@ def _stop_responding(connection: Connection) -> None:
     connection.stop_responding()
 
 
-def tcp_under_test(encrypt: bool) -> TransportUnderTest:
-    options = TcpOptions(encrypt=encrypt, keepalive_interval_s=0.2, keepalive_timeout_s=1.0)
+def tcp_under_test() -> TransportUnderTest:
+    options = TcpOptions(keepalive_interval_s=0.2, keepalive_timeout_s=1.0)
     return TransportUnderTest(
-        name="tcp" if encrypt else "tcp-plaintext",
+        name="tcp",
         make_transport=lambda credentials: TcpTransport(credentials, options),
         listen_address="tcp://127.0.0.1:0",
         closed_address=closed_tcp_address,
@@ -69,8 +69,7 @@ def tcp_under_test(encrypt: bool) -> TransportUnderTest:
 
 TRANSPORTS = {
     "memory": memory_under_test,
-    "tcp": lambda: tcp_under_test(encrypt=True),
-    "tcp-plaintext": lambda: tcp_under_test(encrypt=False),
+    "tcp": tcp_under_test,
 }
 
 

@@ -32,7 +32,7 @@ TRANSPORT_NAMES = ("tcp", "webrtc", "memory")
 def make_transport(name: str, credentials: Credentials, **options: Any) -> Transport:
     """A transport by scheme name.
 
-    tcp: `TcpOptions` fields (`encrypt`, `limits`, `window_bytes`, `keepalive_interval_s`,
+    tcp: `TcpOptions` fields (`limits`, `window_bytes`, `keepalive_interval_s`,
     `keepalive_timeout_s`, `handshake_timeout_s`); webrtc: `WebRTCTransport`'s keyword
     arguments (`limits`, `config`, ...); memory: `hub`, `limits`, `window_bytes`.
     Raises `ValueError` for an unknown name or option."""
@@ -57,11 +57,6 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("transport")
     group.add_argument(
         "--transport", choices=TRANSPORT_NAMES, default="tcp", help="how to reach peers"
-    )
-    group.add_argument(
-        "--tcp-plaintext",
-        action="store_true",
-        help="send tcp traffic unencrypted (identities are still checked); trusted networks only",
     )
     group.add_argument("--keepalive-interval-s", type=float, default=1.0)
     group.add_argument(
@@ -105,7 +100,6 @@ def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> T
         return make_transport(
             "tcp",
             credentials,
-            encrypt=not args.tcp_plaintext,
             limits=limits,
             keepalive_interval_s=args.keepalive_interval_s,
             keepalive_timeout_s=args.keepalive_timeout_s,

@@ -1,16 +1,18 @@
-"""The tcp transport: asyncio sockets, an authenticated key exchange, then many
-flow-controlled streams over one connection.
+"""The tcp transport: asyncio sockets, a Noise handshake, then many flow-controlled
+streams over one connection.
 
 Addresses are `tcp://HOST:PORT` (`tcp://[::1]:PORT` for IPv6); port 0 picks a free port,
-which `Listener.addresses` reports. Every connection runs the `handshake` (X25519 +
-ed25519 + optional swarm key, AES-256-GCM records) unless `encrypt=False` is passed
-explicitly, in which case identities and the swarm key are still proven but the data
-travels in clear. Sockets get TCP_NODELAY; the stream multiplexing, flow control and
-keepalives are `mux`'s.
+which `Listener.addresses` reports. Every connection runs the `handshake`
+(`Noise_XXpsk3_25519_AESGCM_SHA256`: the swarm key as PSK, each peer's ed25519 identity
+bound to its Noise static key) and then carries only AES-256-GCM records: there is no
+mode without encryption and integrity. Sockets get TCP_NODELAY; the stream multiplexing,
+flow control and keepalives are `mux`'s.
 
-AES-GCM records over plain sockets were chosen over TLS: Python's `ssl` cannot verify a
-self-signed peer certificate against a raw ed25519 key without a CA, and the record
-cipher runs at several GB/s here (see benchmarks/transport_speed.py).
+Noise over plain sockets was chosen over TLS: Python's `ssl` cannot verify a self-signed
+peer certificate against a raw ed25519 key without a CA, it has no PSK mode for TLS 1.3
+that would carry the swarm key, and a Noise handshake is a few hundred lines checked
+against published test vectors, with records that run at several GB/s here (see
+benchmarks/transport_speed.py).
 
 Errors from sockets and the handshake are translated into `stamen.transports.base`'s tree.
 """
@@ -47,7 +49,6 @@ READ_BUFFER_BYTES = 1024 * 1024  # StreamReader limit: fewer pause/resume cycles
 class TcpOptions:
     """Knobs of the tcp transport; the defaults suit a swarm over the internet."""
 
-    encrypt: bool = True
     limits: Limits = Limits()
     window_bytes: int = 4 * 1024 * 1024
     keepalive_interval_s: float = 1.0
@@ -228,7 +229,6 @@ class TcpTransport(Transport):
                     writer,
                     credentials=self.credentials,
                     is_dialer=is_dialer,
-                    encrypt=options.encrypt,
                     limits=options.limits,
                     window_bytes=options.window_bytes,
                     expected_public_key=expected_public_key,
