@@ -37,8 +37,8 @@ import uvicorn
 from stamen.api.app import create_app, static_engines
 from stamen.api.engine import LocalEngine
 from stamen.api.state import ServingSettings
-from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
-from stamen.swarm_core.generation import decode, plan_from_hf
+from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
+from stamen.swarm_core.client.generation import decode, plan_from_hf
 from stamen.swarm_core.local_swarm import LocalSwarm
 from stamen.testing import bundled_smollm2_gguf
 

@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from benchmarks.swarm_speed import NUM_BLOCKS, _header, start_swarm
 from stamen.models.base import ClientHead, StepContext
 from stamen.models.loading import Span, load_head, load_span
-from stamen.swarm_core.client import ClientSettings
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
 )
-from stamen.swarm_core.inference import InferenceSession
-from stamen.swarm_core.prompts import PromptTuning
+from stamen.swarm_core.client.inference import InferenceSession
+from stamen.swarm_core.client.prompts import PromptTuning
+from stamen.swarm_core.client.swarm import ClientSettings
 from stamen.testing import bundled_smollm2_gguf
 
 DECODE_PREFILL = 16

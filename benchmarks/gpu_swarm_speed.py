@@ -23,8 +23,8 @@ import torch
 from benchmarks.swarm_speed import PREFILL_TOKENS, _decode_steps_s, ping_s
 from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import Span, load_span
-from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
-from stamen.swarm_core.inference import InferenceSession
+from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
+from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.local_swarm import LocalSwarm
 
 

@@ -49,9 +49,9 @@ async def _serve(blocks: int) -> None:
     import torch
 
     from stamen.models.loading import load_span
-    from stamen.swarm_core.host import Host, HostSettings
-    from stamen.swarm_core.records import HostState
-    from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime
+    from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
+    from stamen.swarm_core.host.server import Host, HostSettings
+    from stamen.swarm_core.protocol.records import HostState
     from stamen.testing import bundled_smollm2_gguf
     from stamen.transports.base import Credentials
     from stamen.transports.tcp import TcpTransport
@@ -93,11 +93,11 @@ async def _measure(blocks: int, steps: int, threads: int, host: dict[str, str]) 
 
     from stamen.models.chain import SpanCache, run_span
     from stamen.models.loading import load_span
-    from stamen.swarm_core.client import ClientSettings, RpcSpanClient
-    from stamen.swarm_core.pool import HostConnections
-    from stamen.swarm_core.rpc import RpcClient
-    from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime
-    from stamen.swarm_core.wire import Hello, Ping
+    from stamen.swarm_core.client.pool import HostConnections
+    from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient
+    from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
+    from stamen.swarm_core.protocol.rpc import RpcClient
+    from stamen.swarm_core.protocol.wire import Hello, Ping
     from stamen.testing import bundled_smollm2_gguf
     from stamen.transports.base import Credentials
     from stamen.transports.tcp import TcpTransport

@@ -46,13 +46,13 @@ import stamen
 from stamen.models.base import StepContext
 from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import Span, load_span
-from stamen.swarm_core.client import ClientSettings
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
 )
-from stamen.swarm_core.inference import InferenceSession
-from stamen.swarm_core.wire import Ping
+from stamen.swarm_core.client.inference import InferenceSession
+from stamen.swarm_core.client.swarm import ClientSettings
+from stamen.swarm_core.protocol.wire import Ping
 from stamen.testing import bundled_smollm2_gguf
 
 PREFILL_TOKENS = 16
@@ -119,7 +119,7 @@ def start_swarm(stack: ExitStack, log_dir: Path, gguf: Path, threads: int, webrt
                 _process(
                     log_dir,
                     f"{name}-{blocks.replace(':', '-')}",
-                    ["stamen.swarm_core.host_cli", str(gguf), "--blocks", blocks,
+                    ["stamen.swarm_core.host.cli", str(gguf), "--blocks", blocks,
                      "--model-name", f"smollm2-{name}", "--initial-peers", dht, *flags],
                     r"serving blocks",
                     threads,

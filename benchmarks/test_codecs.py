@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from stamen.swarm_core.codecs import Codec, decode_tensor, dtype_name, encode_tensor
+from stamen.swarm_core.protocol.codecs import Codec, decode_tensor, dtype_name, encode_tensor
 
 SHAPE = (1, 512, 2048)  # (B, T, D): a long prefill's hidden states
 

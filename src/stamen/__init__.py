@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from stamen.version import __version__
 
 __all__ = ["AutoDistributedModelForCausalLM", "__version__"]
 
@@ -12,7 +12,7 @@ __all__ = ["AutoDistributedModelForCausalLM", "__version__"]
 def __getattr__(name: str) -> Any:
     # Imported on first use: `import stamen` stays light (no torch, no transformers).
     if name == "AutoDistributedModelForCausalLM":
-        from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
+        from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 
         return AutoDistributedModelForCausalLM
     raise AttributeError(f"module 'stamen' has no attribute {name!r}")

@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 import torch
 
-from stamen.swarm_core.client import ClientSettings, SwarmClient
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
     _LoopThread,
 )
-from stamen.swarm_core.remote import HostInfo, SpanClient
+from stamen.swarm_core.client.remote import HostInfo, SpanClient
+from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 
@@ -160,7 +160,7 @@ class SwarmProcesses:
         name = f"host{sum(isinstance(p, HostProcess) for p in self.processes)}"
         host: HostProcess = self._spawn(
             name,
-            "stamen.swarm_core.host_cli",
+            "stamen.swarm_core.host.cli",
             [str(model), "--initial-peers", self.dht, "--announce-interval-s", "2", *transport]
             + list(args),
             HostProcess,

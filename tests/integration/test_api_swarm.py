@@ -33,14 +33,14 @@ from stamen.api.state import ServingSettings
 from stamen.api.swarm_engine import SwarmEngine
 from stamen.conformance.openai import format_table, run_suite
 from stamen.models.loading import load_config, load_head, load_tokenizer
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
 )
 from stamen.swarm_core.local_swarm import LocalSwarm
-from stamen.swarm_core.records import HostState
-from stamen.swarm_core.rpc import RpcClient
-from stamen.swarm_core.wire import Hello, Info, InfoReply
+from stamen.swarm_core.protocol.records import HostState
+from stamen.swarm_core.protocol.rpc import RpcClient
+from stamen.swarm_core.protocol.wire import Hello, Info, InfoReply
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 from tests.integration.test_api_server import send_and_abandon

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from stamen.swarm_core.bootstrap_cli import main, parse_settings
-from stamen.swarm_core.discovery import Discovery, DiscoveryConfig, parse_host_port
-from stamen.swarm_core.records import new_host_record
+from stamen.swarm_core.protocol.discovery import Discovery, DiscoveryConfig, parse_host_port
+from stamen.swarm_core.protocol.records import new_host_record
 from stamen.transports.base import Credentials
 
 _READY = re.compile(rb"swarm-bootstrap ready: dht=(\S+) signaling=(\S+) peer_id=(p[a-z2-7]+)")

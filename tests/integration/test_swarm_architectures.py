@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from stamen.conformance.adapters import VARIANTS, Reference
-from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
+from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from tests.integration.conftest import SwarmProcesses
 
 NEW_TOKENS = 12

@@ -25,11 +25,11 @@ import httpx
 import pytest
 import torch
 
-from stamen.swarm_core.client import ClientSettings
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
 )
+from stamen.swarm_core.client.swarm import ClientSettings
 from tests.integration.conftest import NEW_TOKENS, HostProcess, SwarmProcesses
 
 pytestmark = pytest.mark.slow

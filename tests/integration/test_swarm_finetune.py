@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from stamen.conformance.adapters import VARIANTS, Reference
 from stamen.conformance.adapters import LocalChain as Built
 from stamen.models.base import StepContext
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     AutoDistributedModelForCausalLM,
     DistributedModelForCausalLM,
 )
-from stamen.swarm_core.prompts import PromptTuning, TuningMode
+from stamen.swarm_core.client.prompts import PromptTuning, TuningMode
 from tests.integration.conftest import HostProcess, SwarmProcesses
 
 PRE_SEQ_LEN = 8

@@ -17,17 +17,17 @@ import msgspec
 import pytest
 import torch
 
-from stamen.swarm_core.discovery import Discovery
-from stamen.swarm_core.distributed import DistributedModelForCausalLM
-from stamen.swarm_core.records import (
+from stamen.swarm_core.client.distributed import DistributedModelForCausalLM
+from stamen.swarm_core.client.remote import Incarnation
+from stamen.swarm_core.client.routing import plan_latency_route
+from stamen.swarm_core.protocol.discovery import Discovery
+from stamen.swarm_core.protocol.records import (
     HostRecord,
     HostState,
     new_host_record,
     restamped,
 )
-from stamen.swarm_core.remote import Incarnation
-from stamen.swarm_core.routing import plan_latency_route
-from stamen.swarm_core.rpc import (
+from stamen.swarm_core.protocol.rpc import (
     CallContext,
     Outgoing,
     RemoteBadRequest,
@@ -38,7 +38,7 @@ from stamen.swarm_core.rpc import (
     RpcClient,
     RpcServer,
 )
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Decoded,
     Forward,

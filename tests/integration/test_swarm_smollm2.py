@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 import torch
 
-from stamen.swarm_core.distributed import DistributedModelForCausalLM
-from stamen.swarm_core.remote import HostState
-from stamen.swarm_core.routing import BanList, NoRouteError, plan_latency_route
+from stamen.swarm_core.client.distributed import DistributedModelForCausalLM
+from stamen.swarm_core.client.remote import HostState
+from stamen.swarm_core.client.routing import BanList, NoRouteError, plan_latency_route
 from tests.integration.conftest import (
     NEW_TOKENS,
     FavouringView,

@@ -13,10 +13,15 @@ from typing import Any
 
 import msgspec
 
-from stamen.swarm_core.discovery import Discovery, block_key, encode_bundle, parse_host_port
-from stamen.swarm_core.distributed import DistributedModelForCausalLM
-from stamen.swarm_core.identity import sign
-from stamen.swarm_core.records import HostState, SignedRecord, encode_signed, restamped
+from stamen.swarm_core.client.distributed import DistributedModelForCausalLM
+from stamen.swarm_core.protocol.discovery import (
+    Discovery,
+    block_key,
+    encode_bundle,
+    parse_host_port,
+)
+from stamen.swarm_core.protocol.identity import sign
+from stamen.swarm_core.protocol.records import HostState, SignedRecord, encode_signed, restamped
 from stamen.transports.base import Credentials
 from tests.integration.conftest import SwarmProcesses, refresh
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
+from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from tests.integration.conftest import NEW_TOKENS, SwarmProcesses
 
 pytestmark = pytest.mark.webrtc

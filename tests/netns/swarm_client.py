@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from stamen.swarm_core.distributed import AutoDistributedModelForCausalLM
+from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from stamen.transports.webrtc import IceServer, WebRTCConfig
 
 

@@ -107,7 +107,7 @@ def start_host(
     return topology.spawn_python(
         namespace,
         name,
-        "stamen.swarm_core.host_cli",
+        "stamen.swarm_core.host.cli",
         str(checkpoint),
         "--initial-peers",
         f"{PUB_IP}:{DHT_PORT}",

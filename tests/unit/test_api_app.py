@@ -17,7 +17,7 @@ from stamen.api.engine import LocalEngine
 from stamen.api.errors import APIError
 from stamen.api.metrics import ApiMetrics
 from stamen.api.state import ApiState, ServingSettings
-from stamen.swarm_core.generation import decode, plan_from_hf
+from stamen.swarm_core.client.generation import decode, plan_from_hf
 from stamen.testing import bundled_smollm2_gguf
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]

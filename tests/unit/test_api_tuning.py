@@ -32,8 +32,8 @@ from stamen.api.tuned import tuned_engine
 from stamen.api.tuning import SwarmTrainer, resolve_hyperparameters
 from stamen.conformance.adapters import LocalChain, Reference, _llama
 from stamen.models.loading import load_tokenizer
-from stamen.swarm_core.generation import DecodingPlan, decode
-from stamen.swarm_core.prompts import PromptTuning
+from stamen.swarm_core.client.generation import DecodingPlan, decode
+from stamen.swarm_core.client.prompts import PromptTuning
 from stamen.testing import bundled_smollm2_gguf
 
 DATA = Path(__file__).parents[1] / "data" / "finetune"

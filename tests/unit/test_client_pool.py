@@ -9,10 +9,10 @@ import asyncio
 import pytest
 import torch
 
-from stamen.swarm_core.client import ClientSettings, SwarmClient
-from stamen.swarm_core.pool import HostConnections
-from stamen.swarm_core.rpc import Outgoing, RpcClient, RpcLimits, RpcServer, SlotTimeout
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.client.pool import HostConnections
+from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
+from stamen.swarm_core.protocol.rpc import Outgoing, RpcClient, RpcLimits, RpcServer, SlotTimeout
+from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Hello,
     HelloReply,

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from kademlia.node import Node
 
-from stamen.swarm_core.discovery import (
+from stamen.swarm_core.protocol.discovery import (
     Discovery,
     DiscoveryConfig,
     DiscoveryError,
@@ -22,8 +22,8 @@ from stamen.swarm_core.discovery import (
     block_key,
     encode_bundle,
 )
-from stamen.swarm_core.identity import sign
-from stamen.swarm_core.records import (
+from stamen.swarm_core.protocol.identity import sign
+from stamen.swarm_core.protocol.records import (
     HostRecord,
     HostState,
     SignedRecord,

@@ -25,17 +25,17 @@ from stamen.conformance.adapters import reference_for
 from stamen.models.base import StepContext
 from stamen.models.chain import SpanCache, run_span
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.client import ClientSettings
-from stamen.swarm_core.distributed import (
+from stamen.swarm_core.client.distributed import (
     DistributedModelForCausalLM,
     _LoopThread,
     left_padding_mask,
     shifted_cross_entropy,
     vocabulary_prefix,
 )
-from stamen.swarm_core.generation import DecodingPlan, decode
-from stamen.swarm_core.prompts import PromptedChain, PromptTuning, TuningMode
-from stamen.swarm_core.remote import HopSession, HostInfo, SpanClient
+from stamen.swarm_core.client.generation import DecodingPlan, decode
+from stamen.swarm_core.client.prompts import PromptedChain, PromptTuning, TuningMode
+from stamen.swarm_core.client.remote import HopSession, HostInfo, SpanClient
+from stamen.swarm_core.client.swarm import ClientSettings
 
 VARIANT = "llama-gqa-tied-bias"  # 3 blocks, hidden size 64, vocabulary of 96
 PRE_SEQ_LEN = 4

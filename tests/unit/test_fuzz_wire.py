@@ -23,9 +23,9 @@ import psutil
 import pytest
 import torch
 
-from stamen.swarm_core.codecs import Codec
-from stamen.swarm_core.rpc import Outgoing, RpcClient, RpcServer
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.rpc import Outgoing, RpcClient, RpcServer
+from stamen.swarm_core.protocol.wire import (
     MESSAGE_TYPES,
     ErrorReply,
     Forward,

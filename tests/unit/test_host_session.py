@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 import pytest
 import torch
 
-from stamen.swarm_core.host import Host, HostSettings
-from stamen.swarm_core.records import HostState
-from stamen.swarm_core.rpc import RemoteBusy, RpcClient, RpcStream
-from stamen.swarm_core.runtime import SpanRuntime
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.host.runtime import SpanRuntime
+from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.records import HostState
+from stamen.swarm_core.protocol.rpc import RemoteBusy, RpcClient, RpcStream
+from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Hello,
     OpenSession,

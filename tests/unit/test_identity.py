@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from stamen.swarm_core.identity import (
+from stamen.swarm_core.protocol.identity import (
     PEER_ID_CHARS,
     IdentityError,
     load_or_create_identity,

@@ -19,8 +19,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from stamen.swarm_core.inference import InferenceSession, InvalidStepError, SessionFailedError
-from stamen.swarm_core.remote import (
+from stamen.swarm_core.client.inference import (
+    InferenceSession,
+    InvalidStepError,
+    SessionFailedError,
+)
+from stamen.swarm_core.client.remote import (
     HopError,
     HopSession,
     HostBusy,
@@ -28,7 +32,7 @@ from stamen.swarm_core.remote import (
     Incarnation,
     SpanClient,
 )
-from stamen.swarm_core.routing import BanList
+from stamen.swarm_core.client.routing import BanList
 
 P = 1_000_003
 B, C = 2, 4
@@ -639,7 +643,7 @@ async def test_real_blocks_generate_the_same_tokens_when_a_host_dies() -> None:
     from stamen.conformance.adapters import Reference
     from stamen.models.chain import LocalChain, SpanCache
     from stamen.models.registry import get_adapter
-    from stamen.swarm_core.generation import DecodingPlan, decode
+    from stamen.swarm_core.client.generation import DecodingPlan, decode
 
     config = LlamaConfig(
         vocab_size=96,

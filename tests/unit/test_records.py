@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamen.swarm_core.identity import sign
-from stamen.swarm_core.records import (
+from stamen.swarm_core.protocol.identity import sign
+from stamen.swarm_core.protocol.records import (
     MAX_RECORD_BYTES,
     MAX_TTL_S,
     ForgedRecord,

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from stamen.models.base import StepContext
 from stamen.models.chain import run_blocks
-from stamen.swarm_core.autograd import RemoteSpans, Runner, SpanCallFailed
-from stamen.swarm_core.remote import (
+from stamen.swarm_core.client.autograd import RemoteSpans, Runner, SpanCallFailed
+from stamen.swarm_core.client.remote import (
     HopError,
     HopSession,
     HostBusy,
@@ -30,7 +30,7 @@ from stamen.swarm_core.remote import (
     RequestTooLarge,
     SpanClient,
 )
-from stamen.swarm_core.routing import BanList
+from stamen.swarm_core.client.routing import BanList
 
 NUM_BLOCKS = 4
 B, T, C, P = 4, 5, 64, 2

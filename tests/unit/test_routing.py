@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamen.swarm_core.remote import HostInfo, HostState, Incarnation
-from stamen.swarm_core.routing import (
+from stamen.swarm_core.client.remote import HostInfo, HostState, Incarnation
+from stamen.swarm_core.client.routing import (
     BanList,
     NoRouteError,
     RouteHop,

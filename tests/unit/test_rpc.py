@@ -9,8 +9,8 @@ import msgspec
 import pytest
 import torch
 
-from stamen.swarm_core.codecs import Codec
-from stamen.swarm_core.rpc import (
+from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.rpc import (
     Outgoing,
     RemoteBadRequest,
     RemoteBusy,
@@ -24,7 +24,7 @@ from stamen.swarm_core.rpc import (
     RpcTimeout,
     SlotTimeout,
 )
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.wire import (
     CloseSession,
     ErrorCode,
     ErrorReply,

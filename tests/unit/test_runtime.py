@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stamen.models.base import Block, KVCache, KVShape, StepContext
-from stamen.swarm_core.runtime import (
+from stamen.swarm_core.host.runtime import (
     BadRequest,
     Busy,
     CacheLimitExceeded,

@@ -16,7 +16,7 @@ pytest.importorskip("stamen.models.llama")
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stamen.models.loading import load_span
-from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime, measure_throughput
+from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime, measure_throughput
 
 
 @pytest.fixture(scope="module")

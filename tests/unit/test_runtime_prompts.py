@@ -26,19 +26,19 @@ from stamen.models.base import StepContext
 from stamen.models.loading import Span
 from stamen.models.quantization import quantize_block
 from stamen.models.registry import get_adapter
-from stamen.swarm_core import remote
-from stamen.swarm_core.client import ClientSettings, RpcSpanClient, host_info
-from stamen.swarm_core.host import Host, HostSettings
-from stamen.swarm_core.pool import HostConnections
-from stamen.swarm_core.records import HostState
-from stamen.swarm_core.rpc import RpcClient
-from stamen.swarm_core.runtime import (
+from stamen.swarm_core.client import remote
+from stamen.swarm_core.client.pool import HostConnections
+from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
+from stamen.swarm_core.host.runtime import (
     BadRequest,
     RequestTooLarge,
     RuntimeLimits,
     SpanRuntime,
 )
-from stamen.swarm_core.wire import Hello
+from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.records import HostState
+from stamen.swarm_core.protocol.rpc import RpcClient
+from stamen.swarm_core.protocol.wire import Hello
 from stamen.transports.base import Credentials
 from stamen.transports.memory import MemoryHub, MemoryTransport
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from stamen.swarm_core.scheduler import ComputeScheduler, Priority
-from stamen.swarm_core.sessions import Busy, Timeout
+from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
+from stamen.swarm_core.host.sessions import Busy, Timeout
 
 
 @pytest.fixture

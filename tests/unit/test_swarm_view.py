@@ -9,11 +9,11 @@ import asyncio
 import msgspec
 import pytest
 
-from stamen.swarm_core.client import ClientSettings, SwarmClient
-from stamen.swarm_core.records import HostRecord, HostState, new_host_record
-from stamen.swarm_core.remote import HopError
-from stamen.swarm_core.rpc import RpcServer
-from stamen.swarm_core.wire import HelloReply
+from stamen.swarm_core.client.remote import HopError
+from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
+from stamen.swarm_core.protocol.records import HostRecord, HostState, new_host_record
+from stamen.swarm_core.protocol.rpc import RpcServer
+from stamen.swarm_core.protocol.wire import HelloReply
 from stamen.transports.base import Credentials
 from stamen.transports.memory import MemoryHub, MemoryTransport
 

@@ -7,8 +7,8 @@ import msgspec
 import pytest
 import torch
 
-from stamen.swarm_core.codecs import Codec, decode_tensor, encode_tensor
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.codecs import Codec, decode_tensor, encode_tensor
+from stamen.swarm_core.protocol.wire import (
     PROTOCOL_VERSION,
     ErrorCode,
     ErrorReply,

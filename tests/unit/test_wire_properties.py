@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stamen.swarm_core.codecs import (
+from stamen.swarm_core.protocol.codecs import (
     BLOCK_SIZE,
     DTYPES,
     FLOATING_DTYPES,
@@ -18,7 +18,7 @@ from stamen.swarm_core.codecs import (
     decode_tensor,
     encode_tensor,
 )
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.wire import (
     MESSAGE_TYPES,
     ErrorCode,
     ErrorReply,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from stamen.api.training import JobFailure
-from stamen.swarm_core.distributed import IGNORE_INDEX
+from stamen.swarm_core.client.distributed import IGNORE_INDEX
 
 __all__ = ["IGNORE_INDEX", "Example", "FileKind", "load_examples"]
 CHAT_ROLES = ("system", "developer", "user", "assistant")

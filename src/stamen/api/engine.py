@@ -8,7 +8,7 @@ that disconnected), closes the chain and frees its KV cache wherever it lives.
 
 Fine-tuning needs two more things of an engine: chains that carry deep prompts
 (`open_chain(..., prompts=)`, `(num_blocks, B or 1, P, C)` added to the hidden states at
-positions `[0, P)` before each block, as `stamen.swarm_core.remote` defines them), and
+positions `[0, P)` before each block, as `stamen.swarm_core.client.remote` defines them), and
 `blocks_function`, every block as one differentiable function of the hidden states and
 the prompts, callable from a worker thread.
 
@@ -34,7 +34,8 @@ from stamen.models.base import ClientHead, StepContext
 from stamen.models.chain import LocalChain, SpanCache, run_blocks, run_span
 from stamen.models.loading import load_config, load_head, load_span, load_tokenizer
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.generation import BlockChain
+from stamen.swarm_core.client.generation import BlockChain
+from stamen.swarm_core.protocol.records import model_name_of
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class LocalEngine(ClientSide):
         num_blocks = get_adapter(config).num_blocks(config)
         span = load_span(model_ref, 0, num_blocks, dtype=dtype)
         return cls(
-            model_id or default_model_id(model_ref),
+            model_id or model_name_of(model_ref),
             config=config,
             tokenizer=load_tokenizer(model_ref),
             head=load_head(model_ref, dtype=dtype),
@@ -283,15 +284,6 @@ class LocalEngine(ClientSide):
             hosts.append(HostView(f"local-{index}", start, start + len(blocks), "online"))
             start += len(blocks)
         return SwarmSnapshot.from_hosts(self._model_id, self.num_blocks, hosts)
-
-
-def default_model_id(model_ref: str | Path) -> str:
-    """A hub id stays as it is; a local file or directory is named by its stem."""
-    path = Path(model_ref).expanduser()
-    if path.exists():
-        name = path.name
-        return name.split(".")[0] if path.is_file() else name
-    return str(model_ref)
 
 
 def check_prompts(prompts: Tensor, num_blocks: int, batch_size: int, max_length: int) -> None:

@@ -31,7 +31,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from stamen.swarm_core.generation import DecodingPlan
+from stamen.swarm_core.client.generation import DecodingPlan
 
 MIN_TEMPERATURE = 1e-5
 

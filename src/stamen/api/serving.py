@@ -31,7 +31,7 @@ from stamen.api.engine import EngineClient
 from stamen.api.errors import invalid_request, not_ready, unsupported
 from stamen.api.metrics import ApiMetrics
 from stamen.api.sampling import SamplingParams, StoppedRows, StopTracker, make_plan
-from stamen.swarm_core.generation import decode
+from stamen.swarm_core.client.generation import decode
 
 logger = logging.getLogger(__name__)
 

@@ -30,18 +30,21 @@ from stamen.api.engine import (
     RunOnLoop,
     SwarmSnapshot,
     check_prompts,
-    default_model_id,
 )
 from stamen.models.base import ClientHead
 from stamen.models.loading import load_config, load_head, load_tokenizer
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.autograd import RemoteSpans
-from stamen.swarm_core.client import ClientSettings, SwarmClient
-from stamen.swarm_core.generation import BlockChain
-from stamen.swarm_core.host import model_name_of
-from stamen.swarm_core.inference import ROUTE_CACHE_TOKENS, InferenceSession, InvalidStepError
-from stamen.swarm_core.remote import SwarmClientError
-from stamen.swarm_core.routing import BanList, NoRouteError, plan_latency_route
+from stamen.swarm_core.client.autograd import RemoteSpans
+from stamen.swarm_core.client.generation import BlockChain
+from stamen.swarm_core.client.inference import (
+    ROUTE_CACHE_TOKENS,
+    InferenceSession,
+    InvalidStepError,
+)
+from stamen.swarm_core.client.remote import SwarmClientError
+from stamen.swarm_core.client.routing import BanList, NoRouteError, plan_latency_route
+from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
+from stamen.swarm_core.protocol.records import model_name_of
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 
@@ -87,7 +90,7 @@ class SwarmEngine(ClientSide):
         )
         await swarm.__aenter__()
         return cls(
-            model_id or default_model_id(model_ref),
+            model_id or model_name_of(model_ref),
             config=config,
             tokenizer=tokenizer,
             head=head,

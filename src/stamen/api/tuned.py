@@ -25,8 +25,8 @@ from torch import Tensor
 
 from stamen.api.engine import BlocksFunction, EngineClient, RunOnLoop, SwarmSnapshot
 from stamen.models.base import ClientHead
-from stamen.swarm_core.generation import BlockChain
-from stamen.swarm_core.prompts import PromptedChain, PromptTuning
+from stamen.swarm_core.client.generation import BlockChain
+from stamen.swarm_core.client.prompts import PromptedChain, PromptTuning
 
 
 class TunedEngine:

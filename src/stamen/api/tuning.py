@@ -58,7 +58,7 @@ from stamen.api.training import (
     TrainingResult,
 )
 from stamen.models.base import ClientHead
-from stamen.swarm_core.prompts import MAX_PRE_SEQ_LEN, TUNING_MODES, PromptTuning, TuningMode
+from stamen.swarm_core.client.prompts import MAX_PRE_SEQ_LEN, TUNING_MODES, PromptTuning, TuningMode
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 With no model, the bundled SmolLM2-135M-Instruct GGUF is used. Each prompt is rendered
 through the model's chat template; our side cuts the model into `spans` spans of our own
 blocks (`load_span`), chains them in-process and decodes greedily with
-`stamen.swarm_core.generation.decode`; the reference is transformers' own model and
+`stamen.swarm_core.client.generation.decode`; the reference is transformers' own model and
 `generate` on the same checkpoint. The tokens must be identical.
 """
 
@@ -23,7 +23,7 @@ import torch
 from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import load_config, load_head, load_span, load_tokenizer
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.generation import decode, plan_from_hf
+from stamen.swarm_core.client.generation import decode, plan_from_hf
 from stamen.swarm_core.local_swarm import split_blocks
 from stamen.testing import bundled_smollm2_gguf
 

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stamen.swarm_core.discovery import Discovery, DiscoveryError, parse_host_port
-from stamen.swarm_core.identity import IdentityError, load_or_create_identity, peer_id_of
-from stamen.swarm_core.lifeline import add_parent_pid_argument, parent_watch
+from stamen.swarm_core.protocol.discovery import Discovery, DiscoveryError, parse_host_port
+from stamen.swarm_core.protocol.identity import IdentityError, load_or_create_identity, peer_id_of
+from stamen.swarm_core.protocol.lifeline import add_parent_pid_argument, parent_watch
 from stamen.transports.base import Credentials
 
 logger = logging.getLogger(__name__)

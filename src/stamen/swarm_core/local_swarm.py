@@ -130,7 +130,7 @@ class LocalSwarm:
             hosts.append(
                 await self._spawn(
                     f"host{i}",
-                    "stamen.swarm_core.host_cli",
+                    "stamen.swarm_core.host.cli",
                     str(self.model_ref),
                     "--blocks",
                     f"{start}:{end}",

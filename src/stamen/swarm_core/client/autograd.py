@@ -49,20 +49,20 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from stamen.swarm_core.inference import (
+from stamen.swarm_core.client.inference import (
     VIEW_MAX_AGE_S,
     Avoid,
     Failover,
     SessionFailedError,
 )
-from stamen.swarm_core.remote import (
+from stamen.swarm_core.client.remote import (
     HopError,
     HostBusy,
     Incarnation,
     RequestTooLarge,
     SwarmView,
 )
-from stamen.swarm_core.routing import BanList, NoRouteError, RouteHop, plan_throughput_route
+from stamen.swarm_core.client.routing import BanList, NoRouteError, RouteHop, plan_throughput_route
 
 logger = logging.getLogger(__name__)
 

@@ -55,14 +55,14 @@ from transformers.modeling_outputs import CausalLMOutput
 from stamen.models.base import ClientHead
 from stamen.models.loading import load_config, load_head
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.autograd import RemoteSpans
-from stamen.swarm_core.client import ClientSettings, SwarmClient
-from stamen.swarm_core.generation import BlockChain, decode, plan_from_hf
-from stamen.swarm_core.host import model_name_of
-from stamen.swarm_core.inference import InferenceSession
-from stamen.swarm_core.prompts import TUNING_MODES, PromptedChain, PromptTuning, TuningMode
-from stamen.swarm_core.remote import SwarmClientError
-from stamen.swarm_core.routing import BanList
+from stamen.swarm_core.client.autograd import RemoteSpans
+from stamen.swarm_core.client.generation import BlockChain, decode, plan_from_hf
+from stamen.swarm_core.client.inference import InferenceSession
+from stamen.swarm_core.client.prompts import TUNING_MODES, PromptedChain, PromptTuning, TuningMode
+from stamen.swarm_core.client.remote import SwarmClientError
+from stamen.swarm_core.client.routing import BanList
+from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
+from stamen.swarm_core.protocol.records import model_name_of
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
 

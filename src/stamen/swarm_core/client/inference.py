@@ -44,7 +44,7 @@ from typing import Self
 import torch
 from torch import Tensor
 
-from stamen.swarm_core.remote import (
+from stamen.swarm_core.client.remote import (
     HopError,
     HopSession,
     HostBusy,
@@ -52,7 +52,7 @@ from stamen.swarm_core.remote import (
     SwarmClientError,
     SwarmView,
 )
-from stamen.swarm_core.routing import BanList, NoRouteError, RouteHop, plan_latency_route
+from stamen.swarm_core.client.routing import BanList, NoRouteError, RouteHop, plan_latency_route
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Avoid:
 class InferenceSession:
     """Hidden states through blocks `[start, end)` of the swarm, with failover.
 
-    A `BlockChain` for `stamen.swarm_core.generation.decode`. Use as an async context
+    A `BlockChain` for `stamen.swarm_core.client.generation.decode`. Use as an async context
     manager; steps must not overlap (they are serialized).
     """
 

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from stamen.swarm_core.rpc import RpcClient, SlotTimeout
+from stamen.swarm_core.protocol.rpc import RpcClient, SlotTimeout
 
 Dial = Callable[[], Awaitable[RpcClient]]
 

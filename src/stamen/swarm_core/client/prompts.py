@@ -30,7 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from stamen.swarm_core.generation import BlockChain
+from stamen.swarm_core.client.generation import BlockChain
 
 TuningMode = Literal["ptune", "deep_ptune"]
 TUNING_MODES: tuple[str, ...] = get_args(TuningMode)

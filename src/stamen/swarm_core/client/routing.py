@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from stamen.swarm_core.remote import HostInfo, HostState, Incarnation, SwarmClientError
+from stamen.swarm_core.client.remote import HostInfo, HostState, Incarnation, SwarmClientError
 
 logger = logging.getLogger(__name__)
 

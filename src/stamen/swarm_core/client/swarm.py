@@ -28,11 +28,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from stamen.swarm_core.codecs import Codec
-from stamen.swarm_core.discovery import Discovery
-from stamen.swarm_core.pool import HostConnections
-from stamen.swarm_core.records import HostRecord, HostState
-from stamen.swarm_core.remote import (
+from stamen.swarm_core.client.pool import HostConnections
+from stamen.swarm_core.client.remote import (
     HopError,
     HopSession,
     HostBusy,
@@ -40,8 +37,11 @@ from stamen.swarm_core.remote import (
     RequestTooLarge,
     SpanClient,
 )
-from stamen.swarm_core.remote import HostState as ViewState
-from stamen.swarm_core.rpc import (
+from stamen.swarm_core.client.remote import HostState as ViewState
+from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.discovery import Discovery
+from stamen.swarm_core.protocol.records import HostRecord, HostState
+from stamen.swarm_core.protocol.rpc import (
     RemoteBusy,
     RemoteTooLarge,
     RpcClient,
@@ -49,7 +49,7 @@ from stamen.swarm_core.rpc import (
     RpcStream,
     SlotTimeout,
 )
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.wire import (
     Backward,
     BackwardResult,
     CloseSession,

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from stamen.swarm_core.host import Host, HostSettings, model_name_of
-from stamen.swarm_core.identity import IdentityError, load_or_create_identity
-from stamen.swarm_core.lifeline import add_parent_pid_argument, parent_watch
+from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.identity import IdentityError, load_or_create_identity
+from stamen.swarm_core.protocol.lifeline import add_parent_pid_argument, parent_watch
+from stamen.swarm_core.protocol.records import model_name_of
 from stamen.transports.base import Credentials
 from stamen.transports.factory import add_transport_arguments, transport_from_args
 

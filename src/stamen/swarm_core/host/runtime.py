@@ -74,8 +74,8 @@ from torch import Tensor, nn
 
 from stamen.models.base import BlockAdapter, StepContext
 from stamen.models.chain import SpanCache, run_blocks, run_span
-from stamen.swarm_core.scheduler import ComputeScheduler, Priority
-from stamen.swarm_core.sessions import (
+from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
+from stamen.swarm_core.host.sessions import (
     BadRequest,
     Busy,
     CacheBudget,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any, TypeVar
 
-from stamen.swarm_core.sessions import Busy, Timeout
+from stamen.swarm_core.host.sessions import Busy, Timeout
 
 logger = logging.getLogger(__name__)
 

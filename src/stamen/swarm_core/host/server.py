@@ -32,21 +32,21 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import cast
 
 import msgspec
 import torch
 
-import stamen
 from stamen.models.base import Block
 from stamen.models.loading import Span, load_config, load_span
 from stamen.models.quantization import quantize_block
 from stamen.models.registry import get_adapter
-from stamen.swarm_core.discovery import Discovery
-from stamen.swarm_core.identity import peer_id_from_public_key, peer_id_of, short_peer_id
-from stamen.swarm_core.records import MAX_TTL_S, HostRecord, HostState, new_host_record
-from stamen.swarm_core.rpc import (
+from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime, measure_throughput
+from stamen.swarm_core.host.sessions import RuntimeRequestError
+from stamen.swarm_core.protocol.discovery import Discovery
+from stamen.swarm_core.protocol.identity import peer_id_from_public_key, peer_id_of, short_peer_id
+from stamen.swarm_core.protocol.records import MAX_TTL_S, HostRecord, HostState, new_host_record
+from stamen.swarm_core.protocol.rpc import (
     CallContext,
     Outgoing,
     RemoteBadRequest,
@@ -58,9 +58,7 @@ from stamen.swarm_core.rpc import (
     Reply,
     RpcServer,
 )
-from stamen.swarm_core.runtime import RuntimeLimits, SpanRuntime, measure_throughput
-from stamen.swarm_core.sessions import RuntimeRequestError
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.wire import (
     Backward,
     BackwardResult,
     CloseSession,
@@ -77,20 +75,11 @@ from stamen.swarm_core.wire import (
     Step,
     StepResult,
 )
-from stamen.swarm_core.wire import HostState as WireHostState
+from stamen.swarm_core.protocol.wire import HostState as WireHostState
 from stamen.transports.base import Credentials, Listener, Transport
+from stamen.version import __version__
 
 logger = logging.getLogger(__name__)
-
-
-def model_name_of(model_ref: str | Path) -> str:
-    """The name a model is announced under when none is given: a hub id as is, a local
-    directory or GGUF file by its base name. Hosts and clients derive it the same way."""
-    text = str(model_ref)
-    path = Path(text)
-    if path.exists():
-        return path.stem if path.is_file() else path.name
-    return text
 
 
 @dataclass(frozen=True)
@@ -330,7 +319,7 @@ class Host:
             max_request_tokens=self._limits().max_bulk_tokens,
             dtype=str(self.settings.dtype).removeprefix("torch."),
             quantization="" if self.settings.quantization == "none" else self.settings.quantization,
-            version=stamen.__version__,
+            version=__version__,
             public_name=self.settings.public_name,
         )
 

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from stamen.models.chain import SpanCache
-from stamen.swarm_core.wire import SessionId
+from stamen.swarm_core.protocol.wire import SessionId
 
 
 def new_session_id() -> SessionId:

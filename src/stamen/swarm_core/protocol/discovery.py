@@ -40,18 +40,18 @@ from typing import NoReturn, Self, TypeVar
 
 from kademlia.node import Node
 
-from stamen.swarm_core.dht.config import (
+from stamen.swarm_core.protocol.dht.config import (
     KEY_BYTES,
     DiscoveryConfig,
     DiscoveryError,
     block_key,
 )
-from stamen.swarm_core.dht.envelope import Envelope
-from stamen.swarm_core.dht.protocol import SwarmProtocol
-from stamen.swarm_core.dht.server import SwarmServer, closest_live_nodes
-from stamen.swarm_core.dht.storage import RecordStorage, encode_bundle, verified_records
-from stamen.swarm_core.identity import PeerId, peer_id_digest, peer_id_of, short_peer_id
-from stamen.swarm_core.records import (
+from stamen.swarm_core.protocol.dht.envelope import Envelope
+from stamen.swarm_core.protocol.dht.protocol import SwarmProtocol
+from stamen.swarm_core.protocol.dht.server import SwarmServer, closest_live_nodes
+from stamen.swarm_core.protocol.dht.storage import RecordStorage, encode_bundle, verified_records
+from stamen.swarm_core.protocol.identity import PeerId, peer_id_digest, peer_id_of, short_peer_id
+from stamen.swarm_core.protocol.records import (
     HostRecord,
     HostState,
     encode_signed,

@@ -32,13 +32,15 @@ This module does not know where records are stored or how they travel (see `disc
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
 
-from stamen.swarm_core.identity import (
+from stamen.swarm_core.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     PeerId,
@@ -64,7 +66,25 @@ _NonNegative = Annotated[float, msgspec.Meta(ge=0.0)]
 _Time = Annotated[float, msgspec.Meta(ge=0.0, le=1e11)]
 
 
-class HostState(enum.Enum):
+# A GGUF file's name often ends in its quantization (`.Q4_1`, `-Q4_K_M`, `.F16`): one model
+# quantized two ways is still one model.
+_QUANTIZATION_SUFFIX = re.compile(r"[.-](I?Q\d\w*|F16|F32|BF16)$", re.IGNORECASE)
+
+
+def model_name_of(model_ref: str | Path) -> str:
+    """The name of a model, where none is given: what hosts announce their records under,
+    what clients look them up by and what the API lists. A hub id stays as it is; a local
+    directory is named by its base name, a local file by its base name without extension or
+    quantization suffix (`SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct`)."""
+    path = Path(model_ref).expanduser()
+    if not path.exists():
+        return str(model_ref)
+    if path.is_dir():
+        return path.name
+    return _QUANTIZATION_SUFFIX.sub("", path.stem)
+
+
+class HostState(enum.StrEnum):
     JOINING = "joining"  # loading weights; not ready for sessions yet
     ONLINE = "online"
     OFFLINE = "offline"  # announced on shutdown so clients stop routing here at once

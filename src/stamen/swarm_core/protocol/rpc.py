@@ -51,8 +51,8 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 
-from stamen.swarm_core.codecs import Codec
-from stamen.swarm_core.wire import (
+from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.wire import (
     Decoded,
     ErrorCode,
     ErrorReply,

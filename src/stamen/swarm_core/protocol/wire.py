@@ -39,8 +39,7 @@ from typing import Annotated, ClassVar, NamedTuple, NewType, Self
 import msgspec
 import torch
 
-import stamen
-from stamen.swarm_core.codecs import (
+from stamen.swarm_core.protocol.codecs import (
     DTYPES,
     FLOATING_DTYPES,
     Codec,
@@ -51,6 +50,7 @@ from stamen.swarm_core.codecs import (
     encode_tensor,
     encoded_nbytes,
 )
+from stamen.version import __version__
 
 # 1.1: deep prompts in Step / Forward / Backward served, grad_prompts, `too_large` errors.
 PROTOCOL_VERSION: tuple[int, int] = (1, 1)
@@ -169,7 +169,7 @@ class _PeerInfo(_Message, frozen=True):
         return cls(
             protocol_major=major,
             protocol_minor=minor,
-            software_version=stamen.__version__,
+            software_version=__version__,
             public_name=public_name,
             capabilities=tuple(capabilities),
             codecs=tuple(codec.value for codec in Codec),

@@ -1,4 +1,4 @@
-"""The DHT under `stamen.swarm_core.discovery`, one job per module.
+"""The DHT under `stamen.swarm_core.protocol.discovery`, one job per module.
 
 - `config`: `DiscoveryConfig`, `DiscoveryError`, and the key space (`block_key`).
 - `storage`: value bundles of signed per-peer records, and `RecordStorage`, which merges
@@ -9,5 +9,5 @@
 - `server`: kademlia's server with our protocol, the streaming crawl and an owned refresh
   task.
 
-Callers use `stamen.swarm_core.discovery`; nothing here knows what records are used for.
+Callers use `stamen.swarm_core.protocol.discovery`; nothing here knows what records are used for.
 """

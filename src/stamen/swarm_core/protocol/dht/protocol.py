@@ -36,9 +36,9 @@ import umsgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
-from stamen.swarm_core.dht.config import DiscoveryConfig, is_key
-from stamen.swarm_core.dht.envelope import Envelope, SealingTransport
-from stamen.swarm_core.dht.storage import RecordStorage, split_bundle
+from stamen.swarm_core.protocol.dht.config import DiscoveryConfig, is_key
+from stamen.swarm_core.protocol.dht.envelope import Envelope, SealingTransport
+from stamen.swarm_core.protocol.dht.storage import RecordStorage, split_bundle
 
 logger = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from collections.abc import Iterable
 from kademlia.network import Server
 from kademlia.node import Node
 
-from stamen.swarm_core.dht.config import DiscoveryConfig, DiscoveryError
-from stamen.swarm_core.dht.envelope import Envelope
-from stamen.swarm_core.dht.protocol import RpcResult, SwarmProtocol, parse_contacts
-from stamen.swarm_core.dht.storage import RecordStorage
+from stamen.swarm_core.protocol.dht.config import DiscoveryConfig, DiscoveryError
+from stamen.swarm_core.protocol.dht.envelope import Envelope
+from stamen.swarm_core.protocol.dht.protocol import RpcResult, SwarmProtocol, parse_contacts
+from stamen.swarm_core.protocol.dht.storage import RecordStorage
 
 logger = logging.getLogger(__name__)
 

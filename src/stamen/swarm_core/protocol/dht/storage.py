@@ -23,9 +23,9 @@ from typing import Annotated, Any
 import msgspec
 from kademlia.storage import IStorage
 
-from stamen.swarm_core.dht.config import DiscoveryConfig, block_key, is_key
-from stamen.swarm_core.identity import PeerId
-from stamen.swarm_core.records import (
+from stamen.swarm_core.protocol.dht.config import DiscoveryConfig, block_key, is_key
+from stamen.swarm_core.protocol.identity import PeerId
+from stamen.swarm_core.protocol.records import (
     MAX_SIGNED_RECORD_BYTES,
     HostRecord,
     HostState,
