@@ -74,7 +74,7 @@ OPEN_SWARM_PSK = hashlib.sha256(b"stamen-tcp/3 open swarm psk").digest()  # publ
 CONFIRM = b"stamen-tcp/3 confirm"
 
 MESSAGE_LENGTH = struct.Struct("!H")
-MAX_HANDSHAKE_MESSAGE_BYTES = 1024  # ours are at most 216 bytes
+MAX_HANDSHAKE_MESSAGE_BYTES = 1024  # ours are 48, 216 and 184 bytes
 IDENTITY = struct.Struct("!32s64sIQIQ")  # ed25519 key, signature, max_frames,
 # max_message_bytes, max_streams, window_bytes
 ROLE_DIALER, ROLE_LISTENER = b"D", b"L"
@@ -308,7 +308,9 @@ async def _accept(
     try:
         dialer_payload = state.read_message(await _read_message(reader))
     except InvalidTag as exc:
-        raise HandshakeError("message 3 did not decrypt: the swarm keys differ") from exc
+        raise HandshakeError(
+            "message 3 did not decrypt: another swarm key, or replayed or altered bytes"
+        ) from exc
     remote = _check_identity(dialer_payload, ROLE_DIALER, state.rs)
     send_state, recv_state = state.split()
     result = HandshakeResult(remote, RecordCipher(send_state), RecordCipher(recv_state))
