@@ -1,0 +1,629 @@
+"""The multiplexer core, sans-IO: many flow-controlled streams over one packet pipe.
+
+`MuxCore` is the whole protocol of `packets` and nothing else. It is fed whole packets
+(`receive_packet`) and the application's calls (`open_stream`, `send_whole` / `push`,
+`next_message`, `close_stream`, `reset_stream`, `liveness`), and answers with packets to
+send (`outbox`) and events (`events`): `StreamOpened`, `MessageReady`, `CreditAvailable`,
+`StreamEnded`, `PeerGoingAway`, `ProtocolViolation`. It never touches a socket, a data
+channel, a clock or the event loop; the drivers (`mux` for tcp records, `webrtc_mux` for
+data channels) move its packets and `mux_stream` turns its events into awaitables.
+
+Rules it enforces:
+
+1. Stream ids: the dialer opens odd ids, the acceptor even ones, each side in increasing
+   order; the opener's first packet on a stream carries SYN (an empty WINDOW packet does
+   when the opener has nothing to send yet, see `announce`).
+2. Termination: each end sends exactly one terminal packet on a stream the peer knows of,
+   CLOSE (graceful) or RESET (abort). An end that receives the peer's terminal answers
+   with its own once its application is done (right away for a RESET). A stream holds one
+   of `Limits.max_streams` slots on each side until that side has both sent and received
+   a terminal, so the opener never counts a slot free before the acceptor does.
+3. Credit: a sender may have at most the receiver's `window_bytes` of payload (message
+   headers included) unacknowledged per stream. The receiver grants credit back at once
+   while no complete message waits unread (so a message larger than the window still
+   flows) and holds it while the application does not read, so a stalled reader costs at
+   most one message plus one window and never blocks another stream. Grants are batched
+   to a quarter window so that small messages do not cost one WINDOW packet each.
+4. Validation before allocation: packet sizes, frame counts and message sizes are checked
+   against our `Limits` before anything is kept; any violation, or a packet the state
+   machine does not expect, is a `ProtocolViolation` that ends the connection (the peer is
+   broken or hostile). Received payloads are views the driver reuses: what is kept is
+   copied, and the only copy of a message that fits one packet is its frames.
+5. Keepalive: the driver reports when bytes arrived (`heard`) and asks `liveness(now_s)`
+   every `keepalive_interval_s`; a PING is queued after an interval of silence, and a
+   peer silent for longer than `keepalive_timeout_s` is `SILENT`.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import itertools
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from stamen.transports.base import ConnectionClosed, Limits, MessageTooLarge, StreamClosed
+from stamen.transports.packets import (
+    FLAG_SYN,
+    FRAME_BYTES,
+    FRAME_COUNT,
+    PACKET,
+    PING_BYTES,
+    STREAM_KINDS,
+    WINDOW,
+    Kind,
+    ProtocolError,
+    message_packet,
+)
+
+Buffer = bytes | bytearray | memoryview
+MAX_CREDIT_BYTES = 1 << 62  # more than any sane window; beyond it the peer is lying
+
+
+@dataclass(frozen=True)
+class CoreSettings:
+    """What one end enforces and announces, and the size of the pipe's packets."""
+
+    limits: Limits  # applied to everything received
+    window_bytes: int  # per-stream credit granted to the peer
+    max_payload_bytes: int  # largest packet payload (headers included) accepted
+    keepalive_interval_s: float
+    keepalive_timeout_s: float
+
+
+@dataclass(frozen=True)
+class PeerSettings:
+    """What the peer announced in its handshake: the bounds of what we may send it."""
+
+    limits: Limits
+    window_bytes: int
+    max_payload_bytes: int
+
+
+# Packets and events are NamedTuples: built once or twice per message, and a frozen
+# dataclass costs several times a tuple to construct.
+class OutPacket(NamedTuple):
+    """One packet to send: `head` starts with its PACKET header, `parts` follow; the
+    payload (everything after the PACKET header) is `payload_bytes` long."""
+
+    head: bytes
+    parts: Sequence[Buffer]
+    payload_bytes: int
+
+
+class StreamOpened(NamedTuple):
+    stream: StreamState
+
+
+class MessageReady(NamedTuple):
+    stream: StreamState
+
+
+class CreditAvailable(NamedTuple):
+    stream: StreamState
+
+
+class StreamEnded(NamedTuple):
+    """The peer closed (`reset=False`: read what is queued first) or reset the stream."""
+
+    stream: StreamState
+    reset: bool
+
+
+class PeerGoingAway(NamedTuple):
+    """The peer announced it closes the connection."""
+
+
+class ProtocolViolation(NamedTuple):
+    """The peer broke the protocol; the core accepts nothing more."""
+
+    reason: str
+
+
+Event = (
+    StreamOpened | MessageReady | CreditAvailable | StreamEnded | PeerGoingAway | ProtocolViolation
+)
+
+
+class Liveness(enum.Enum):
+    HEARD = "heard"  # the peer spoke within the interval
+    PINGED = "pinged"  # quiet for an interval: a PING is in the outbox
+    SILENT = "silent"  # quiet beyond the timeout: the peer counts as dead
+
+
+class Waker(Protocol):
+    """What a driver attaches to a stream to be woken by its events (a `flow.Signal`)."""
+
+    def fire(self) -> None: ...
+
+
+@functools.cache
+def frame_sizes(frame_count: int) -> struct.Struct:
+    return struct.Struct(f"!{frame_count}Q")
+
+
+class StreamState:
+    """One stream's half of the protocol: credit, assembly, termination."""
+
+    __slots__ = (
+        "stream_id",
+        "syn_pending",
+        "send_credit",
+        "allowance",
+        "owed",
+        "pending_grant",
+        "messages",
+        "frame_sizes",
+        "frames",
+        "chunks",
+        "chunk_bytes",
+        "remaining_bytes",
+        "local_closed",
+        "remote_closed",
+        "was_reset",
+        "terminal_sent",
+        "terminal_received",
+        "waker",
+    )
+
+    def __init__(self, stream_id: int, send_credit: int, window_bytes: int, *, local: bool):
+        self.stream_id = stream_id
+        self.syn_pending = local  # the peer learns of the stream from our first packet
+        self.send_credit = send_credit
+        self.allowance = window_bytes  # what the peer may still send us
+        self.owed = 0  # received while a complete message waited: granted once it is read
+        self.pending_grant = 0
+        self.messages: deque[list[bytes]] = deque()
+        self.frame_sizes: tuple[int, ...] | None = None  # of the message being assembled
+        self.frames: list[bytes] = []
+        self.chunks: list[bytes | memoryview] = []
+        self.chunk_bytes = 0
+        self.remaining_bytes = 0
+        self.local_closed = False  # we closed, reset, or read the peer's close
+        self.remote_closed = False
+        self.was_reset = False
+        self.terminal_sent = False
+        self.terminal_received = False
+        self.waker: Waker | None = None  # the driver's; the core stores it, never calls it
+
+    @property
+    def is_over(self) -> bool:
+        """No more sends or receives on this end."""
+        return self.was_reset or self.local_closed
+
+
+class Outgoing:
+    """A message being cut into packets: the header not yet sent, then the data."""
+
+    __slots__ = ("stream", "header", "data")
+
+    def __init__(self, stream: StreamState, header: bytes, data: deque[Buffer]) -> None:
+        self.stream = stream
+        self.header: bytes | None = header
+        self.data = data
+
+    @property
+    def done(self) -> bool:
+        return self.header is None and not self.data
+
+
+class MuxCore:
+    """The connection's half of the protocol: ids, slots, routing, keepalive."""
+
+    def __init__(
+        self, settings: CoreSettings, peer: PeerSettings, *, is_dialer: bool, now_s: float
+    ) -> None:
+        self.settings = settings
+        self.peer = peer
+        self.outbox: list[OutPacket] = []
+        self.events: list[Event] = []
+        self.closed_reason: str | None = None
+        self.streams: dict[int, StreamState] = {}  # live: neither end sent its terminal
+        self._own_parity = 1 if is_dialer else 0
+        self._ids = itertools.count(1 if is_dialer else 2, 2)
+        self._next_local_id = 1 if is_dialer else 2
+        self._highest_remote_id = 0
+        # Streams we sent our terminal on, waiting for the peer's: they still hold a slot.
+        self._closing: set[int] = set()
+        self._outbound_count = 0  # our streams holding a slot (live or closing)
+        self._inbound_count = 0
+        self._unannounced: deque[StreamState] = deque()
+        self._last_heard_s = now_s
+
+    # --- the connection ------------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed_reason is not None
+
+    def raise_if_closed(self) -> None:
+        if self.closed_reason is not None:
+            raise ConnectionClosed(self.closed_reason)
+
+    def shutdown(self, reason: str) -> None:
+        """The connection is over (closed, lost, or refused): accept nothing more."""
+        if self.closed_reason is None:
+            self.closed_reason = reason
+
+    def go_away(self) -> None:
+        """Tell the peer we close the connection, then shut down."""
+        if self.closed_reason is None:
+            self._queue(Kind.GOAWAY, 0, 0)
+            self.shutdown("connection closed locally")
+
+    def heard(self, now_s: float) -> None:
+        self._last_heard_s = now_s
+
+    def liveness(self, now_s: float) -> Liveness:
+        silent_s = now_s - self._last_heard_s
+        if silent_s > self.settings.keepalive_timeout_s:
+            return Liveness.SILENT
+        if silent_s < self.settings.keepalive_interval_s or self.closed_reason is not None:
+            return Liveness.HEARD
+        self._queue(Kind.PING, 0, 0, bytes(PING_BYTES))
+        return Liveness.PINGED
+
+    def silent_s(self, now_s: float) -> float:
+        return now_s - self._last_heard_s
+
+    # --- opening -------------------------------------------------------------------------
+
+    def open_stream(self) -> StreamState:
+        """A new stream of ours; the peer hears of it from its first packet (or
+        `announce`). Raises `StreamClosed` at the peer's stream limit."""
+        self.raise_if_closed()
+        if self._outbound_count >= self.peer.limits.max_streams:
+            raise StreamClosed(f"the peer's stream limit ({self.peer.limits.max_streams})")
+        stream_id = next(self._ids)
+        self._next_local_id = stream_id + 2
+        stream = StreamState(
+            stream_id, self.peer.window_bytes, self.settings.window_bytes, local=True
+        )
+        self.streams[stream_id] = stream
+        self._outbound_count += 1
+        self._unannounced.append(stream)
+        return stream
+
+    def announce(self, up_to_id: int) -> None:
+        """Send the SYN of every stream up to `up_to_id` still unknown to the peer, oldest
+        first, so that the peer sees stream ids in increasing order."""
+        while self._unannounced and self._unannounced[0].stream_id <= up_to_id:
+            stream = self._unannounced.popleft()
+            if stream.syn_pending and not stream.was_reset and self.closed_reason is None:
+                self._queue(Kind.WINDOW, self._take_flags(stream), stream.stream_id, WINDOW.pack(0))
+
+    def _take_flags(self, stream: StreamState) -> int:
+        if not stream.syn_pending:
+            return 0
+        self.announce(stream.stream_id - 2)  # older streams' SYNs go first
+        stream.syn_pending = False
+        return FLAG_SYN
+
+    # --- sending -------------------------------------------------------------------------
+
+    def check_sendable(self, stream: StreamState) -> None:
+        if stream.was_reset or stream.local_closed or stream.remote_closed:
+            raise StreamClosed(f"stream {stream.stream_id} is closed")
+        self.raise_if_closed()
+
+    def send_whole(self, stream: StreamState, views: Sequence[Buffer]) -> bool:
+        """The common message: queue it as one packet if it fits a packet and the credit;
+        False (nothing queued) otherwise. The headers are packed in one call. The caller
+        has just called `check_sendable`."""
+        sizes = [len(view) for view in views]
+        payload_bytes = FRAME_COUNT.size + FRAME_BYTES.size * len(sizes) + sum(sizes)
+        if payload_bytes > self.peer.max_payload_bytes or payload_bytes > stream.send_credit:
+            return False
+        stream.send_credit -= payload_bytes
+        head = message_packet(len(sizes)).pack(
+            Kind.MSG,
+            self._take_flags(stream),
+            0,
+            stream.stream_id,
+            payload_bytes,
+            len(sizes),
+            *sizes,
+        )
+        self.outbox.append(OutPacket(head, views, payload_bytes))
+        return True
+
+    def begin_message(self, stream: StreamState, views: Sequence[Buffer]) -> Outgoing:
+        """A message to cut into packets with `push`."""
+        self.check_sendable(stream)
+        header = struct.pack(f"!I{len(views)}Q", len(views), *(len(view) for view in views))
+        if len(header) >= self.peer.max_payload_bytes:
+            raise MessageTooLarge(f"{len(views)} frames do not fit one packet's header")
+        return Outgoing(stream, header, deque(view for view in views if len(view)))
+
+    def push(self, message: Outgoing) -> bool:
+        """Queue the next packet of `message` if the credit allows one; False if it must
+        wait for `CreditAvailable`. Raises `StreamClosed` / `ConnectionClosed`."""
+        stream = message.stream
+        self.check_sendable(stream)
+        header = message.header
+        head_bytes = len(header) if header is not None else 0
+        room = min(self.peer.max_payload_bytes, stream.send_credit) - head_bytes
+        if room < (0 if header is not None else 1):
+            return False  # a first packet needs room for its header, a later one for a byte
+        parts: list[Buffer] = [header] if header is not None else []
+        data = message.data
+        while data and room > 0:
+            view = data[0]
+            if len(view) <= room:
+                parts.append(data.popleft())
+                room -= len(view)
+            else:
+                view = memoryview(view)
+                parts.append(view[:room])
+                data[0] = view[room:]
+                room = 0
+        payload_bytes = sum(len(part) for part in parts)
+        stream.send_credit -= payload_bytes
+        kind = Kind.MSG if header is not None else Kind.DATA
+        message.header = None
+        head = PACKET.pack(kind, self._take_flags(stream), 0, stream.stream_id, payload_bytes)
+        self.outbox.append(OutPacket(head, parts, payload_bytes))
+        return True
+
+    def _queue(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
+        head = PACKET.pack(kind, flags, 0, stream_id, len(payload)) + payload
+        self.outbox.append(OutPacket(head, (), len(payload)))
+
+    # --- receiving (the application's side) ----------------------------------------------
+
+    def next_message(self, stream: StreamState) -> list[bytes] | None:
+        """The next complete message, or None to wait for `MessageReady` / `StreamEnded`.
+        Raises `StreamClosed` once the stream is over (having delivered everything the
+        peer sent before its CLOSE), `ConnectionClosed` when the connection is."""
+        if stream.was_reset or stream.local_closed:
+            raise StreamClosed(f"stream {stream.stream_id} is closed")
+        if stream.messages:
+            message = stream.messages.popleft()
+            if not stream.messages and stream.owed:
+                owed, stream.owed = stream.owed, 0
+                if self.closed_reason is None:
+                    self._grant(stream, owed)
+            return message
+        if stream.remote_closed:
+            # Everything the peer sent was read: the stream is over for both ends.
+            self._end(stream, Kind.CLOSE)
+            raise StreamClosed(f"stream {stream.stream_id} was closed by the peer")
+        self.raise_if_closed()
+        return None
+
+    def _grant(self, stream: StreamState, granted_bytes: int) -> None:
+        stream.allowance += granted_bytes
+        stream.pending_grant += granted_bytes
+        if stream.pending_grant >= self.settings.window_bytes // 4:
+            pending, stream.pending_grant = stream.pending_grant, 0
+            self._queue(Kind.WINDOW, 0, stream.stream_id, WINDOW.pack(pending))
+
+    # --- closing -------------------------------------------------------------------------
+
+    def close_stream(self, stream: StreamState) -> None:
+        """Graceful close; the caller lets a message being sent go out whole first."""
+        if not stream.is_over:
+            self._end(stream, Kind.CLOSE)
+
+    def reset_stream(self, stream: StreamState) -> None:
+        if not stream.is_over:
+            stream.was_reset = True
+            self._end(stream, Kind.RESET)
+
+    def _end(self, stream: StreamState, kind: int) -> None:
+        """We are done with the stream: send our terminal packet (unless the peer never
+        heard of the stream) and stop routing packets to it."""
+        stream.local_closed = True
+        if not stream.terminal_sent:
+            stream.terminal_sent = True
+            if stream.syn_pending and kind == Kind.RESET:
+                stream.syn_pending = False  # never announced: nothing to tell or wait for
+                stream.terminal_received = True
+            elif self.closed_reason is None:
+                self._queue(kind, self._take_flags(stream), stream.stream_id)
+            self._retire(stream)
+        stream.messages.clear()
+        stream.frame_sizes, stream.frames, stream.chunks, stream.chunk_bytes = None, [], [], 0
+
+    def _retire(self, stream: StreamState) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if stream.terminal_received:
+            self._release(stream.stream_id)
+        else:
+            self._closing.add(stream.stream_id)
+
+    def _release(self, stream_id: int) -> None:
+        if stream_id % 2 == self._own_parity:
+            self._outbound_count -= 1
+        else:
+            self._inbound_count -= 1
+
+    # --- receiving (the pipe's side) -----------------------------------------------------
+
+    def receive_packet(self, packet: memoryview) -> None:
+        """Handle one whole packet. `packet` is a view the caller reuses afterwards."""
+        if self.closed_reason is not None:
+            return
+        try:
+            kind, flags, reserved, stream_id, payload_bytes = PACKET.unpack_from(packet)
+            if payload_bytes != len(packet) - PACKET.size:
+                raise ProtocolError("packet length disagrees with its frame")
+            if not (flags or reserved) and kind in STREAM_KINDS:
+                stream = self.streams.get(stream_id)
+                if stream is not None:  # the common case: a packet of a live stream
+                    self._on_stream_packet(stream, kind, packet[PACKET.size :])
+                    return
+            self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :])
+        except (ProtocolError, struct.error) as exc:
+            self.shutdown(f"protocol error: {exc}")
+            self.events.append(ProtocolViolation(str(exc)))
+
+    def _on_packet_fields(
+        self, kind: int, flags: int, reserved: int, stream_id: int, payload: memoryview
+    ) -> None:
+        if len(payload) > self.settings.max_payload_bytes:
+            raise ProtocolError(f"packet of {len(payload)} bytes refused")
+        if kind in STREAM_KINDS:
+            stream = self._stream_for_packet(kind, flags, reserved, stream_id)
+            if stream is not None:
+                self._on_stream_packet(stream, kind, payload)
+            return
+        if reserved != 0 or flags:
+            raise ProtocolError("unknown packet flags")
+        if stream_id != 0:
+            raise ProtocolError("connection packet on a stream")
+        if kind == Kind.PING:
+            if len(payload) != PING_BYTES:
+                raise ProtocolError("malformed ping")
+            self._queue(Kind.PONG, 0, 0, bytes(payload))
+        elif kind == Kind.PONG:
+            pass  # receiving it already refreshed the keepalive clock
+        elif kind == Kind.GOAWAY:
+            self.shutdown("the peer closed the connection")
+            self.events.append(PeerGoingAway())
+        else:
+            raise ProtocolError(f"unknown packet type {kind}")
+
+    def _stream_for_packet(
+        self, kind: int, flags: int, reserved: int, stream_id: int
+    ) -> StreamState | None:
+        """The stream a packet belongs to; None for one that is already forgotten."""
+        if reserved != 0 or flags & ~FLAG_SYN:
+            raise ProtocolError("unknown packet flags")
+        stream = self.streams.get(stream_id)
+        if stream is not None and not flags:
+            return stream
+        from_peer_side = stream_id % 2 != self._own_parity
+        if flags & FLAG_SYN:
+            return self._on_syn(stream, stream_id, from_peer_side)
+        if stream is None:
+            if stream_id in self._closing:
+                if kind == Kind.CLOSE or kind == Kind.RESET:  # the peer's terminal: slot free
+                    self._closing.discard(stream_id)
+                    self._release(stream_id)
+                return None
+            known_past = (
+                stream_id < self._next_local_id
+                if not from_peer_side
+                else 0 < stream_id <= self._highest_remote_id
+            )
+            if not known_past:
+                raise ProtocolError(f"packet for unknown stream {stream_id}")
+        return stream
+
+    def _on_syn(
+        self, stream: StreamState | None, stream_id: int, from_peer_side: bool
+    ) -> StreamState | None:
+        if stream is not None or not from_peer_side or stream_id <= self._highest_remote_id:
+            raise ProtocolError(f"bad stream open {stream_id}")
+        self._highest_remote_id = stream_id
+        if self._inbound_count >= self.settings.limits.max_streams:
+            self._queue(Kind.RESET, 0, stream_id)
+            return None
+        stream = StreamState(
+            stream_id, self.peer.window_bytes, self.settings.window_bytes, local=False
+        )
+        self.streams[stream_id] = stream
+        self._inbound_count += 1
+        self.events.append(StreamOpened(stream))
+        return stream
+
+    def _on_stream_packet(self, stream: StreamState, kind: int, payload: memoryview) -> None:
+        if kind == Kind.MSG:
+            if stream.remote_closed:
+                raise ProtocolError(f"stream {stream.stream_id}: packet after close")
+            self._on_message_start(stream, payload)
+        elif kind == Kind.WINDOW:
+            if len(payload) != WINDOW.size:
+                raise ProtocolError("malformed window update")
+            stream.send_credit += WINDOW.unpack(payload)[0]
+            if stream.send_credit > MAX_CREDIT_BYTES:
+                raise ProtocolError("window overflow")
+            self.events.append(CreditAvailable(stream))
+        elif kind == Kind.RESET:
+            stream.terminal_received = True
+            stream.was_reset = True
+            self._end(stream, Kind.RESET)  # answers with our RESET: both ends forget the id
+            self.events.append(StreamEnded(stream, reset=True))
+        elif stream.remote_closed:
+            raise ProtocolError(f"stream {stream.stream_id}: packet after close")
+        elif kind == Kind.DATA:
+            if stream.frame_sizes is None:
+                raise ProtocolError(f"stream {stream.stream_id}: data outside a message")
+            self._account(stream, len(payload))
+            self._take_data(stream, payload)
+        elif kind == Kind.CLOSE:
+            if stream.frame_sizes is not None or len(payload):
+                raise ProtocolError(f"stream {stream.stream_id}: close inside a message")
+            stream.remote_closed = True
+            stream.terminal_received = True
+            self.events.append(StreamEnded(stream, reset=False))
+
+    def _account(self, stream: StreamState, received_bytes: int) -> None:
+        if received_bytes > stream.allowance:
+            raise ProtocolError(f"stream {stream.stream_id}: the peer sent beyond its window")
+        stream.allowance -= received_bytes
+        if stream.messages:
+            stream.owed += received_bytes  # the reader is behind: hold the credit
+        else:
+            self._grant(stream, received_bytes)
+
+    def _on_message_start(self, stream: StreamState, payload: memoryview) -> None:
+        if stream.frame_sizes is not None:
+            raise ProtocolError(f"stream {stream.stream_id}: message inside a message")
+        self._account(stream, len(payload))
+        if len(payload) < FRAME_COUNT.size:
+            raise ProtocolError("truncated message header")
+        (frame_count,) = FRAME_COUNT.unpack_from(payload)
+        header_bytes = FRAME_COUNT.size + FRAME_BYTES.size * frame_count
+        if frame_count > self.settings.limits.max_frames or header_bytes > len(payload):
+            raise ProtocolError(f"message header with {frame_count} frames refused")
+        sizes = frame_sizes(frame_count).unpack_from(payload, FRAME_COUNT.size)
+        total_bytes = sum(sizes)
+        if total_bytes > self.settings.limits.max_message_bytes:
+            raise ProtocolError(f"message of {total_bytes} bytes refused")
+        if total_bytes == len(payload) - header_bytes:
+            # The whole message is in this packet: cut the frames out directly.
+            frames, offset = [], header_bytes
+            for size in sizes:
+                frames.append(payload[offset : offset + size].tobytes())
+                offset += size
+            stream.messages.append(frames)
+            self.events.append(MessageReady(stream))
+            return
+        stream.frame_sizes, stream.frames, stream.remaining_bytes = sizes, [], total_bytes
+        self._take_data(stream, payload[header_bytes:])
+
+    def _take_data(self, stream: StreamState, data: memoryview) -> None:
+        sizes = stream.frame_sizes
+        assert sizes is not None  # checked by the callers
+        if len(data) > stream.remaining_bytes:
+            raise ProtocolError(f"stream {stream.stream_id}: more data than the message declared")
+        stream.remaining_bytes -= len(data)
+        frames = stream.frames
+        while len(frames) < len(sizes):
+            wanted = sizes[len(frames)] - stream.chunk_bytes
+            if wanted == 0:
+                chunks, stream.chunks, stream.chunk_bytes = stream.chunks, [], 0
+                if len(chunks) == 1:
+                    only = chunks[0]
+                    frames.append(only if type(only) is bytes else bytes(only))
+                else:
+                    frames.append(b"".join(chunks))
+                continue
+            if not data:
+                return
+            taken = min(wanted, len(data))
+            chunk = data[:taken]
+            # A view of the driver's buffer must not outlive this call: a chunk that does
+            # not complete its frame here is copied.
+            stream.chunks.append(chunk if taken == wanted else chunk.tobytes())
+            stream.chunk_bytes += taken
+            data = data[taken:]
+        stream.messages.append(frames)
+        stream.frame_sizes, stream.frames = None, []
+        self.events.append(MessageReady(stream))
