@@ -98,9 +98,8 @@ class MuxConnection(MuxSession):
     ) -> None:
         loop = asyncio.get_running_loop()
         peer = PeerSettings(remote_limits, remote_window_bytes, max_payload_bytes(remote_limits))
-        super().__init__(
-            MuxCore(settings.core_settings(), peer, is_dialer=is_dialer, now_s=loop.time())
-        )
+        self.core = MuxCore(settings.core_settings(), peer, is_dialer=is_dialer, now_s=loop.time())
+        super().__init__()
         self._transport = transport
         # e.g. the StreamWriter of the handshake, which closes the socket when collected
         self._keep_alive = keep_alive

@@ -196,18 +196,49 @@ class StreamState:
 
 
 class Outgoing:
-    """A message being cut into packets: the header not yet sent, then the data."""
+    """A message being cut into packets: its header (frame count and sizes) first, then
+    the frames' data."""
 
-    __slots__ = ("stream", "header", "data")
+    __slots__ = ("header", "data")
 
-    def __init__(self, stream: StreamState, header: bytes, data: deque[Buffer]) -> None:
-        self.stream = stream
+    def __init__(self, header: bytes, views: Sequence[Buffer]) -> None:
         self.header: bytes | None = header
-        self.data = data
+        self.data: deque[Buffer] = deque(view for view in views if len(view))
 
     @property
     def done(self) -> bool:
         return self.header is None and not self.data
+
+    def room_needed_bytes(self) -> int:
+        """The least payload the next packet can carry: the header whole, or one byte."""
+        return len(self.header) if self.header is not None else 1
+
+    def take(self, room_bytes: int) -> tuple[int, list[Buffer]]:
+        """The next packet's kind (MSG for the first, DATA after) and payload parts, at
+        most `room_bytes` long (at least `room_needed_bytes`)."""
+        kind = Kind.MSG if self.header is not None else Kind.DATA
+        parts: list[Buffer] = []
+        if self.header is not None:
+            parts.append(self.header)
+            room_bytes -= len(self.header)
+            self.header = None
+        data = self.data
+        while data and room_bytes > 0:
+            view = data[0]
+            if len(view) <= room_bytes:
+                parts.append(data.popleft())
+                room_bytes -= len(view)
+            else:
+                view = memoryview(view)
+                parts.append(view[:room_bytes])
+                data[0] = view[room_bytes:]
+                room_bytes = 0
+        return kind, parts
+
+
+def message_header(views: Sequence[Buffer]) -> bytes:
+    """A MSG payload's start: u32 frame count, u64 size of each frame."""
+    return struct.pack(f"!I{len(views)}Q", len(views), *(len(view) for view in views))
 
 
 class MuxCore:
@@ -333,37 +364,21 @@ class MuxCore:
     def begin_message(self, stream: StreamState, views: Sequence[Buffer]) -> Outgoing:
         """A message to cut into packets with `push`."""
         self.check_sendable(stream)
-        header = struct.pack(f"!I{len(views)}Q", len(views), *(len(view) for view in views))
+        header = message_header(views)
         if len(header) >= self.peer.max_payload_bytes:
             raise MessageTooLarge(f"{len(views)} frames do not fit one packet's header")
-        return Outgoing(stream, header, deque(view for view in views if len(view)))
+        return Outgoing(header, views)
 
-    def push(self, message: Outgoing) -> bool:
+    def push(self, stream: StreamState, message: Outgoing) -> bool:
         """Queue the next packet of `message` if the credit allows one; False if it must
         wait for `CreditAvailable`. Raises `StreamClosed` / `ConnectionClosed`."""
-        stream = message.stream
         self.check_sendable(stream)
-        header = message.header
-        head_bytes = len(header) if header is not None else 0
-        room = min(self.peer.max_payload_bytes, stream.send_credit) - head_bytes
-        if room < (0 if header is not None else 1):
-            return False  # a first packet needs room for its header, a later one for a byte
-        parts: list[Buffer] = [header] if header is not None else []
-        data = message.data
-        while data and room > 0:
-            view = data[0]
-            if len(view) <= room:
-                parts.append(data.popleft())
-                room -= len(view)
-            else:
-                view = memoryview(view)
-                parts.append(view[:room])
-                data[0] = view[room:]
-                room = 0
+        room_bytes = min(self.peer.max_payload_bytes, stream.send_credit)
+        if room_bytes < message.room_needed_bytes():
+            return False
+        kind, parts = message.take(room_bytes)
         payload_bytes = sum(len(part) for part in parts)
         stream.send_credit -= payload_bytes
-        kind = Kind.MSG if header is not None else Kind.DATA
-        message.header = None
         head = PACKET.pack(kind, self._take_flags(stream), 0, stream.stream_id, payload_bytes)
         self.outbox.append(OutPacket(head, parts, payload_bytes))
         return True

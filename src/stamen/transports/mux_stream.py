@@ -19,7 +19,7 @@ import asyncio
 from abc import abstractmethod
 from collections import deque
 
-from stamen.transports.base import Connection, ConnectionClosed, Frames, Stream
+from stamen.transports.base import Connection, Frames, Stream
 from stamen.transports.flow import Signal, check_message
 from stamen.transports.mux_core import (
     CreditAvailable,
@@ -61,7 +61,7 @@ class MuxStream(Stream):
         async with self._send_lock:
             message = core.begin_message(state, views)
             while not message.done:
-                if not core.push(message):
+                if not core.push(state, message):
                     await self.changed.wait()  # credit, a reset, or the connection's end
                     continue
                 session.flush()
@@ -95,10 +95,12 @@ class MuxStream(Stream):
 
 
 class MuxSession(Connection):
-    """Stream bookkeeping shared by the tcp and WebRTC connections."""
+    """Stream bookkeeping shared by the tcp and WebRTC connections. The driver sets
+    `core` before it feeds the session anything."""
 
-    def __init__(self, core: MuxCore) -> None:
-        self.core = core
+    core: MuxCore
+
+    def __init__(self) -> None:
         self._incoming: deque[MuxStream] = deque()
         self.changed = Signal()  # a stream arrived, or the connection ended
         self._loop = asyncio.get_running_loop()
@@ -184,6 +186,3 @@ class MuxSession(Connection):
         for state in list(self.core.streams.values()):
             if state.waker is not None:
                 state.waker.fire()
-
-    def closed_error(self) -> ConnectionClosed:
-        return ConnectionClosed(self.core.closed_reason or "connection closed")

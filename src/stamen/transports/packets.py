@@ -9,9 +9,14 @@
     RESET   abort the stream now
     WINDOW  u64: the receiver grants that many more payload bytes on the stream
     PING / PONG (stream 0): keepalive; GOAWAY (stream 0): the connection is closing
+    HELLO / REFUSE (stream 0): a pipe's own handshake before the core runs (WebRTC's
+            `Hello`, or why it was refused); the core itself refuses them
+
+This one format serves both pipes: on tcp each packet is the plaintext of one sealed
+record, on WebRTC each packet is one data-channel message (at most 64 KiB).
 
 Lengths are u64 on the wire so that absurd values are seen and refused, never truncated.
-This module only names things; `mux` and `mux_stream` give them meaning.
+This module only names things; `mux_core` gives them meaning.
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ class Kind:
     PING = 6
     PONG = 7
     GOAWAY = 8
+    HELLO = 16  # pipe handshake kinds, never given to the core
+    REFUSE = 17
 
 
 STREAM_KINDS = frozenset({Kind.MSG, Kind.DATA, Kind.CLOSE, Kind.RESET, Kind.WINDOW})
-ALL_KINDS = (*STREAM_KINDS, Kind.PING, Kind.PONG, Kind.GOAWAY)
+ALL_KINDS = (*STREAM_KINDS, Kind.PING, Kind.PONG, Kind.GOAWAY)  # the core's
 
 
 class ProtocolError(TransportError):

@@ -11,8 +11,10 @@ channel per stream would still need credit flow control. The pieces:
 
 - `webrtc_config`: `WebRTCConfig`, `IceServer`, `MuxSettings`, aiortc's configuration;
 - `webrtc_auth`: the `Hello` proof binding each peer's key to this DTLS session;
-- `webrtc_stream`: frame format, 64 KiB chunking and reassembly, per-stream credit;
-- `webrtc_mux`: the `Connection` (stream ids, `bufferedAmount` backpressure, keepalives);
+- `webrtc_mux`: the data-channel pipe of the multiplexer core shared with tcp
+  (`mux_core`: packet format, stream ids, credit, reassembly within `Limits`,
+  keepalives; `mux_stream`: its asyncio streams): one core packet of at most 64 KiB per
+  data-channel message, `bufferedAmount` backpressure, the `Hello` exchange;
 - this module: dialing through the relay, listening, and the handshake's order of steps.
 
 Loopback tests pass no ICE servers (host candidates only); never the public STUN default.
@@ -38,6 +40,7 @@ from stamen.transports.base import (
     Listener,
     Transport,
 )
+from stamen.transports.mux_stream import MuxStream
 from stamen.transports.signaling import (
     IncomingOffer,
     RelaySignaling,
@@ -63,7 +66,6 @@ from stamen.transports.webrtc_config import (
     with_limits,
 )
 from stamen.transports.webrtc_mux import MuxConnection, quiet_close
-from stamen.transports.webrtc_stream import MuxStream
 
 __all__ = [
     "SCHEME",

@@ -7,7 +7,8 @@ DTLS does not say is which swarm peer holds that certificate, so each side sends
 1. its ed25519 public key and a signature over the transcript `role | offer fingerprints |
    answer fingerprints` (role `O` for the offerer, `A` for the answerer);
 2. an HMAC-SHA256 of the same transcript under the swarm key, when one is set;
-3. the limits it enforces as a receiver (window, frames, message size, streams).
+3. the limits it enforces as a receiver (window, largest packet, frames, message size,
+   streams).
 
 A relay that swaps SDPs changes the fingerprints, so the signatures no longer verify; a
 proof replayed under the other role does not verify either. This module knows nothing
@@ -26,8 +27,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from stamen.transports.base import Credentials, HandshakeError, IdentityMismatch
 from stamen.transports.webrtc_config import MuxSettings
 
-_AUTH_CONTEXT = b"stamen-webrtc-auth-v1"
-_SWARM_CONTEXT = b"stamen-webrtc-swarm-v1"
+# v2: the multiplexer core's packet format (`packets`) replaced WebRTC's own frames; the
+# version is in the signed transcript, so a v1 peer's Hello fails to verify and is refused.
+_AUTH_CONTEXT = b"stamen-webrtc-auth-v2"
+_SWARM_CONTEXT = b"stamen-webrtc-swarm-v2"
 _FINGERPRINT = re.compile(r"^a=fingerprint:(\S+) (\S+)\s*$", re.MULTILINE)
 
 OFFERER_ROLE = b"O"
@@ -41,6 +44,7 @@ class Hello(msgspec.Struct, frozen=True):
     signature: bytes
     swarm_mac: bytes | None
     window_bytes: int
+    max_packet_bytes: int
     max_frames: int
     max_message_bytes: int
     max_streams: int
@@ -72,6 +76,7 @@ def make_hello(
         signature=credentials.private_key.sign(_AUTH_CONTEXT + transcript),
         swarm_mac=swarm_mac,
         window_bytes=settings.window_bytes,
+        max_packet_bytes=settings.chunk_bytes,
         max_frames=limits.max_frames,
         max_message_bytes=limits.max_message_bytes,
         max_streams=limits.max_streams,
