@@ -21,23 +21,19 @@ from stamen.swarm_core.client.distributed import DistributedModelForCausalLM
 from stamen.swarm_core.client.remote import Incarnation
 from stamen.swarm_core.client.routing import plan_latency_route
 from stamen.swarm_core.protocol.discovery import Discovery
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteBusy,
+    RemoteError,
+    RemoteNotFound,
+)
 from stamen.swarm_core.protocol.records import (
     HostRecord,
     HostState,
     new_host_record,
     restamped,
 )
-from stamen.swarm_core.protocol.rpc import (
-    CallContext,
-    Outgoing,
-    RemoteBadRequest,
-    RemoteBusy,
-    RemoteError,
-    RemoteNotFound,
-    Reply,
-    RpcClient,
-    RpcServer,
-)
+from stamen.swarm_core.protocol.rpc import CallContext, Outgoing, Reply, RpcClient, RpcServer
 from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Decoded,

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from stamen.swarm_core.client.distributed import DistributedModelForCausalLM
-from stamen.swarm_core.client.remote import HostState
 from stamen.swarm_core.client.routing import BanList, NoRouteError, plan_latency_route
+from stamen.swarm_core.protocol.records import HostState
 from tests.integration.conftest import (
     NEW_TOKENS,
     FavouringView,

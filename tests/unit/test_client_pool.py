@@ -11,7 +11,8 @@ import torch
 
 from stamen.swarm_core.client.pool import HostConnections
 from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
-from stamen.swarm_core.protocol.rpc import Outgoing, RpcClient, RpcLimits, RpcServer, SlotTimeout
+from stamen.swarm_core.protocol.errors import SlotTimeout
+from stamen.swarm_core.protocol.rpc import Outgoing, RpcClient, RpcLimits, RpcServer
 from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Hello,

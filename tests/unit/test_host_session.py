@@ -16,8 +16,10 @@ import torch
 
 from stamen.swarm_core.host.runtime import SpanRuntime
 from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol import wire
+from stamen.swarm_core.protocol.errors import RemoteBadRequest, RemoteBusy
 from stamen.swarm_core.protocol.records import HostState
-from stamen.swarm_core.protocol.rpc import RemoteBusy, RpcClient, RpcStream
+from stamen.swarm_core.protocol.rpc import RpcClient, RpcStream
 from stamen.swarm_core.protocol.wire import (
     CloseSession,
     Hello,
@@ -94,6 +96,25 @@ async def test_a_busy_step_keeps_the_session_and_can_be_sent_again(client_and_sp
         for t in range(4, 8):
             outs.append(await step(stream, session_id, x[:, t : t + 1], t))
     torch.testing.assert_close(torch.cat(outs, 1), full_forward(span, x))
+
+
+class _OpenSessionOfOldClients(wire._SpanRequest, frozen=True, tag="open_session"):
+    """What protocol 1.x clients sent: an `adapter` field that no host implemented."""
+
+    max_length: int
+    adapter: str | None = None
+
+
+async def test_a_field_nothing_implements_is_refused_and_the_host_serves_on(
+    client_and_span,
+) -> None:
+    client, span = client_and_span
+    request = _OpenSessionOfOldClients(block_start=3, block_end=6, max_length=8, adapter="lora")
+    with pytest.raises(RemoteBadRequest, match="adapter"):
+        await client.call(request, timeout_s=5)  # type: ignore[arg-type]
+    async with session(client, max_length=8) as (stream, session_id):
+        hidden = torch.randn(1, 2, C)
+        assert torch.allclose(await step(stream, session_id, hidden, 0), full_forward(span, hidden))
 
 
 def test_announcements_outpace_record_expiry() -> None:

@@ -147,7 +147,7 @@ def test_oversized_records_are_refused(host: Credentials) -> None:
     bulky = _record(
         host,
         addresses=tuple("tcp://" + "a" * 240 + f":{i}" for i in range(8)),
-        adapters=tuple("b" * 120 + str(i) for i in range(16)),
+        next_hop_pings_s={"b" * 60 + f"{i:04}": 0.001 for i in range(32)},
     )
     with pytest.raises(RecordTooLarge):
         sign_record(bulky, host, now_s=NOW_S)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stamen.swarm_core.client.remote import HostInfo, HostState, Incarnation
+from stamen.swarm_core.client.remote import HostInfo, Incarnation
 from stamen.swarm_core.client.routing import (
     BanList,
     NoRouteError,
@@ -21,6 +21,7 @@ from stamen.swarm_core.client.routing import (
     plan_throughput_route,
     route_latency_s,
 )
+from stamen.swarm_core.protocol.records import HostState
 
 
 def host(

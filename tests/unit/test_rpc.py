@@ -10,23 +10,20 @@ import pytest
 import torch
 
 from stamen.swarm_core.protocol.codecs import Codec
-from stamen.swarm_core.protocol.rpc import (
-    Outgoing,
+from stamen.swarm_core.protocol.errors import (
+    ErrorCode,
     RemoteBadRequest,
     RemoteBusy,
     RemoteInternal,
     RemoteNotFound,
     RemoteTimeout,
     RemoteTooLarge,
-    RpcClient,
-    RpcLimits,
-    RpcServer,
     RpcTimeout,
     SlotTimeout,
 )
+from stamen.swarm_core.protocol.rpc import Outgoing, RpcClient, RpcLimits, RpcServer
 from stamen.swarm_core.protocol.wire import (
     CloseSession,
-    ErrorCode,
     ErrorReply,
     Forward,
     ForwardResult,

@@ -21,17 +21,19 @@ from torch import Tensor, nn
 
 from stamen.models.base import Block, KVCache, KVShape, StepContext
 from stamen.swarm_core.host.runtime import (
-    BadRequest,
-    Busy,
     CacheLimitExceeded,
-    NotFound,
-    RequestTooLarge,
     RuntimeLimits,
     SessionId,
     SpanRuntime,
-    Timeout,
     cache_bytes_per_token,
     measure_throughput,
+)
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteBusy,
+    RemoteNotFound,
+    RemoteTimeout,
+    RemoteTooLarge,
 )
 
 C, H, D = 16, 2, 8  # hidden size, KV heads, head dim
@@ -193,7 +195,7 @@ async def test_budget_exhaustion_is_busy_at_once_and_close_frees() -> None:
         # Pages of 128 are longer than any session here: each reserves batch x max_length.
         first = await runtime.open_session(max_length=64, batch_size=2)  # 128 of 256 tokens
         await runtime.open_session(max_length=32, batch_size=3)  # 96 more
-        with pytest.raises(Busy) as refused:
+        with pytest.raises(RemoteBusy) as refused:
             await asyncio.wait_for(runtime.open_session(max_length=16, batch_size=3), 5)
         assert refused.value.retry_after_s == LIMITS.busy_retry_after_s
         assert runtime.info().cache_tokens_free == 32
@@ -201,13 +203,13 @@ async def test_budget_exhaustion_is_busy_at_once_and_close_frees() -> None:
         assert runtime.info().cache_tokens_free == 160
         second = await runtime.open_session(max_length=32, batch_size=4)
         assert runtime.info().sessions_open == 2
-        with pytest.raises(NotFound):
+        with pytest.raises(RemoteNotFound):
             await runtime.step(first, torch.randn(2, 1, C), 0)
         await runtime.step(second, torch.randn(4, 1, C), 0)
         await runtime.close_session(second)
         # More than one session may hold (half the budget) is refused even when free.
         assert runtime.info().cache_tokens_free == 160
-        with pytest.raises(Busy, match="at most 128 per session"):
+        with pytest.raises(RemoteBusy, match="at most 128 per session"):
             await runtime.open_session(max_length=64, batch_size=3)
 
 
@@ -221,7 +223,7 @@ async def test_idle_session_is_closed_and_its_cache_freed() -> None:
                 break
             await asyncio.sleep(0.05)
         assert runtime.info().cache_tokens_free == 64
-        with pytest.raises(NotFound):
+        with pytest.raises(RemoteNotFound):
             await runtime.step(idle, torch.randn(1, 1, C), 0)
 
 
@@ -245,20 +247,20 @@ async def test_bad_requests_get_typed_errors_and_runtime_keeps_serving(
         (torch.randn(2, 1, C), 3, torch.ones(2, 1)),  # float mask
     ]
     for hidden, position, mask in bad_steps:
-        with pytest.raises(BadRequest):
+        with pytest.raises(RemoteBadRequest):
             await runtime.step(session, hidden, position, padding_mask=mask)
-    with pytest.raises(NotFound):
+    with pytest.raises(RemoteNotFound):
         await runtime.step(SessionId("nope"), torch.randn(2, 1, C), 3)
-    with pytest.raises(NotFound):
+    with pytest.raises(RemoteNotFound):
         await runtime.close_session(SessionId("nope"))
     for max_length, batch_size in [(0, 1), (65, 1), (8, 5), (8, True), ("8", 1)]:
-        with pytest.raises(BadRequest):
+        with pytest.raises(RemoteBadRequest):
             await runtime.open_session(max_length, batch_size)  # type: ignore[arg-type]
-    with pytest.raises(BadRequest):
+    with pytest.raises(RemoteBadRequest):
         await runtime.backward(torch.randn(1, 4, C), torch.randn(1, 3, C))
-    with pytest.raises(RequestTooLarge) as too_large:
+    with pytest.raises(RemoteTooLarge) as too_large:
         await runtime.forward(torch.randn(1, LIMITS.max_bulk_tokens + 1, C))
-    assert too_large.value.code == "too_large" and isinstance(too_large.value, BadRequest)
+    assert too_large.value.code == "too_large" and isinstance(too_large.value, RemoteBadRequest)
     x = torch.randn(2, 4, C)
     await runtime.step(session, x, 0)
     out = await runtime.step(session, x[:, 3:], 3)  # the session is intact
@@ -295,7 +297,7 @@ async def test_a_failed_step_invalidates_the_slots_it_was_rewriting(page_tokens:
         # slots first, with 2-token pages) before block 1 fails.
         with pytest.raises(FloatingPointError):
             await rt.step(session, torch.full((1, 2, C), float("nan")), 3)
-        with pytest.raises(BadRequest, match="gap"):
+        with pytest.raises(RemoteBadRequest, match="gap"):
             await rt.step(session, x[:, 4:5], 4)
         out = await rt.step(session, x[:, 3:6], 3)
         torch.testing.assert_close(out, full_forward(span, x)[:, 3:])
@@ -346,7 +348,7 @@ async def test_step_waiting_too_long_in_the_queue_times_out() -> None:
         session = await runtime.open_session(max_length=4)
         blocker = asyncio.create_task(runtime.forward(torch.zeros(1, 1, C)))
         await asyncio.to_thread(gate_block.entered.wait, 10)
-        with pytest.raises(Timeout):
+        with pytest.raises(RemoteTimeout):
             await runtime.step(session, torch.zeros(1, 1, C), 0)
         gate.set()
         await blocker
@@ -367,7 +369,7 @@ async def test_session_closed_while_its_step_is_queued_is_not_found() -> None:
         await runtime.close_session(session)
         gate.set()
         await blocker
-        with pytest.raises(NotFound):
+        with pytest.raises(RemoteNotFound):
             await step
         assert runtime.info().cache_tokens_free == LIMITS.max_cache_tokens
 
@@ -410,7 +412,7 @@ async def test_aclose_closes_sessions_and_refuses_new_work() -> None:
     await runtime.aclose()
     assert runtime.info().sessions_open == 0
     assert runtime.info().cache_tokens_free == LIMITS.max_cache_tokens
-    with pytest.raises(Busy):
+    with pytest.raises(RemoteBusy):
         await runtime.forward(torch.randn(1, 1, C))
 
 
@@ -445,7 +447,7 @@ async def test_open_reserves_one_page_and_steps_grow_it() -> None:
         x = torch.randn(2, 16, C)
         session = await runtime.open_session(max_length=64, batch_size=2)
         free = [runtime.info().cache_tokens_free]  # one page: 2 x 4 of 64
-        with pytest.raises(BadRequest, match="gap"):  # refused before any growth
+        with pytest.raises(RemoteBadRequest, match="gap"):  # refused before any growth
             await runtime.step(session, x[:, :1], 8)
         outs = [await runtime.step(session, x[:, :3], 0)]
         free.append(runtime.info().cache_tokens_free)
@@ -466,7 +468,7 @@ async def test_many_sessions_fit_where_max_length_up_front_did_not() -> None:
         async with SpanRuntime(tiny_span(1), limits) as runtime:
             sessions = [await runtime.open_session(max_length=64) for _ in range(fits)]
             assert runtime.info().cache_tokens_free == 0
-            with pytest.raises(Busy):
+            with pytest.raises(RemoteBusy):
                 await runtime.open_session(max_length=64)
             for session in sessions:
                 out = await runtime.step(session, x, 0)
@@ -486,7 +488,7 @@ async def test_growth_without_room_is_busy_and_the_same_step_works_later() -> No
         await runtime.step(hogs[1], torch.randn(1, 28, C), 0)  # the last 24 too
         assert runtime.info().cache_tokens_free == 0
         for _ in range(2):  # refused as often as asked, the session untouched
-            with pytest.raises(Busy, match="no room to grow") as refused:
+            with pytest.raises(RemoteBusy, match="no room to grow") as refused:
                 await runtime.step(session, x[:, 4:5], 4)
             assert refused.value.retry_after_s == GROWING.busy_retry_after_s
         assert runtime.info().cache_tokens_free == 0
@@ -511,7 +513,7 @@ async def test_one_session_holds_at_most_its_share_of_the_budget() -> None:
         await runtime.step(session, x[:, :16], 0)  # 2 x 16 = 32, half of 64
         with pytest.raises(CacheLimitExceeded, match="max_session_cache_fraction"):
             await runtime.step(session, x[:, 16:17], 16)
-        assert issubclass(CacheLimitExceeded, BadRequest)
+        assert issubclass(CacheLimitExceeded, RemoteBadRequest)
         assert runtime.info().cache_tokens_free == 32
         # Within its share the session still works: rewrite its last slot.
         out = await runtime.step(session, x[:, 15:16], 15)

@@ -29,13 +29,9 @@ from stamen.models.registry import get_adapter
 from stamen.swarm_core.client import remote
 from stamen.swarm_core.client.pool import HostConnections
 from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
-from stamen.swarm_core.host.runtime import (
-    BadRequest,
-    RequestTooLarge,
-    RuntimeLimits,
-    SpanRuntime,
-)
+from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
 from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.errors import RemoteBadRequest, RemoteTooLarge
 from stamen.swarm_core.protocol.records import HostState
 from stamen.swarm_core.protocol.rpc import RpcClient
 from stamen.swarm_core.protocol.wire import Hello
@@ -205,15 +201,15 @@ async def test_bad_prompts_are_refused_before_anything_runs() -> None:
             [[0.0] * C],  # not a tensor
         ]
         for prompts in bad:
-            with pytest.raises(BadRequest):
+            with pytest.raises(RemoteBadRequest):
                 await runtime.forward(x, prompts=prompts)
-            with pytest.raises(BadRequest):
+            with pytest.raises(RemoteBadRequest):
                 await runtime.backward(x, grad_output, prompts=prompts)
-            with pytest.raises(BadRequest):
+            with pytest.raises(RemoteBadRequest):
                 await runtime.step(session, x[:, 2:3], 2, prompts=prompts)
-        with pytest.raises(BadRequest, match="only 2 tokens"):  # stateless calls need P <= T
+        with pytest.raises(RemoteBadRequest, match="only 2 tokens"):  # stateless calls need P <= T
             await runtime.forward(x[:, :2], prompts=torch.randn(2, 1, 3, C))
-        with pytest.raises(BadRequest):  # a sub-range of one block takes prompts for one
+        with pytest.raises(RemoteBadRequest):  # a sub-range of one block takes prompts for one
             await runtime.forward(x, prompts=torch.randn(2, 1, 2, C), block_range=(1, 2))
         after = runtime.info()
         assert (after.steps, after.tokens_processed) == (before.steps, before.tokens_processed)
@@ -229,7 +225,7 @@ async def test_requests_over_the_token_limit_are_too_large() -> None:
     async with SpanRuntime(span_of("bloom"), limits) as runtime:
         x = torch.randn(2, 5, C)  # 10 tokens > 8
         for call in (runtime.forward(x), runtime.backward(x, torch.randn_like(x))):
-            with pytest.raises(RequestTooLarge) as refused:
+            with pytest.raises(RemoteTooLarge) as refused:
                 await call
             assert refused.value.code == "too_large"
         assert runtime.info().tokens_processed == 0

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
-from stamen.swarm_core.host.sessions import Busy, Timeout
+from stamen.swarm_core.protocol.errors import RemoteBusy, RemoteTimeout
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ async def test_full_queue_is_busy_and_cancelled_jobs_never_run(scheduler) -> Non
         for i in range(3)
     ]
     await asyncio.sleep(0.05)
-    with pytest.raises(Busy):
+    with pytest.raises(RemoteBusy):
         await scheduler.run(lambda: None, priority=Priority.INFERENCE, queue_timeout_s=10)
     queued[1].cancel()
     await asyncio.gather(queued[1], return_exceptions=True)
@@ -82,7 +82,7 @@ async def test_aclose_fails_queued_jobs_with_busy() -> None:
     )
     await asyncio.sleep(0.05)
     closing = asyncio.create_task(scheduler.aclose())
-    with pytest.raises(Busy):
+    with pytest.raises(RemoteBusy):
         await queued
     gate.set()
     await closing
@@ -92,7 +92,7 @@ async def test_aclose_fails_queued_jobs_with_busy() -> None:
 async def test_queue_timeout_only_applies_before_a_job_starts(scheduler) -> None:
     gate = threading.Event()
     blocker = await _block_worker(scheduler, gate)
-    with pytest.raises(Timeout):
+    with pytest.raises(RemoteTimeout):
         await scheduler.run(lambda: None, priority=Priority.INFERENCE, queue_timeout_s=0.05)
     started = threading.Event()
 
@@ -115,7 +115,7 @@ async def test_queue_timeout_only_applies_before_a_job_starts(scheduler) -> None
 async def test_a_job_that_timed_out_in_the_queue_never_runs(scheduler) -> None:
     gate, ran = threading.Event(), []
     blocker = await _block_worker(scheduler, gate)
-    with pytest.raises(Timeout):
+    with pytest.raises(RemoteTimeout):
         await scheduler.run(
             lambda: ran.append(1), priority=Priority.INFERENCE, queue_timeout_s=0.05
         )

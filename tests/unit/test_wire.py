@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from stamen.swarm_core.protocol.codecs import Codec, decode_tensor, encode_tensor
+from stamen.swarm_core.protocol.errors import ErrorCode
 from stamen.swarm_core.protocol.wire import (
     PROTOCOL_VERSION,
-    ErrorCode,
     ErrorReply,
     Forward,
     Hello,
@@ -20,6 +20,7 @@ from stamen.swarm_core.protocol.wire import (
     MalformedMessage,
     OpenSession,
     SessionId,
+    SessionOpened,
     Step,
     StepResult,
     UnknownMessageType,
@@ -67,13 +68,13 @@ def test_messages_without_tensors_round_trip():
 def test_step_round_trip_keeps_named_tensors_exactly():
     hidden = torch.randn(2, 3, 16)
     prompts = torch.randn(4, 2, 5, 16, dtype=torch.bfloat16)
-    hypo_ids = torch.tensor([1, 0])
+    mask = torch.tensor([[False, True, True], [True, True, True]])
     message = Step(session_id=SID, start_position=7)
-    decoded = _roundtrip(message, {"hidden": hidden, "prompts": prompts, "hypo_ids": hypo_ids})
+    decoded = _roundtrip(message, {"hidden": hidden, "prompts": prompts, "padding_mask": mask})
     assert decoded.message == message
     assert torch.equal(decoded.tensors["hidden"], hidden)
     assert torch.equal(decoded.tensors["prompts"], prompts)
-    assert torch.equal(decoded.tensors["hypo_ids"], hypo_ids)
+    assert torch.equal(decoded.tensors["padding_mask"], mask)
     assert decoded.tensors["prompts"].dtype is torch.bfloat16
 
 
@@ -126,13 +127,13 @@ def test_int8_all_zero_block_decodes_to_zeros():
 
 
 def test_lossy_codec_leaves_integer_tensors_exact():
-    hypo_ids = torch.tensor([3, 1, 2])
+    mask = torch.tensor([[3], [1], [2]], dtype=torch.uint8)
     decoded = _roundtrip(
         Step(session_id=SID, start_position=0),
-        {"hidden": torch.randn(3, 1, 8), "hypo_ids": hypo_ids},
+        {"hidden": torch.randn(3, 1, 8), "padding_mask": mask},
         codec=Codec.INT8_BLOCK64,
     )
-    assert torch.equal(decoded.tensors["hypo_ids"], hypo_ids)
+    assert torch.equal(decoded.tensors["padding_mask"], mask)
 
 
 def test_raw_frames_are_views_not_copies():
@@ -267,7 +268,13 @@ def test_lossy_codec_on_integers_is_refused():
                 "codec": "none",
                 "nbytes": 4,
             },
-            {"name": "hypo_ids", "dtype": "int64", "shape": [1], "codec": "float16", "nbytes": 2},
+            {
+                "name": "padding_mask",
+                "dtype": "int64",
+                "shape": [1, 1],
+                "codec": "float16",
+                "nbytes": 2,
+            },
         ],
     )
     with pytest.raises(MalformedMessage, match="cannot carry"):
@@ -285,13 +292,17 @@ def test_bool_tensor_with_invalid_bytes_is_refused():
                 "codec": "none",
                 "nbytes": 4,
             },
-            {"name": "hypo_ids", "dtype": "bool", "shape": [2], "codec": "none", "nbytes": 2},
+            {
+                "name": "padding_mask",
+                "dtype": "bool",
+                "shape": [1, 2],
+                "codec": "none",
+                "nbytes": 2,
+            },
         ],
     )
-    assert decode_message([header, b"\0" * 4, b"\x01\x00"]).tensors["hypo_ids"].tolist() == [
-        True,
-        False,
-    ]
+    decoded = decode_message([header, b"\0" * 4, b"\x01\x00"])
+    assert decoded.tensors["padding_mask"].tolist() == [[True, False]]
     with pytest.raises(MalformedMessage, match="bool"):
         decode_message([header, b"\0" * 4, b"\x01\x02"])
 
@@ -313,3 +324,61 @@ def test_version_check_refuses_another_major_only():
         check_compatible(
             local, msgspec.structs.replace(local, protocol_major=local.protocol_major + 1)
         )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"type": "open_session", "block_start": 0, "block_end": 1, "max_length": 8, "adapter": "x"},
+        {
+            "type": "open_session",
+            "block_start": 0,
+            "block_end": 1,
+            "max_length": 8,
+            "idle_timeout_s": 5.0,
+        },
+        {"type": "step", "session_id": "s", "start_position": 0, "beam_width": 2},
+        {"type": "forward", "block_start": 0, "block_end": 1, "adapter": None},
+    ],
+)
+def test_requests_refuse_fields_nothing_implements(fields):
+    with pytest.raises(MalformedMessage, match="unknown field"):
+        decode_message([_header(fields, [])])
+
+
+def test_steps_refuse_tensors_nothing_implements():
+    header = _header(
+        {"type": "step", "session_id": "s", "start_position": 0},
+        [
+            {
+                "name": "hidden",
+                "dtype": "float32",
+                "shape": [1, 1, 1],
+                "codec": "none",
+                "nbytes": 4,
+            },
+            {"name": "hypo_ids", "dtype": "int64", "shape": [1], "codec": "none", "nbytes": 8},
+        ],
+    )
+    with pytest.raises(MalformedMessage, match="hypo_ids"):
+        decode_message([header, b"\0" * 4, b"\0" * 8])
+
+
+def test_replies_tolerate_fields_of_newer_hosts():
+    fields = {"type": "session_opened", "session_id": "s", "max_length": 8, "newer": 1}
+    assert decode_message([_header(fields, [])]).message == SessionOpened(
+        session_id="s", max_length=8
+    )
+
+
+def test_draining_is_not_a_host_state():
+    fields = {
+        "type": "info_reply",
+        "model": "m",
+        "block_start": 0,
+        "block_end": 1,
+        "state": "draining",
+        "torch_dtype": "float32",
+    }
+    with pytest.raises(MalformedMessage):
+        decode_message([_header(fields, [])])

@@ -18,12 +18,12 @@ from stamen.swarm_core.protocol.codecs import (
     decode_tensor,
     encode_tensor,
 )
+from stamen.swarm_core.protocol.errors import ErrorCode
+from stamen.swarm_core.protocol.records import HostState
 from stamen.swarm_core.protocol.wire import (
     MESSAGE_TYPES,
-    ErrorCode,
     ErrorReply,
     Hello,
-    HostState,
     InfoReply,
     OpenSession,
     SessionId,
@@ -67,18 +67,16 @@ def tensors(draw, dtype_names=None, shape=shapes):
 
 messages = st.one_of(
     st.builds(
-        lambda span, max_length, batch, adapter, codec: OpenSession(
+        lambda span, max_length, batch, codec: OpenSession(
             block_start=span[0],
             block_end=span[1],
             max_length=max_length,
             batch_size=batch,
-            adapter=adapter,
             reply_codec=codec,
         ),
         block_ranges,
         st.integers(1, 1 << 20),
         st.integers(1, 4096),
-        st.none() | names,
         st.sampled_from(Codec),
     ),
     st.builds(lambda name, caps: Hello.local(name, caps), names, st.lists(names, max_size=5)),

@@ -26,7 +26,8 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from stamen.swarm_core.protocol.rpc import RpcClient, SlotTimeout
+from stamen.swarm_core.protocol.errors import SlotTimeout
+from stamen.swarm_core.protocol.rpc import RpcClient
 
 Dial = Callable[[], Awaitable[RpcClient]]
 

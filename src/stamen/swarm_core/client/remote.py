@@ -39,18 +39,20 @@ Errors raised by implementations (this module knows nothing about how they are d
     ├── NoRouteError       (routing) no chain of usable hosts covers the blocks
     └── SessionFailedError (inference) retries exhausted
 
-This module knows nothing about transports, wire formats or discovery records.
+This module knows nothing about transports or wire formats; of discovery records it
+shares only `HostState`.
 """
 
 from __future__ import annotations
 
-import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from types import TracebackType
 from typing import NamedTuple, Protocol, Self
 
 from torch import Tensor
+
+from stamen.swarm_core.protocol.records import HostState
 
 
 class SwarmClientError(Exception):
@@ -88,12 +90,6 @@ class Incarnation(NamedTuple):
 
     peer_id: str
     started_at_s: float
-
-
-class HostState(enum.StrEnum):
-    JOINING = "joining"  # loading blocks, not serving yet
-    ONLINE = "online"
-    OFFLINE = "offline"  # announced shutdown, or its record lapsed
 
 
 @dataclass(frozen=True)

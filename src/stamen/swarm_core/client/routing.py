@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from stamen.swarm_core.client.remote import HostInfo, HostState, Incarnation, SwarmClientError
+from stamen.swarm_core.client.remote import HostInfo, Incarnation, SwarmClientError
+from stamen.swarm_core.protocol.records import HostState
 
 logger = logging.getLogger(__name__)
 

@@ -37,18 +37,11 @@ from stamen.swarm_core.client.remote import (
     RequestTooLarge,
     SpanClient,
 )
-from stamen.swarm_core.client.remote import HostState as ViewState
 from stamen.swarm_core.protocol.codecs import Codec
 from stamen.swarm_core.protocol.discovery import Discovery
+from stamen.swarm_core.protocol.errors import RemoteBusy, RemoteTooLarge, RpcError, SlotTimeout
 from stamen.swarm_core.protocol.records import HostRecord, HostState
-from stamen.swarm_core.protocol.rpc import (
-    RemoteBusy,
-    RemoteTooLarge,
-    RpcClient,
-    RpcError,
-    RpcStream,
-    SlotTimeout,
-)
+from stamen.swarm_core.protocol.rpc import RpcClient, RpcStream
 from stamen.swarm_core.protocol.wire import (
     Backward,
     BackwardResult,
@@ -264,13 +257,6 @@ class RpcSpanClient(SpanClient):
             raise _hop_error(error, self._peer_id, what) from error
 
 
-_VIEW_STATES = {
-    HostState.JOINING: ViewState.JOINING,
-    HostState.ONLINE: ViewState.ONLINE,
-    HostState.OFFLINE: ViewState.OFFLINE,
-}
-
-
 def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
     """The routing view of a record, or None for a record routing cannot use."""
     blocks = record.end_block - record.start_block
@@ -283,7 +269,7 @@ def host_info(record: HostRecord, ping_s: float | None) -> HostInfo | None:
         end=record.end_block,
         throughput_tokens_s=record.throughput_tokens_per_s * blocks,
         free_cache_tokens=record.free_cache_tokens,
-        state=_VIEW_STATES.get(record.state, ViewState.OFFLINE),
+        state=record.state,
         ping_s=ping_s,
         started_at_s=record.started_at_s,
         max_session_cache_tokens=record.max_session_cache_tokens or None,

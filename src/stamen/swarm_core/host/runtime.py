@@ -13,13 +13,13 @@ Contract:
 
 1. Cache follows use (`sessions.CacheBudget`). `open_session` reserves one page
    (`min(max_length, cache_page_tokens) * batch_size` tokens in every block) or raises
-   `Busy` at once; `max_length` is only the session's upper bound. A step that writes
+   `RemoteBusy` at once; `max_length` is only the session's upper bound. A step that writes
    past the session's capacity first grows the reservation (doubling, in whole pages,
-   up to `max_length`); if that is not free the step is refused with `Busy` (and a
+   up to `max_length`); if that is not free the step is refused with `RemoteBusy` (and a
    `retry_after_s` hint) before anything runs, and the session stays valid at its old
    length, so the same step may be retried. One session may hold at most
    `max_session_cache_fraction` of the budget; growth past that is `CacheLimitExceeded`
-   (a `BadRequest`). Closing a session returns all of it to the budget at once.
+   (a `RemoteBadRequest`). Closing a session returns all of it to the budget at once.
    Buffers are allocated, and grown (new buffers, filled prefix copied), by the compute
    thread when a step needs them: an open costs ~12 us and no memory, and zero-filling
    a large cache (94 MB for SmolLM2's 30 blocks at 2048 tokens: ~70-140 ms on a loaded
@@ -29,12 +29,12 @@ Contract:
    past the session's length. The session keeps its key padding mask history, so a
    left-padded batch stays correct across steps.
 3. All compute runs on one thread (`scheduler.ComputeScheduler`): inference steps before
-   forward/backward, each job failing with `Timeout` if it waits too long in the queue.
+   forward/backward, each job failing with `RemoteTimeout` if it waits too long in the queue.
    Idle sessions are closed by a reaper task owned by the runtime.
 4. Every request is validated before anything is allocated; refusals are
-   `sessions.RuntimeRequestError`s and the runtime keeps serving. A forward / backward of
-   more than `max_bulk_tokens` tokens (B x T, what a host announces as
-   `max_request_tokens`) is `RequestTooLarge` (code "too_large").
+   `protocol.errors.RemoteError`s (sent to the client as they are) and the runtime keeps
+   serving. A forward / backward of more than `max_bulk_tokens` tokens (B x T, what a
+   host announces as `max_request_tokens`) is `RemoteTooLarge` (code "too_large").
 5. Deep prompts `(n_blocks of the range, B or 1, P, C)`, P <= `max_prompt_tokens`, are
    added to the hidden states at absolute positions `[0, P)` before each block
    (`stamen.models.chain`). `forward` / `backward` start at position 0 and need P <= T. A
@@ -76,16 +76,10 @@ from stamen.models.base import BlockAdapter, StepContext
 from stamen.models.chain import SpanCache, run_blocks, run_span
 from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
 from stamen.swarm_core.host.sessions import (
-    BadRequest,
-    Busy,
     CacheBudget,
     CacheLimitExceeded,
-    NotFound,
-    RequestTooLarge,
-    RuntimeRequestError,
     Session,
     SessionId,
-    Timeout,
     check_hidden,
     check_no_gap,
     check_padding_mask,
@@ -94,22 +88,21 @@ from stamen.swarm_core.host.sessions import (
     check_step_position,
     new_session_id,
 )
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteNotFound,
+    RemoteTooLarge,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BadRequest",
-    "Busy",
     "CacheLimitExceeded",
-    "NotFound",
-    "RequestTooLarge",
     "RuntimeInfo",
     "RuntimeLimits",
-    "RuntimeRequestError",
     "SessionId",
     "ServedSpan",
     "SpanRuntime",
-    "Timeout",
     "cache_bytes_per_token",
     "measure_throughput",
 ]
@@ -280,7 +273,7 @@ class SpanRuntime:
             return self.span.start, self.span.end
         start, end = requested
         if not self.span.start <= start < end <= self.span.end:
-            raise BadRequest(
+            raise RemoteBadRequest(
                 f"blocks [{start}, {end}) are not inside this host's span "
                 f"[{self.span.start}, {self.span.end})"
             )
@@ -332,7 +325,9 @@ class SpanRuntime:
     def _session(self, session_id: object) -> Session:
         session = self._sessions.get(SessionId(session_id)) if isinstance(session_id, str) else None
         if session is None:
-            raise NotFound(f"no open session {session_id!r} (never opened, closed or expired)")
+            raise RemoteNotFound(
+                f"no open session {session_id!r} (never opened, closed or expired)"
+            )
         return session
 
     def _close(self, session_id: SessionId, *, reason: str) -> None:
@@ -388,7 +383,7 @@ class SpanRuntime:
             # Nothing of this session is queued or running, so its length is settled:
             # refuse a gap before growing the reservation for it.
             check_no_gap(session, start)
-        self._budget.grow(session, start + T)  # or Busy / CacheLimitExceeded; nothing ran
+        self._budget.grow(session, start + T)  # or RemoteBusy / CacheLimitExceeded; nothing ran
         capacity = session.capacity
         session.in_flight += 1
         session.touch()
@@ -436,7 +431,7 @@ class SpanRuntime:
         blocks = self._blocks(blocks_range)
         grad_output = check_hidden(grad_output, hidden_size=self.hidden_size, name="grad_output")
         if grad_output.shape != hidden.shape:
-            raise BadRequest(
+            raise RemoteBadRequest(
                 f"grad_output has shape {tuple(grad_output.shape)}, "
                 f"hidden has {tuple(hidden.shape)}"
             )
@@ -456,7 +451,7 @@ class SpanRuntime:
         hidden = check_hidden(hidden, hidden_size=self.hidden_size)
         B, T, _ = hidden.shape
         if B * T > self.limits.max_bulk_tokens:
-            raise RequestTooLarge(
+            raise RemoteTooLarge(
                 f"{B * T} tokens (batch {B} x {T}) in one request; this host takes at most "
                 f"{self.limits.max_bulk_tokens} (max_request_tokens): split the batch"
             )
@@ -496,7 +491,7 @@ class SpanRuntime:
         queued (at least `start + T`); the buffers grow to it if they are shorter.
         `prompts`: the slice for this step's positions, or None."""
         if session.closed:
-            raise NotFound(f"session {session.session_id!r} was closed before its step ran")
+            raise RemoteNotFound(f"session {session.session_id!r} was closed before its step ran")
         check_no_gap(session, start)
         B, T, _ = hidden.shape
         blocks = self._blocks(session.block_range)

@@ -6,7 +6,7 @@ compute never blocks the event loop, and a single thread owns every tensor it to
 (sessions' caches need no locks). Order: lowest `Priority` first, then arrival order, so
 inference steps overtake bulk forward/backward jobs and concurrent sessions take turns.
 
-A job still queued when its `queue_timeout_s` runs out fails with `Timeout` and never runs;
+A job still queued when its `queue_timeout_s` runs out fails with `RemoteTimeout` and never runs;
 a job already running is never interrupted (compute cannot be preempted) and its caller
 gets the result. A caller cancelled while its job is queued removes the job.
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any, TypeVar
 
-from stamen.swarm_core.host.sessions import Busy, Timeout
+from stamen.swarm_core.protocol.errors import RemoteBusy, RemoteTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ComputeScheduler:
         self._thread.start()
 
     async def aclose(self) -> None:
-        """Fail queued jobs with `Busy`, let the running one finish, join the thread."""
+        """Fail queued jobs with `RemoteBusy`, let the running one finish, join the thread."""
         with self._cond:
             self._closing = True
             dropped = [job for _, _, job in self._heap if job.state is _State.QUEUED]
@@ -85,7 +85,7 @@ class ComputeScheduler:
             self._queued = 0
             self._cond.notify_all()
         for job in dropped:
-            _resolve(job, None, Busy("the host is shutting down"))
+            _resolve(job, None, RemoteBusy("the host is shutting down"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
@@ -96,9 +96,9 @@ class ComputeScheduler:
         job = _Job(fn, future, loop, time.monotonic() + queue_timeout_s)
         with self._cond:
             if self._closing or self._thread is None:
-                raise Busy("the compute queue is not running")
+                raise RemoteBusy("the compute queue is not running")
             if self._queued >= self.max_queued_jobs:
-                raise Busy(f"the compute queue is full ({self.max_queued_jobs} jobs)")
+                raise RemoteBusy(f"the compute queue is full ({self.max_queued_jobs} jobs)")
             heapq.heappush(self._heap, (int(priority), next(self._seq), job))
             self._queued += 1
             self._cond.notify()
@@ -118,7 +118,9 @@ class ComputeScheduler:
     def _expire(self, job: _Job, queue_timeout_s: float) -> None:
         if self._drop_if_queued(job) and not job.future.done():
             job.future.set_exception(
-                Timeout(f"waited {queue_timeout_s:.3g} s in the compute queue without starting")
+                RemoteTimeout(
+                    f"waited {queue_timeout_s:.3g} s in the compute queue without starting"
+                )
             )
 
     def _drop_if_queued(self, job: _Job) -> bool:
@@ -143,7 +145,7 @@ class ComputeScheduler:
                 self._queued -= 1
                 if time.monotonic() > job.deadline_s:
                     job.state = _State.DROPPED
-                    _resolve(job, None, Timeout("waited too long in the compute queue"))
+                    _resolve(job, None, RemoteTimeout("waited too long in the compute queue"))
                     continue
                 job.state = _State.RUNNING
                 return job

@@ -42,22 +42,17 @@ from stamen.models.loading import Span, load_config, load_span
 from stamen.models.quantization import quantize_block
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime, measure_throughput
-from stamen.swarm_core.host.sessions import RuntimeRequestError
 from stamen.swarm_core.protocol.discovery import Discovery
-from stamen.swarm_core.protocol.identity import peer_id_from_public_key, peer_id_of, short_peer_id
-from stamen.swarm_core.protocol.records import MAX_TTL_S, HostRecord, HostState, new_host_record
-from stamen.swarm_core.protocol.rpc import (
-    CallContext,
-    Outgoing,
+from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
     RemoteBusy,
     RemoteError,
     RemoteNotFound,
     RemoteTimeout,
-    RemoteTooLarge,
-    Reply,
-    RpcServer,
 )
+from stamen.swarm_core.protocol.identity import peer_id_from_public_key, peer_id_of, short_peer_id
+from stamen.swarm_core.protocol.records import MAX_TTL_S, HostRecord, HostState, new_host_record
+from stamen.swarm_core.protocol.rpc import CallContext, Outgoing, Reply, RpcServer
 from stamen.swarm_core.protocol.wire import (
     Backward,
     BackwardResult,
@@ -75,7 +70,6 @@ from stamen.swarm_core.protocol.wire import (
     Step,
     StepResult,
 )
-from stamen.swarm_core.protocol.wire import HostState as WireHostState
 from stamen.transports.base import Credentials, Listener, Transport
 from stamen.version import __version__
 
@@ -145,25 +139,6 @@ def choose_span(
     ]
     _, best = min(windows)
     return best, best + num_blocks
-
-
-_REMOTE_ERRORS: dict[str, type[RemoteError]] = {
-    "busy": RemoteBusy,
-    "bad_request": RemoteBadRequest,
-    "too_large": RemoteTooLarge,
-    "not_found": RemoteNotFound,
-    "timeout": RemoteTimeout,
-}
-
-
-@contextlib.contextmanager
-def _as_remote_errors() -> Iterator[None]:
-    """Runtime refusals travel to the client as the remote error of the same code."""
-    try:
-        yield
-    except RuntimeRequestError as error:
-        remote = _REMOTE_ERRORS.get(error.code, RemoteBadRequest)
-        raise remote(str(error), retry_after_s=error.retry_after_s) from error
 
 
 def _retry_later(refusal: RemoteError) -> ErrorReply:
@@ -353,12 +328,11 @@ class Host:
 
     @contextlib.contextmanager
     def _request(self) -> Iterator[None]:
-        """Count a running request (drain waits for none), translating runtime errors."""
+        """Count a running request (drain waits for none)."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            with _as_remote_errors():
-                yield
+            yield
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
@@ -371,7 +345,7 @@ class Host:
             model=self.settings.model_name,
             block_start=start,
             block_end=end,
-            state=WireHostState(self.state.value),
+            state=self.state,
             torch_dtype=str(self.settings.dtype).removeprefix("torch."),
             quantization=None
             if self.settings.quantization == "none"
@@ -388,13 +362,12 @@ class Host:
         assert isinstance(request, OpenSession)
         runtime = self._runtime()
         peer = short_peer_id(peer_id_from_public_key(context.remote_public_key))
-        with _as_remote_errors():
-            session_id = await runtime.open_session(
-                request.max_length,
-                request.batch_size,
-                block_range=(request.block_start, request.block_end),
-                peer_label=peer,
-            )
+        session_id = await runtime.open_session(
+            request.max_length,
+            request.batch_size,
+            block_range=(request.block_start, request.block_end),
+            peer_label=peer,
+        )
         try:
             yield SessionOpened(session_id=session_id, max_length=request.max_length)
             async for decoded in requests:
@@ -427,7 +400,7 @@ class Host:
                     case other:
                         raise RemoteBadRequest(f"unexpected {type(other).__name__} in a session")
         finally:
-            with contextlib.suppress(RuntimeRequestError):
+            with contextlib.suppress(RemoteError):
                 await runtime.close_session(session_id)
 
     async def _forward(self, request: Decoded, context: CallContext) -> Reply:

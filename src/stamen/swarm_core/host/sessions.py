@@ -3,10 +3,10 @@
 Cache follows use. A session holds `capacity * batch_size` cache tokens in every block of
 the span, taken from one global `CacheBudget`:
 
-1. at open, one page: `capacity = min(max_length, page_tokens)`; `Busy` if even that is
+1. at open, one page: `capacity = min(max_length, page_tokens)`; `RemoteBusy` if even that is
    not free (or one page is more than one session may hold);
 2. a step that writes past `capacity` first grows it: doubled, rounded up to whole pages,
-   at most `max_length` and the per-session cap. Growth that is not free is `Busy` and
+   at most `max_length` and the per-session cap. Growth that is not free is `RemoteBusy` and
    growth past the cap is `CacheLimitExceeded`; either way nothing is reserved and the
    session is left as it was;
 3. a reservation never shrinks while the session is open, and all of it returns to the
@@ -15,19 +15,12 @@ the span, taken from one global `CacheBudget`:
 The budget only counts tokens; the runtime's compute thread allocates (and grows) the
 buffers to match.
 
-Errors raised to whoever calls the runtime form one small tree; each carries a `code` that
-the RPC glue maps to the wire's remote error codes, and may carry `retry_after_s`, a hint
-of when trying again could succeed:
-
-    RuntimeRequestError          code
-     +-- Busy                    "busy"         no cache or queue room now; retry later or
-     |                                          try another host
-     +-- BadRequest              "bad_request"  malformed shape, dtype, position or size
-     |    +-- CacheLimitExceeded                a session outgrowing its share of the budget
-     |    +-- RequestTooLarge    "too_large"    more tokens in one forward / backward than
-     |                                          the host announces (`max_request_tokens`)
-     +-- NotFound                "not_found"    unknown, closed or expired session id
-     +-- Timeout                 "timeout"      waited too long in the compute queue
+Refusals are `protocol.errors`' `RemoteError`s, raised here and sent by the RPC server
+as they are: `RemoteBusy` (no cache or queue room now), `RemoteBadRequest` (malformed
+shape, dtype, position or size; `CacheLimitExceeded` for a session outgrowing its share of
+the budget), `RemoteTooLarge` (more tokens in one forward / backward than the host
+announces), `RemoteNotFound` (unknown, closed or expired session id), `RemoteTimeout`
+(waited too long in the compute queue).
 
 Validation here looks only at metadata (dim counts, dtypes, sizes): nothing is allocated
 for a request that fails it. This module knows nothing about networking or model code.
@@ -43,6 +36,10 @@ import torch
 from torch import Tensor
 
 from stamen.models.chain import SpanCache
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteBusy,
+)
 from stamen.swarm_core.protocol.wire import SessionId
 
 
@@ -51,41 +48,8 @@ def new_session_id() -> SessionId:
     return SessionId(secrets.token_urlsafe(16))
 
 
-class RuntimeRequestError(Exception):
-    """A request the runtime refused; the runtime itself keeps serving."""
-
-    code = "runtime_error"
-
-    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Busy(RuntimeRequestError):
-    code = "busy"
-
-
-class BadRequest(RuntimeRequestError):
-    code = "bad_request"
-
-
-class CacheLimitExceeded(BadRequest):
+class CacheLimitExceeded(RemoteBadRequest):
     """A session needs more cache than one session may hold on this host."""
-
-
-class RequestTooLarge(BadRequest):
-    """A forward / backward over the host's announced tokens-per-call limit: the client
-    must split it; sending it again fails again."""
-
-    code = "too_large"
-
-
-class NotFound(RuntimeRequestError):
-    code = "not_found"
-
-
-class Timeout(RuntimeRequestError):
-    code = "timeout"
 
 
 class CacheBudget:
@@ -118,7 +82,7 @@ class CacheBudget:
         capacity = min(max_length, self.page_tokens)
         num_tokens = capacity * batch_size
         if num_tokens > min(self.free_tokens, self.max_session_tokens):
-            raise Busy(
+            raise RemoteBusy(
                 f"no room for a first page of {num_tokens} cache tokens "
                 f"(batch {batch_size} x {capacity}): {self._room()}",
                 retry_after_s=self.retry_after_s,
@@ -141,7 +105,7 @@ class CacheBudget:
         capacity = self._grown_capacity(session, needed_length)
         extra_tokens = (capacity - session.capacity) * B
         if extra_tokens > self.free_tokens:
-            raise Busy(
+            raise RemoteBusy(
                 f"no room to grow the session's cache by {extra_tokens} tokens to "
                 f"{capacity * B}: {self._room()}",
                 retry_after_s=self.retry_after_s,
@@ -211,18 +175,20 @@ def check_hidden(
 ) -> Tensor:
     """A floating `(B, T, C)` tensor with T >= 1, C = `hidden_size`, and B as required."""
     if not isinstance(hidden, Tensor):
-        raise BadRequest(f"{name} must be a tensor, got {type(hidden).__name__}")
+        raise RemoteBadRequest(f"{name} must be a tensor, got {type(hidden).__name__}")
     if hidden.dim() != 3:
-        raise BadRequest(f"{name} must be (B, T, C), got shape {tuple(hidden.shape)}")
+        raise RemoteBadRequest(f"{name} must be (B, T, C), got shape {tuple(hidden.shape)}")
     if not hidden.dtype.is_floating_point:
-        raise BadRequest(f"{name} must be a floating-point tensor, got {hidden.dtype}")
+        raise RemoteBadRequest(f"{name} must be a floating-point tensor, got {hidden.dtype}")
     B, T, C = hidden.shape
     if C != hidden_size:
-        raise BadRequest(f"{name} has hidden size {C}, this span expects {hidden_size}")
+        raise RemoteBadRequest(f"{name} has hidden size {C}, this span expects {hidden_size}")
     if T < 1 or B < 1:
-        raise BadRequest(f"{name} must hold at least one token, got shape {tuple(hidden.shape)}")
+        raise RemoteBadRequest(
+            f"{name} must hold at least one token, got shape {tuple(hidden.shape)}"
+        )
     if batch_size is not None and B != batch_size:
-        raise BadRequest(f"{name} has batch {B}, the session was opened with {batch_size}")
+        raise RemoteBadRequest(f"{name} has batch {B}, the session was opened with {batch_size}")
     return hidden
 
 
@@ -231,11 +197,11 @@ def check_padding_mask(mask: object, batch_size: int, num_tokens: int) -> Tensor
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
-        raise BadRequest(f"padding_mask must be a tensor, got {type(mask).__name__}")
+        raise RemoteBadRequest(f"padding_mask must be a tensor, got {type(mask).__name__}")
     if mask.dtype.is_floating_point or mask.dtype.is_complex:
-        raise BadRequest(f"padding_mask must be bool or integer, got {mask.dtype}")
+        raise RemoteBadRequest(f"padding_mask must be bool or integer, got {mask.dtype}")
     if tuple(mask.shape) != (batch_size, num_tokens):
-        raise BadRequest(
+        raise RemoteBadRequest(
             f"padding_mask has shape {tuple(mask.shape)}, expected {(batch_size, num_tokens)}"
         )
     return mask.to(torch.bool)
@@ -244,20 +210,22 @@ def check_padding_mask(mask: object, batch_size: int, num_tokens: int) -> Tensor
 def check_positive_int(value: object, name: str, *, maximum: int) -> int:
     # bool is an int subclass; True as a batch size is a client bug, not a 1.
     if not isinstance(value, int) or isinstance(value, bool):
-        raise BadRequest(f"{name} must be an integer, got {type(value).__name__}")
+        raise RemoteBadRequest(f"{name} must be an integer, got {type(value).__name__}")
     if not 1 <= value <= maximum:
-        raise BadRequest(f"{name} must be in [1, {maximum}], got {value}")
+        raise RemoteBadRequest(f"{name} must be in [1, {maximum}], got {value}")
     return value
 
 
 def check_step_position(session: Session, start_position: object, num_tokens: int) -> int:
     """Static checks (the gap check needs the session's length: `check_no_gap`)."""
     if not isinstance(start_position, int) or isinstance(start_position, bool):
-        raise BadRequest(f"start_position must be an integer, got {type(start_position).__name__}")
+        raise RemoteBadRequest(
+            f"start_position must be an integer, got {type(start_position).__name__}"
+        )
     if start_position < 0:
-        raise BadRequest(f"start_position must be >= 0, got {start_position}")
+        raise RemoteBadRequest(f"start_position must be >= 0, got {start_position}")
     if start_position + num_tokens > session.max_length:
-        raise BadRequest(
+        raise RemoteBadRequest(
             f"step writes slots [{start_position}, {start_position + num_tokens}), "
             f"beyond the session's max_length {session.max_length}"
         )
@@ -267,7 +235,7 @@ def check_step_position(session: Session, start_position: object, num_tokens: in
 def check_no_gap(session: Session, start_position: int) -> None:
     """A step may roll back or replay, never start past the tokens the session holds."""
     if start_position > session.length:
-        raise BadRequest(
+        raise RemoteBadRequest(
             f"start_position {start_position} would leave a gap: the session holds "
             f"{session.length} tokens"
         )
@@ -288,22 +256,24 @@ def check_prompts(
     if prompts is None:
         return None
     if not isinstance(prompts, Tensor):
-        raise BadRequest(f"prompts must be a tensor, got {type(prompts).__name__}")
+        raise RemoteBadRequest(f"prompts must be a tensor, got {type(prompts).__name__}")
     if prompts.dim() != 4:
-        raise BadRequest(f"prompts must be (n_blocks, B, P, C), got shape {tuple(prompts.shape)}")
+        raise RemoteBadRequest(
+            f"prompts must be (n_blocks, B, P, C), got shape {tuple(prompts.shape)}"
+        )
     if not prompts.dtype.is_floating_point:
-        raise BadRequest(f"prompts must be a floating-point tensor, got {prompts.dtype}")
+        raise RemoteBadRequest(f"prompts must be a floating-point tensor, got {prompts.dtype}")
     n, B, P, C = prompts.shape
     if n != num_blocks:
-        raise BadRequest(f"prompts are for {n} blocks, the request runs {num_blocks}")
+        raise RemoteBadRequest(f"prompts are for {n} blocks, the request runs {num_blocks}")
     if B not in (1, batch_size):
-        raise BadRequest(f"prompts have batch {B}, expected 1 or {batch_size}")
+        raise RemoteBadRequest(f"prompts have batch {B}, expected 1 or {batch_size}")
     if C != hidden_size:
-        raise BadRequest(f"prompts have hidden size {C}, this span expects {hidden_size}")
+        raise RemoteBadRequest(f"prompts have hidden size {C}, this span expects {hidden_size}")
     if not 1 <= P <= max_tokens:
-        raise BadRequest(f"prompts must hold 1 to {max_tokens} positions, got {P}")
+        raise RemoteBadRequest(f"prompts must hold 1 to {max_tokens} positions, got {P}")
     if num_tokens is not None and P > num_tokens:
-        raise BadRequest(
+        raise RemoteBadRequest(
             f"prompts cover {P} positions but the request has only {num_tokens} tokens"
         )
     return prompts

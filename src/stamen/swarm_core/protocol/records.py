@@ -113,7 +113,6 @@ class HostRecord(msgspec.Struct, frozen=True, kw_only=True):
     max_request_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0
     dtype: _ShortText = ""
     quantization: _ShortText = ""  # "" (none), "int8", "nf4"
-    adapters: Annotated[tuple[_Name, ...], msgspec.Meta(max_length=16)] = ()
     next_hop_pings_s: Annotated[dict[_ShortText, _NonNegative], msgspec.Meta(max_length=32)] = {}
     version: _ShortText = ""
     public_name: _ShortText = ""

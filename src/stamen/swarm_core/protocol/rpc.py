@@ -23,18 +23,10 @@ raises `SlotTimeout`. A stream beyond the server's limit (a client that ignores 
 announcement, or a slot reused while the server still finishes the old stream) waits
 `admission_wait_s` for a slot and is then answered `busy`; other streams carry on.
 
-Errors raised on the client:
-
-    RpcError
-    ├── RemoteError             the peer answered with an `ErrorReply`
-    │   ├── RemoteBusy          ├── RemoteBadRequest   ├── RemoteNotFound
-    │   │                       │   └── RemoteTooLarge  (over an announced size limit)
-    │   ├── RemoteTimeout       └── RemoteInternal
-    ├── RpcTimeout              our own deadline passed (also a `TimeoutError`)
-    │   └── SlotTimeout         ... while waiting for a free call slot (nothing was sent)
-    └── ProtocolError           the peer sent something invalid or unexpected
-    wire.VersionMismatch        the handshake failed (either side refused)
-    transports.base.TransportError passes through unchanged (stream or connection lost)
+Errors raised on the client are `protocol.errors`' tree (an `ErrorReply` is raised as
+the `RemoteError` subclass of its code, with its `retry_after_s`), `wire.VersionMismatch`
+when the handshake fails (either side refused), and `transports.base.TransportError`
+unchanged (stream or connection lost).
 
 This module knows nothing about what the handlers compute or which transport is used.
 """
@@ -52,9 +44,19 @@ import msgspec
 import torch
 
 from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.errors import (
+    ErrorCode,
+    ProtocolError,
+    RemoteBadRequest,
+    RemoteError,
+    RemoteTimeout,
+    RpcError,
+    RpcTimeout,
+    SlotTimeout,
+    remote_error,
+)
 from stamen.swarm_core.protocol.wire import (
     Decoded,
-    ErrorCode,
     ErrorReply,
     Hello,
     HelloReply,
@@ -75,73 +77,13 @@ logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-class RpcError(Exception):
-    """Base of the errors raised by RPC calls."""
-
-
-class RpcTimeout(RpcError, TimeoutError):
-    """Our deadline passed before the peer answered."""
-
-
-class SlotTimeout(RpcTimeout):
-    """Every call slot stayed taken until the deadline; the request was not sent."""
-
-
-class ProtocolError(RpcError):
-    """The peer sent a malformed or unexpected message."""
-
-
-class RemoteError(RpcError):
-    """The peer answered with an error; raise a subclass in a handler to send its code."""
-
-    code = ErrorCode.INTERNAL
-
-    def __init__(self, message: str = "", *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after_s = retry_after_s
-
-
-class RemoteBusy(RemoteError):
-    code = ErrorCode.BUSY
-
-
-class RemoteBadRequest(RemoteError):
-    code = ErrorCode.BAD_REQUEST
-
-
-class RemoteTooLarge(RemoteBadRequest):
-    """The request is over a size limit the host announced; resending it fails again."""
-
-    code = ErrorCode.TOO_LARGE
-
-
-class RemoteNotFound(RemoteError):
-    code = ErrorCode.NOT_FOUND
-
-
-class RemoteTimeout(RemoteError):
-    code = ErrorCode.TIMEOUT
-
-
-class RemoteInternal(RemoteError):
-    code = ErrorCode.INTERNAL
-
-
-_ERRORS_BY_CODE: dict[ErrorCode, type[RemoteError]] = {
-    cls.code: cls
-    for cls in (RemoteBusy, RemoteBadRequest, RemoteTooLarge, RemoteNotFound, RemoteTimeout)
-}
-
-
 def raise_if_error(message: Message) -> None:
     """Raise the client-side exception an `ErrorReply` stands for."""
     if not isinstance(message, ErrorReply):
         return
     if message.code is ErrorCode.VERSION_MISMATCH:
         raise VersionMismatch(message.message)
-    cls = _ERRORS_BY_CODE.get(message.code, RemoteInternal)
-    raise cls(message.message, retry_after_s=message.retry_after_s)
+    raise remote_error(message.code, message.message, message.retry_after_s)
 
 
 @dataclass(frozen=True)

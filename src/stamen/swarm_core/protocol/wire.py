@@ -14,6 +14,12 @@ count, tag, field constraints, dtype allow-list, ndim and dims, element count, t
 frame length implied by shape, dtype and codec, and total bytes (`WireLimits`). Every
 problem raises a `WireError`; nothing from a peer is ever unpickled.
 
+A field exists when a handler implements it. Requests (what a client asks a host) refuse
+unknown fields and unknown tensor names (`MalformedMessage`, answered `bad_request`), so a
+newer client learns at once that this host does not do what it asks, instead of being
+silently ignored; a new field needs a new minor version that clients check first.
+Replies and greetings tolerate unknown fields, so newer hosts can add some.
+
 Protocol versions are `(major, minor)`: peers with a different major refuse each other
 (`check_compatible`) in the `Hello` handshake that opens every connection (see `rpc`).
 
@@ -33,7 +39,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Annotated, ClassVar, NamedTuple, NewType, Self
 
 import msgspec
@@ -50,10 +55,12 @@ from stamen.swarm_core.protocol.codecs import (
     encode_tensor,
     encoded_nbytes,
 )
+from stamen.swarm_core.protocol.errors import ErrorCode
+from stamen.swarm_core.protocol.records import HostState
 from stamen.version import __version__
 
 # 1.1: deep prompts in Step / Forward / Backward served, grad_prompts, `too_large` errors.
-PROTOCOL_VERSION: tuple[int, int] = (1, 1)
+PROTOCOL_VERSION: tuple[int, int] = (2, 0)  # 2.0: requests refuse fields nothing implements
 
 Frame = bytes | bytearray | memoryview
 Tensors = Mapping[str, torch.Tensor]
@@ -120,23 +127,6 @@ _PROMPTS = TensorSlot(required=False, ndim=4, floating=True)  # (n_blocks, B, P,
 _PADDING = TensorSlot(required=False, ndim=2)  # (B, T) bool/uint8: False = left padding
 
 
-class HostState(StrEnum):
-    JOINING = "joining"
-    ONLINE = "online"
-    DRAINING = "draining"
-    OFFLINE = "offline"
-
-
-class ErrorCode(StrEnum):
-    BUSY = "busy"  # no capacity now (cache, streams); retry later or elsewhere
-    BAD_REQUEST = "bad_request"  # the request is invalid; retrying it will not help
-    TOO_LARGE = "too_large"  # over a size limit the host announces; split it, do not resend
-    NOT_FOUND = "not_found"  # unknown session, method, model or span
-    TIMEOUT = "timeout"  # the host gave up waiting (for compute, for the next message)
-    INTERNAL = "internal"  # the host failed; it keeps serving other calls
-    VERSION_MISMATCH = "version_mismatch"  # refused in the handshake
-
-
 class _Message(msgspec.Struct, frozen=True, tag_field="type"):
     """Base of every message; `TENSORS` names the tensors a message type carries."""
 
@@ -188,7 +178,7 @@ class HelloReply(_PeerInfo, frozen=True, tag="hello_reply"):
     max_concurrent_streams: Annotated[int, msgspec.Meta(ge=1, le=1 << 16)] | None = None
 
 
-class Ping(_Message, frozen=True, tag="ping"):
+class Ping(_Message, frozen=True, tag="ping", forbid_unknown_fields=True):
     nonce: int = 0
 
 
@@ -196,7 +186,7 @@ class Pong(_Message, frozen=True, tag="pong"):
     nonce: int = 0
 
 
-class Info(_Message, frozen=True, tag="info"):
+class Info(_Message, frozen=True, tag="info", forbid_unknown_fields=True):
     """Ask a host what it serves."""
 
 
@@ -210,17 +200,14 @@ class InfoReply(_Message, frozen=True, tag="info_reply"):
     cache_tokens_left: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_batch_size: Annotated[int, msgspec.Meta(ge=0)] = 0
     throughput_tokens_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
-    adapters: _Names = ()
 
 
-class OpenSession(_SpanRequest, frozen=True, tag="open_session"):
+class OpenSession(_SpanRequest, frozen=True, tag="open_session", forbid_unknown_fields=True):
     """Open an inference session (one stream); the host reserves its KV cache."""
 
     max_length: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1 << 12)] = 1
-    adapter: _Name | None = None
     reply_codec: Codec = Codec.NONE
-    idle_timeout_s: _Seconds | None = None
 
 
 class SessionOpened(_Message, frozen=True, tag="session_opened"):
@@ -228,7 +215,7 @@ class SessionOpened(_Message, frozen=True, tag="session_opened"):
     max_length: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Step(_Message, frozen=True, tag="step"):
+class Step(_Message, frozen=True, tag="step", forbid_unknown_fields=True):
     """Hidden states for positions `[start_position, start_position + T)`; a position
     below the session's current length rolls the cache back (replay after failover)."""
 
@@ -236,7 +223,6 @@ class Step(_Message, frozen=True, tag="step"):
         "hidden": _HIDDEN,
         "prompts": _PROMPTS,
         "padding_mask": _PADDING,
-        "hypo_ids": TensorSlot(required=False, ndim=1),  # (B,) beam reorder
     }
     session_id: _SessionId
     start_position: _Position
@@ -248,7 +234,7 @@ class StepResult(_Message, frozen=True, tag="step_result"):
     position: _Position  # the session's length after this step
 
 
-class CloseSession(_Message, frozen=True, tag="close_session"):
+class CloseSession(_Message, frozen=True, tag="close_session", forbid_unknown_fields=True):
     session_id: _SessionId
 
 
@@ -256,7 +242,7 @@ class SessionClosed(_Message, frozen=True, tag="session_closed"):
     session_id: _SessionId
 
 
-class Forward(_SpanRequest, frozen=True, tag="forward"):
+class Forward(_SpanRequest, frozen=True, tag="forward", forbid_unknown_fields=True):
     """Stateless forward of a batch through the span (fine-tuning, bulk scoring)."""
 
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
@@ -264,7 +250,6 @@ class Forward(_SpanRequest, frozen=True, tag="forward"):
         "prompts": _PROMPTS,
         "padding_mask": _PADDING,
     }
-    adapter: _Name | None = None
     reply_codec: Codec = Codec.NONE
 
 
@@ -272,7 +257,7 @@ class ForwardResult(_Message, frozen=True, tag="forward_result"):
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {"hidden": _HIDDEN}
 
 
-class Backward(_SpanRequest, frozen=True, tag="backward"):
+class Backward(_SpanRequest, frozen=True, tag="backward", forbid_unknown_fields=True):
     """Gradients of the span's inputs (and deep prompts) given the output gradient."""
 
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
@@ -281,7 +266,6 @@ class Backward(_SpanRequest, frozen=True, tag="backward"):
         "prompts": _PROMPTS,
         "padding_mask": _PADDING,
     }
-    adapter: _Name | None = None
     reply_codec: Codec = Codec.NONE
 
 
