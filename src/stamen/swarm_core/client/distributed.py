@@ -228,7 +228,7 @@ class DistributedModelForCausalLM(nn.Module):
         the prefix starting at the embeddings of vocabulary tokens drawn with
         `prompts_seed`, the deep prompts at zero; `prompts_path` loads prompts saved by
         `save_prompts` instead. Hosts are dialled with the transport their address names;
-        `transport_options` tunes each by scheme, e.g. `tcp={"encrypt": False}`. Waits up
+        `transport_options` tunes each by scheme, e.g. `tcp={"window_bytes": 8 << 20}`. Waits up
         to `wait_for_coverage_s` for hosts to cover every block."""
         if tuning_mode is not None and tuning_mode not in TUNING_MODES:
             raise ValueError(
