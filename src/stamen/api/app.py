@@ -14,7 +14,11 @@ tuned model and queues unfinished jobs again; leaving, it asks running trainers 
 
 API keys, when configured, guard every `/v1/` route (`Authorization: Bearer KEY`);
 the probes (`/livez`, `/readyz`, `/health...`), `/metrics` and the OpenAPI document stay
-open for load balancers, scrapers and tools.
+open for load balancers, scrapers and tools, and so do the web pages (`stamen.api.pages`:
+`/`, `/chat`, `/jobs`, `/static/...`), which hold no data and ask the visitor for a key.
+
+The lifespan also runs the monitor's `SwarmHistory` sampler (`history_interval_s`, every
+2 s by default), reached through the `history` dependency (`/v1/swarm/history`).
 
 Shutdown: `begin_shutdown(app)` (the CLI calls it on SIGTERM/SIGINT, before uvicorn waits
 for connections) makes readiness 503 and ends every generation in flight; the lifespan
@@ -24,6 +28,8 @@ embedded swarm stopped).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import re
@@ -42,6 +48,8 @@ from stamen.api.engine import EngineClient
 from stamen.api.errors import APIError, error_response, exception_handlers
 from stamen.api.jobs import JobManager, TunedEngineFactory, default_tuned_engines
 from stamen.api.metrics import ApiMetrics
+from stamen.api.pages import SwarmHistory, page_handlers
+from stamen.api.pages.history import DEFAULT_INTERVAL_S, DEFAULT_WINDOW_S
 from stamen.api.routes import route_handlers
 from stamen.api.state import ApiState, FineTuningSettings, ServingSettings
 from stamen.api.store import Store, open_store
@@ -75,6 +83,11 @@ def _provide_files(state: State) -> Store:
 def _provide_jobs(state: State) -> JobManager:
     jobs: JobManager = state.jobs
     return jobs
+
+
+def _provide_history(state: State) -> SwarmHistory:
+    history: SwarmHistory = state.history
+    return history
 
 
 def _unauthorized(message: str, code: str) -> Response[bytes]:
@@ -136,6 +149,12 @@ def begin_shutdown(app: Litestar) -> None:
         api.begin_shutdown()
 
 
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 @asynccontextmanager
 async def _data_dir(settings: FineTuningSettings) -> AsyncIterator[Path]:
     if settings.data_dir is not None:
@@ -151,6 +170,8 @@ def create_app(
     *,
     trainer: Trainer | None = None,
     tuned_engines: TunedEngineFactory | None = None,
+    history_interval_s: float = DEFAULT_INTERVAL_S,
+    history_window_s: float = DEFAULT_WINDOW_S,
     debug: bool = False,
 ) -> Litestar:
     holder: dict[str, ApiState] = {}
@@ -160,6 +181,12 @@ def create_app(
         return [] if api is None else [e.swarm_snapshot() for e in api.base_engines()]
 
     metrics = ApiMetrics(snapshots)
+    history = SwarmHistory(
+        snapshots,
+        metrics.decode_steps_total,
+        interval_s=history_interval_s,
+        window_s=history_window_s,
+    )
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -178,6 +205,9 @@ def create_app(
             await stack.enter_async_context(manager.running())
             holder["api"] = api
             app.state.api, app.state.store, app.state.jobs = api, store, manager
+            app.state.history = history
+            sampler = asyncio.create_task(history.run(), name="stamen-swarm-history")
+            stack.push_async_callback(_cancelled, sampler)
             logger.info("serving models %s; fine-tuning data in %s", list(api.engines), data_dir)
             try:
                 yield
@@ -185,11 +215,12 @@ def create_app(
                 api.begin_shutdown()
 
     return Litestar(
-        route_handlers=route_handlers,
+        route_handlers=[*route_handlers, *page_handlers],
         dependencies={
             "api": Provide(_provide_api, sync_to_thread=False),
             "files": Provide(_provide_files, sync_to_thread=False),
             "jobs": Provide(_provide_jobs, sync_to_thread=False),
+            "history": Provide(_provide_history, sync_to_thread=False),
         },
         exception_handlers=exception_handlers,
         lifespan=[lifespan],

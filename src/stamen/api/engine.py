@@ -46,7 +46,14 @@ BlocksFunction = Callable[[Tensor, Tensor | None], Tensor]
 
 
 class HostView(msgspec.Struct):
-    """One host serving blocks `[start, end)` of the model, as `/v1/swarm` shows it."""
+    """One host serving blocks `[start, end)` of the model, as `/v1/swarm` shows it.
+
+    `throughput` is the host's announced decode tokens/s through its span and
+    `cache_tokens_left` its free KV cache in tokens. `transport` is the scheme of the
+    address a client dials first (`tcp`, `webrtc`, ...) and `address_kind` how that
+    address is reached: `direct` (dialed at the host's own address) or `relayed` (found
+    through a signalling relay named in the address); see `swarm_engine.reachability`.
+    None where the engine has no such fact (an in-process engine)."""
 
     peer_id: str
     start: int
@@ -55,6 +62,9 @@ class HostView(msgspec.Struct):
     public_name: str | None = None
     throughput: float | None = None
     cache_tokens_left: int | None = None
+    version: str | None = None
+    transport: str | None = None
+    address_kind: str | None = None
 
 
 class SwarmSnapshot(msgspec.Struct):

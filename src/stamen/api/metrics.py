@@ -1,8 +1,10 @@
 """Prometheus metrics of the API, in a registry owned by one app (tests build many apps).
 
 Requests by endpoint and status, prompt and completion tokens, time to first token,
-inter-token latency, requests in flight, and the swarm's block coverage per model (read
-from the engines when scraped).
+inter-token latency, decode steps (counted as they happen, so that a rate over a few
+seconds shows generation while it runs, where completion tokens are counted when a
+request ends), requests in flight, and the swarm's block coverage per model (read from
+the engines when scraped).
 """
 
 from __future__ import annotations
@@ -62,12 +64,22 @@ class ApiMetrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=self.registry,
         )
+        self.decode_steps = Counter(
+            "stamen_api_decode_steps",
+            "Decode steps of all generations (one token each for a request with n=1)",
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
             "stamen_api_requests_in_flight", "Generations running now", registry=self.registry
         )
         self.registry.register(_SwarmCollector(snapshots))
+        # The counter's own value, kept beside it: prometheus_client reads it back only
+        # through a private attribute or a walk of the whole registry.
+        self._decode_steps_total = 0
 
     def observe_token(self, since_last_s: float, *, first: float | None) -> None:
+        self.decode_steps.inc()
+        self._decode_steps_total += 1
         if first is not None:
             self.time_to_first_token.observe(first)
         else:
@@ -76,6 +88,10 @@ class ApiMetrics:
     def observe_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
         self.tokens.labels("prompt").inc(prompt_tokens)
         self.tokens.labels("completion").inc(completion_tokens)
+
+    def decode_steps_total(self) -> int:
+        """Decode steps so far (what the monitor's tokens/s is a rate of)."""
+        return self._decode_steps_total
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

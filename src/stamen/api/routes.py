@@ -11,6 +11,7 @@ POST /v1/fine_tuning/jobs/{id}/cancel       cancel
 GET  /v1/fine_tuning/jobs/{id}/events       events: messages and per-step metrics
 GET  /v1/fine_tuning/jobs/{id}/checkpoints  one per epoch, each served as a model
 GET  /v1/swarm                              which hosts serve which blocks
+GET  /v1/swarm/history                      the monitor's samples of the last minutes
 GET  /livez, /health/live                   liveness: 200 while the process serves
 GET  /readyz, /health/ready, /health        readiness: 200 when a request sent now would
                                             be served, else 503 + Retry-After + reasons
@@ -30,7 +31,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 
 from stamen.api import responses
 from stamen.api import schemas as s
@@ -38,11 +39,13 @@ from stamen.api.cancellation import unless_abandoned
 from stamen.api.files import file_handlers
 from stamen.api.fine_tuning import fine_tuning_handlers
 from stamen.api.openapi import OPENAPI_PATH, openapi_document
+from stamen.api.pages.history import SwarmHistory
 from stamen.api.serving import chat_job, check_ready, completion_jobs
 from stamen.api.state import ApiState
 from stamen.api.streaming import sse_stream
 
 Api = NamedDependency[ApiState]
+History = NamedDependency[SwarmHistory]
 AnyRequest = Request[Any, Any, Any]
 
 
@@ -149,11 +152,25 @@ async def create_completion(request: AnyRequest, api: Api) -> Response[Any]:
 
 @get("/v1/swarm", sync_to_thread=False)
 def swarm(api: Api) -> dict[str, Any]:
-    """Which hosts serve which blocks of each model."""
+    """Which hosts serve which blocks of each model, and whether each model can serve now."""
     return {
         "object": "swarm",
         "ready": api.ready(),
-        "models": [msgspec.to_builtins(e.swarm_snapshot()) for e in api.base_engines()],
+        "models": [
+            {**msgspec.to_builtins(e.swarm_snapshot()), "ready": e.ready()}
+            for e in api.base_engines()
+        ],
+    }
+
+
+@get("/v1/swarm/history", sync_to_thread=False)
+def swarm_history(history: History, since: FromQuery[float | None] = None) -> dict[str, Any]:
+    """Samples of the swarm over the last minutes, oldest first (after `since`, Unix s)."""
+    return {
+        "object": "swarm.history",
+        "interval_s": history.interval_s,
+        "window_s": history.window_s,
+        "data": msgspec.to_builtins(history.samples(since)),
     }
 
 
@@ -202,6 +219,7 @@ route_handlers = [
     create_chat_completion,
     create_completion,
     swarm,
+    swarm_history,
     live,
     ready,
     metrics,

@@ -14,7 +14,7 @@ This module knows nothing about HTTP or OpenAI schemas.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,25 @@ from stamen.swarm_core.client.swarm import ClientSettings, SwarmClient
 from stamen.swarm_core.protocol.records import model_name_of
 from stamen.transports.base import Credentials
 from stamen.transports.factory import SchemeRouter
+
+# Schemes whose addresses name a relay that carries the signalling, not the host itself
+# (`webrtc://RELAY_HOST:PORT/PUBLIC_KEY_HEX`): such a host is reached through that relay.
+_RELAYED_SCHEMES = frozenset({"webrtc"})
+
+
+def reachability(addresses: Sequence[str]) -> tuple[str | None, str | None]:
+    """`(transport, address_kind)` of a host record's addresses, for the monitor.
+
+    Clients dial addresses in the announced order, so the first one says how a host is
+    reached: its scheme is the transport; it is `relayed` when that scheme finds the host
+    through a relay named in the address (WebRTC: the SDP offer and answer travel through
+    the signalling relay, and whether ICE then finds a direct path or a TURN relay is
+    not in the record), else `direct` (the address is the host's own socket). A host
+    with no address, or one without a scheme (which nobody can dial): `(None, None)`."""
+    scheme, separator, _ = addresses[0].partition("://") if addresses else ("", "", "")
+    if not separator:
+        return None, None
+    return scheme, ("relayed" if scheme in _RELAYED_SCHEMES else "direct")
 
 
 class SwarmEngine(ClientSide):
@@ -177,7 +196,11 @@ class SwarmEngine(ClientSide):
                 public_name=record.public_name or None,
                 throughput=record.throughput_tokens_per_s,
                 cache_tokens_left=record.free_cache_tokens,
+                version=record.version or None,
+                transport=transport,
+                address_kind=kind,
             )
             for record in self.swarm.records()
+            for transport, kind in [reachability(record.addresses)]
         ]
         return SwarmSnapshot.from_hosts(self._model_id, self.swarm.num_blocks, hosts)
