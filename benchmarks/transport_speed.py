@@ -30,7 +30,7 @@ from typing import Protocol
 
 from stamen.transports.base import Connection, Credentials, Stream, StreamClosed, Transport
 from stamen.transports.memory import MemoryTransport
-from stamen.transports.tcp import TcpOptions, TcpTransport
+from stamen.transports.tcp import TcpTransport
 
 KB = 1000
 MB = 1000 * 1000
@@ -143,13 +143,8 @@ async def transport_link(
 
 SUBJECTS: dict[str, Callable[[], AbstractAsyncContextManager[Link]]] = {
     "raw asyncio tcp": raw_tcp_link,
-    "stamen tcp (encrypted)": lambda: transport_link(
-        lambda credentials: TcpTransport(credentials), "tcp://127.0.0.1:0"
-    ),
-    "stamen tcp (plaintext)": lambda: transport_link(
-        lambda credentials: TcpTransport(credentials, TcpOptions(encrypt=False)),
-        "tcp://127.0.0.1:0",
-    ),
+    # Always Noise-encrypted (AES-256-GCM records); there is no plaintext mode to compare.
+    "stamen tcp": lambda: transport_link(TcpTransport, "tcp://127.0.0.1:0"),
     "stamen memory": lambda: transport_link(MemoryTransport, "memory://"),
 }
 BASELINE = "raw asyncio tcp"
