@@ -86,6 +86,14 @@ def add_transport_arguments(parser: argparse.ArgumentParser) -> None:
         "other users [STAMEN_ICE_CREDENTIAL]",
     )
     group.add_argument(
+        "--webrtc-host-address",
+        action="append",
+        metavar="IP",
+        help="webrtc: gather host candidates from this local address only, repeatable "
+        "[STAMEN_WEBRTC_HOST_ADDRESSES, space-separated] (default: every interface "
+        "address but 127.0.0.1)",
+    )
+    group.add_argument(
         "--ice-relay-only",
         action="store_true",
         help="webrtc: connect through the TURN server only, never revealing this machine's "
@@ -110,7 +118,7 @@ def transport_from_args(args: argparse.Namespace, credentials: Credentials) -> T
 
 
 def _webrtc_config(args: argparse.Namespace) -> Any:
-    from stamen.transports.webrtc import IceServer, WebRTCConfig
+    from stamen.transports.webrtc_config import IceServer, WebRTCConfig
 
     servers = tuple(
         IceServer((url,), args.ice_username, args.ice_credential)
@@ -118,7 +126,12 @@ def _webrtc_config(args: argparse.Namespace) -> Any:
         else IceServer((url,))
         for url in args.ice_server or os.environ.get("STAMEN_ICE_SERVERS", "").split()
     )
-    return WebRTCConfig(ice_servers=servers, relay_only=args.ice_relay_only)
+    host_addresses = tuple(
+        args.webrtc_host_address or os.environ.get("STAMEN_WEBRTC_HOST_ADDRESSES", "").split()
+    )
+    return WebRTCConfig(
+        ice_servers=servers, relay_only=args.ice_relay_only, host_addresses=host_addresses
+    )
 
 
 class SchemeRouter(Transport):

@@ -1,8 +1,10 @@
-"""WebRTC settings: ICE servers, the mux's tunables, and what is derived from them for
-aiortc (its `RTCConfiguration`, the size of its UDP socket buffers).
+"""WebRTC settings: ICE servers, host-candidate addresses, the mux's tunables, and what is
+derived from them for aiortc (its `RTCConfiguration`, the peer connection itself, the size
+of its UDP socket buffers).
 
-Plain frozen dataclasses, parsed once by the caller (see `factory`) and passed down. This
-module knows nothing about streams, handshakes or signalling.
+Plain frozen dataclasses, parsed once by the caller (see `factory`) and passed down; every
+peer connection is made by `new_peer_connection(config)`, so that all of the settings
+apply. This module knows nothing about streams, handshakes or signalling.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from aiortc import RTCConfiguration, RTCIceServer, RTCIceTransportPolicy, RTCPeerConnection
 
 from stamen.transports.base import Limits
+from stamen.transports.webrtc_candidates import HostAddressPeerConnection, check_host_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +51,15 @@ class WebRTCConfig:
     """Tunables; the defaults suit a LAN or the internet. No ICE servers: host candidates.
 
     `relay_only` offers and accepts TURN relay candidates alone (the peer never learns this
-    machine's addresses); it needs a `turn:` server among `ice_servers`."""
+    machine's addresses); it needs a `turn:` server among `ice_servers`.
+
+    `host_addresses` are the local IP addresses host candidates are gathered from, e.g.
+    `("127.0.0.1",)` to keep tests on loopback or one interface of several; empty means
+    aioice's default (every interface address but 127.0.0.1)."""
 
     ice_servers: tuple[IceServer, ...] = ()
     relay_only: bool = False
+    host_addresses: tuple[str, ...] = ()
     mux: MuxSettings = MuxSettings()
     handshake_timeout_s: float = 15.0
     # aioice asks for 256 KiB; bulk transfers drop datagrams with that on a busy host.
@@ -64,6 +72,7 @@ class WebRTCConfig:
         )
         if self.relay_only and not has_turn:
             raise ValueError("relay_only needs a turn: server among ice_servers")
+        check_host_addresses(self.host_addresses)
 
 
 def with_limits(config: WebRTCConfig, limits: Limits) -> WebRTCConfig:
@@ -77,6 +86,13 @@ def rtc_configuration(config: WebRTCConfig) -> RTCConfiguration:
     policy = RTCIceTransportPolicy.RELAY if config.relay_only else RTCIceTransportPolicy.ALL
     # An explicit list, even empty: `None` would make aiortc contact Google's STUN server.
     return RTCConfiguration(iceServers=servers, iceTransportPolicy=policy)
+
+
+def new_peer_connection(config: WebRTCConfig) -> RTCPeerConnection:
+    """A peer connection with `config`'s ICE servers, policy and host addresses."""
+    if config.host_addresses:
+        return HostAddressPeerConnection(rtc_configuration(config), config.host_addresses)
+    return RTCPeerConnection(rtc_configuration(config))
 
 
 def enlarge_udp_buffers(pc: RTCPeerConnection, size_bytes: int) -> None:
