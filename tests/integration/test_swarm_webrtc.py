@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
+from stamen.transports.webrtc_config import WebRTCConfig
 from tests.integration.conftest import NEW_TOKENS, SwarmProcesses
 
 pytestmark = pytest.mark.webrtc
+LOOPBACK = ("--webrtc-host-address", "127.0.0.1")  # hosts' traffic stays on 127.0.0.1
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,8 @@ def webrtc_swarm(
     processes = SwarmProcesses(tmp_path_factory.mktemp("smollm2-webrtc"))
     try:
         processes.start_bootstrap()
-        first = processes.start_host(smollm2_gguf, "--num-blocks", "15", webrtc=True)
-        second = processes.start_host(smollm2_gguf, "--num-blocks", "15", webrtc=True)
+        first = processes.start_host(smollm2_gguf, "--num-blocks", "15", *LOOPBACK, webrtc=True)
+        second = processes.start_host(smollm2_gguf, "--num-blocks", "15", *LOOPBACK, webrtc=True)
         processes.wait_ready(first, second)
         yield processes
     finally:
@@ -42,7 +44,9 @@ def test_greedy_generation_over_webrtc_equals_transformers(
     assert sorted([first.blocks, second.blocks]) == [(0, 15), (15, 30)]
     assert first.address.startswith("webrtc://") and second.address.startswith("webrtc://")
     with AutoDistributedModelForCausalLM.from_pretrained(
-        smollm2_gguf, initial_peers=[webrtc_swarm.dht]
+        smollm2_gguf,
+        initial_peers=[webrtc_swarm.dht],
+        webrtc={"config": WebRTCConfig(host_addresses=("127.0.0.1",))},
     ) as model:
         with model.inference_session(smollm2_prompt.shape[1] + NEW_TOKENS) as session:
             out = model.generate(smollm2_prompt, max_new_tokens=NEW_TOKENS, do_sample=False)

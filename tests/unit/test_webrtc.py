@@ -12,6 +12,7 @@ from stamen.transports.base import ConnectError, Credentials, HandshakeError, Id
 from stamen.transports.signaling import PeerUnreachable, SignalingRelay
 from stamen.transports.webrtc import (
     MuxSettings,
+    WebRTCConfig,
     WebRTCTransport,
     make_hello,
     parse_address,
@@ -22,6 +23,7 @@ from stamen.transports.webrtc_stream import HEADER, Kind, wire_chunks
 OFFER = "v=0\r\na=fingerprint:sha-256 AA:BB\r\n"
 ANSWER = "v=0\r\na=fingerprint:sha-256 CC:DD\r\n"
 MITM_ANSWER = "v=0\r\na=fingerprint:sha-256 EE:FF\r\n"
+LOOPBACK = WebRTCConfig(host_addresses=("127.0.0.1",))  # traffic stays on 127.0.0.1
 
 
 def test_address_names_relay_and_key() -> None:
@@ -88,7 +90,7 @@ def _fields(hello: object) -> dict[str, object]:
 @pytest.mark.webrtc
 async def test_unregistered_key_fails_fast() -> None:
     async with SignalingRelay() as relay:
-        transport = WebRTCTransport(Credentials.generate())
+        transport = WebRTCTransport(Credentials.generate(), config=LOOPBACK)
         async with asyncio.timeout(5):
             with pytest.raises(PeerUnreachable):
                 await transport.connect(f"webrtc://{relay.address}/{os.urandom(32).hex()}")
@@ -100,8 +102,8 @@ async def test_listener_reregisters_after_the_relay_restarts() -> None:
     relay = SignalingRelay()
     await relay.start()
     host, port = relay.address.split(":")
-    server = WebRTCTransport(Credentials.generate())
-    client = WebRTCTransport(Credentials.generate())
+    server = WebRTCTransport(Credentials.generate(), config=LOOPBACK)
+    client = WebRTCTransport(Credentials.generate(), config=LOOPBACK)
     served = asyncio.Event()
 
     async def handler(connection) -> None:  # type: ignore[no-untyped-def]

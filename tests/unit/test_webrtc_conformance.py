@@ -21,7 +21,10 @@ from stamen.transports.webrtc import MuxConnection, MuxSettings, WebRTCConfig, W
 pytestmark = pytest.mark.webrtc
 
 # Short liveness settings so that dead peers are noticed well inside the suite's timeout.
-TEST_CONFIG = WebRTCConfig(mux=MuxSettings(keepalive_s=0.5, dead_after_s=2.5))
+TEST_CONFIG = WebRTCConfig(
+    mux=MuxSettings(keepalive_s=0.5, dead_after_s=2.5),
+    host_addresses=("127.0.0.1",),  # traffic stays on loopback
+)
 
 
 @pytest.fixture
