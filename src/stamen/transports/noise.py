@@ -11,6 +11,9 @@ What this module gives:
   hashes `SHA256`, `SHA512`, `BLAKE2s`, `BLAKE2b`. A protocol is chosen by its full name,
   e.g. `Noise_XXpsk3_25519_AESGCM_SHA256`. Tests can inject the ephemeral key.
 
+X25519 and the AEADs are `cryptography`'s; SHA-2, BLAKE2 and HMAC come from `hashlib` and
+`hmac` (OpenSSL underneath too), whose one-shot calls suit the handshake's short inputs.
+
 This module moves no bytes and knows nothing about sockets, framing or peer identities: the
 caller carries each handshake message to the peer and decides what the payloads mean.
 Checked against the published cacophony test vectors (tests/unit/test_noise_vectors.py).
@@ -241,6 +244,11 @@ PATTERNS: dict[str, tuple[tuple[str, ...], ...]] = {
 _HANDSHAKE_NAME = re.compile(r"([A-Z0-9]+)([a-z0-9+]*)")  # pattern, then modifiers
 
 
+# DH tokens as (initiator's key, responder's key): "es" is the initiator's ephemeral with
+# the responder's static key.
+_DH_TOKENS = {"ee": ("e", "e"), "es": ("e", "s"), "se": ("s", "e"), "ss": ("s", "s")}
+
+
 @dataclass(frozen=True)
 class Protocol:
     """A parsed protocol name such as `Noise_XXpsk3_25519_AESGCM_SHA256`."""
@@ -403,13 +411,11 @@ class HandshakeState:
         if token == "psk":
             self.symmetric.mix_key_and_hash(self._psks.pop(0))
             return
-        local, remote = {"ee": ("e", "e"), "ss": ("s", "s")}.get(token, (None, None))
-        if token == "es":
-            local, remote = ("e", "s") if self.initiator else ("s", "e")
-        elif token == "se":
-            local, remote = ("s", "e") if self.initiator else ("e", "s")
-        if local is None or remote is None:
+        if token not in _DH_TOKENS:
             raise NoiseError(f"unknown token {token!r}")
+        local, remote = _DH_TOKENS[token]
+        if not self.initiator:
+            local, remote = remote, local
         private = self.e if local == "e" else self.s
         public = self.re if remote == "e" else self.rs
         if private is None or public is None:
