@@ -9,6 +9,14 @@ same length-prefixed echo with `StreamReader.readexactly`. Rounds alternate betw
 subjects so that noise from other work on the machine hits all of them alike; the table
 shows medians and the ratio to raw.
 
+Caution, measured on the 2-vCPU VM (Python 3.11): with all subjects open, the raw
+baseline's 1 KB round trip read 110-147 us instead of the 51 us it reads with
+`--only "stamen tcp"`, while stamen tcp's own time did not move (113-120 us). It depends on
+the order the links are created and measured in (raw is slow only when the memory link
+was created after the tcp one and measured just before raw); a warm-up batch right before
+each timed batch, or gc.collect and 50 ms of sleep, did not change it; the cause is not
+known. Read the small-message ratios from `--only` runs.
+
 To add a row, register an async context manager yielding a `Link` in `SUBJECTS` (see
 `transport_link` for any `stamen.transports.base.Transport`).
 """
