@@ -555,10 +555,12 @@ class MuxCore:
         elif kind == Kind.WINDOW:
             if len(payload) != WINDOW.size:
                 raise ProtocolError("malformed window update")
-            stream.send_credit += WINDOW.unpack(payload)[0]
+            (granted_bytes,) = WINDOW.unpack(payload)
+            stream.send_credit += granted_bytes
             if stream.send_credit > MAX_CREDIT_BYTES:
                 raise ProtocolError("window overflow")
-            self.events.append(CreditAvailable(stream))
+            if granted_bytes:  # an empty grant only announces the stream
+                self.events.append(CreditAvailable(stream))
         elif kind == Kind.RESET:
             stream.terminal_received = True
             stream.was_reset = True
