@@ -62,7 +62,7 @@ from stamen.transports.webrtc_config import (
     MuxSettings,
     WebRTCConfig,
     enlarge_udp_buffers,
-    rtc_configuration,
+    new_peer_connection,
     with_limits,
 )
 from stamen.transports.webrtc_mux import MuxConnection, quiet_close
@@ -128,7 +128,7 @@ class WebRTCTransport(Transport):
         return self._signaling_factory(relay, self.credentials)
 
     def _new_peer_connection(self) -> RTCPeerConnection:
-        return RTCPeerConnection(rtc_configuration(self.config))
+        return new_peer_connection(self.config)
 
     async def connect(
         self,
