@@ -4,8 +4,9 @@ On the wire, in order:
 
 1. Both sides send an 8-byte preamble, `b"STAMEN\\x00"` + the version (3). A peer with
    another version is refused with a `HandshakeError` naming both versions; version 2 (the
-   bespoke key exchange this replaced) starts with the same 7 bytes, so it too sees a
-   magic it does not know and refuses us.
+   bespoke key exchange this replaced) starts with the same 7 bytes, and both of its roles
+   receive at least its 41-byte hello from us, so it too sees a magic it does not know and
+   refuses us by name.
 2. `Noise_XXpsk3_25519_AESGCM_SHA256` (see `stamen.transports.noise`), each message as
    `u16 length | message`. The prologue is `PROLOGUE` (protocol and version). The PSK is
    32 bytes derived from the swarm key, or the public `OPEN_SWARM_PSK` in an open swarm.
@@ -69,6 +70,7 @@ Buffer = bytes | bytearray | memoryview
 VERSION = 3
 MAGIC_PREFIX = b"STAMEN\x00"  # shared with version 2, whose hello was MAGIC_PREFIX + b"\x02"
 PREAMBLE = MAGIC_PREFIX + bytes([VERSION])
+V2_HELLO_BYTES = 41  # version 2's hello: magic, flags, X25519 key
 NOISE_PROTOCOL = "Noise_XXpsk3_25519_AESGCM_SHA256"
 PROLOGUE = b"stamen-tcp/3 " + NOISE_PROTOCOL.encode()
 SIGNATURE_CONTEXT = b"stamen-tcp/3 noise static key\x00"
@@ -205,11 +207,14 @@ async def _read_message(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-async def _read_preamble(reader: asyncio.StreamReader) -> None:
+async def _read_preamble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     preamble = await reader.readexactly(len(PREAMBLE))
     if preamble == PREAMBLE:
         return
     if preamble.startswith(MAGIC_PREFIX):
+        # A version 2 dialer waits for a whole 41-byte hello before it checks the magic:
+        # send that much, so that it too refuses by name instead of seeing a hang-up.
+        writer.write(PREAMBLE.ljust(V2_HELLO_BYTES, b"\x00"))
         raise HandshakeError(
             f"the peer speaks stamen-tcp version {preamble[-1]}; this is version {VERSION}"
         )
@@ -269,7 +274,7 @@ async def _dial(
         psks=[swarm_psk(local.credentials.swarm_key)],
     )
     writer.write(PREAMBLE + _framed(state.write_message(b"")))
-    await _read_preamble(reader)
+    await _read_preamble(reader, writer)
     remote = _check_identity(
         state.read_message(await _read_message(reader)), ROLE_LISTENER, state.rs
     )
@@ -301,7 +306,7 @@ async def _accept(
         static_key=static,
         psks=[swarm_psk(local.credentials.swarm_key)],
     )
-    await _read_preamble(reader)
+    await _read_preamble(reader, writer)
     if state.read_message(await _read_message(reader)):
         raise HandshakeError("unexpected payload in message 1")
     payload = _identity_payload(
