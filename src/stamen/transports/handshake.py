@@ -30,7 +30,8 @@ What an outsider learns: anyone who dials sees the listener's ed25519 public key
 The Noise static key is fresh per connection: the signature then covers a key that lives
 for one connection only, so a static secret leaked from memory cannot impersonate the peer
 anywhere else, and no key cache is shared between transports. It costs one X25519 key and
-one ed25519 signature per connection (about 0.1 ms), nothing beside two round trips.
+one ed25519 signature per connection (80 us here), small beside the whole connect: 2.4 ms
+on loopback with both ends in one process (two round trips, four DH, sign and verify).
 
 After the handshake, Split gives one CipherState per direction. Records are our own
 framing, as WireGuard and libp2p frame their Noise transport messages themselves:
