@@ -163,15 +163,15 @@ class MuxConnection(MuxSession):
             return
         write = self._transport.write
         seal = self._send_cipher.seal_parts
-        for packet in outbox:
-            packet_bytes = PACKET.size + packet.payload_bytes
+        for head, parts, payload_bytes in outbox:
+            packet_bytes = PACKET.size + payload_bytes
             if packet_bytes < BIG_RECORD_BYTES:
-                write(seal((packet.head, *packet.parts), packet_bytes))
+                write(seal((head, *parts), packet_bytes))
                 continue
             # Big records reuse one buffer: a fresh 256 KiB allocation costs more than its
             # encryption. Reusable only if the socket took the whole record at once, since
             # asyncio may keep a reference to what it queues.
-            record = seal((packet.head, *packet.parts), packet_bytes, self._spare)
+            record = seal((head, *parts), packet_bytes, self._spare)
             spare = record.obj if isinstance(record, memoryview) else None
             self._spare = spare if isinstance(spare, bytearray) else None
             write(record)
@@ -220,7 +220,7 @@ class MuxConnection(MuxSession):
         if self.is_closed:
             return
         core = self.core
-        core.heard(self._loop.time())
+        core.last_heard_s = self._loop.time()
         try:
             self._parse(self._inbox)
         except ProtocolError as exc:

@@ -83,15 +83,11 @@ class PeerSettings:
     max_payload_bytes: int
 
 
-# Packets and events are NamedTuples: built once or twice per message, and a frozen
-# dataclass costs several times a tuple to construct.
-class OutPacket(NamedTuple):
-    """One packet to send: `head` starts with its PACKET header, `parts` follow; the
-    payload (everything after the PACKET header) is `payload_bytes` long."""
-
-    head: bytes
-    parts: Sequence[Buffer]
-    payload_bytes: int
+# One packet to send: (head, parts, payload_bytes). `head` starts with its PACKET header,
+# `parts` follow; the payload (all after the PACKET header) is `payload_bytes` long. A
+# plain tuple: one is built per message, and a NamedTuple costs 9 times as much (278 vs
+# 32 ns here).
+OutPacket = tuple[bytes, Sequence[Buffer], int]
 
 
 class StreamOpened(NamedTuple):
@@ -167,6 +163,8 @@ class StreamState:
         "terminal_sent",
         "terminal_received",
         "waker",
+        "ready_event",
+        "credit_event",
     )
 
     def __init__(self, stream_id: int, send_credit: int, window_bytes: int, *, local: bool):
@@ -188,6 +186,9 @@ class StreamState:
         self.terminal_sent = False
         self.terminal_received = False
         self.waker: Waker | None = None  # the driver's; the core stores it, never calls it
+        # Events are immutable: the per-message ones are built once per stream.
+        self.ready_event = MessageReady(self)
+        self.credit_event = CreditAvailable(self)
 
     @property
     def is_over(self) -> bool:
@@ -262,7 +263,7 @@ class MuxCore:
         self._outbound_count = 0  # our streams holding a slot (live or closing)
         self._inbound_count = 0
         self._unannounced: deque[StreamState] = deque()
-        self._last_heard_s = now_s
+        self.last_heard_s = now_s  # the driver's clock; set directly on the hot path
 
     # --- the connection ------------------------------------------------------------------
 
@@ -286,10 +287,10 @@ class MuxCore:
             self.shutdown("connection closed locally")
 
     def heard(self, now_s: float) -> None:
-        self._last_heard_s = now_s
+        self.last_heard_s = now_s
 
     def liveness(self, now_s: float) -> Liveness:
-        silent_s = now_s - self._last_heard_s
+        silent_s = now_s - self.last_heard_s
         if silent_s > self.settings.keepalive_timeout_s:
             return Liveness.SILENT
         if silent_s < self.settings.keepalive_interval_s or self.closed_reason is not None:
@@ -298,7 +299,7 @@ class MuxCore:
         return Liveness.PINGED
 
     def silent_s(self, now_s: float) -> float:
-        return now_s - self._last_heard_s
+        return now_s - self.last_heard_s
 
     # --- opening -------------------------------------------------------------------------
 
@@ -338,7 +339,8 @@ class MuxCore:
     def check_sendable(self, stream: StreamState) -> None:
         if stream.was_reset or stream.local_closed or stream.remote_closed:
             raise StreamClosed(f"stream {stream.stream_id} is closed")
-        self.raise_if_closed()
+        if self.closed_reason is not None:
+            raise ConnectionClosed(self.closed_reason)
 
     def send_whole(self, stream: StreamState, views: Sequence[Buffer]) -> bool:
         """The common message: queue it as one packet if it fits a packet and the credit;
@@ -349,16 +351,17 @@ class MuxCore:
         if payload_bytes > self.peer.max_payload_bytes or payload_bytes > stream.send_credit:
             return False
         stream.send_credit -= payload_bytes
+        flags = self._take_flags(stream) if stream.syn_pending else 0
         head = message_packet(len(sizes)).pack(
             Kind.MSG,
-            self._take_flags(stream),
+            flags,
             0,
             stream.stream_id,
             payload_bytes,
             len(sizes),
             *sizes,
         )
-        self.outbox.append(OutPacket(head, views, payload_bytes))
+        self.outbox.append((head, views, payload_bytes))
         return True
 
     def begin_message(self, stream: StreamState, views: Sequence[Buffer]) -> Outgoing:
@@ -380,12 +383,12 @@ class MuxCore:
         payload_bytes = sum(len(part) for part in parts)
         stream.send_credit -= payload_bytes
         head = PACKET.pack(kind, self._take_flags(stream), 0, stream.stream_id, payload_bytes)
-        self.outbox.append(OutPacket(head, parts, payload_bytes))
+        self.outbox.append((head, parts, payload_bytes))
         return True
 
     def _queue(self, kind: int, flags: int, stream_id: int, payload: bytes = b"") -> None:
         head = PACKET.pack(kind, flags, 0, stream_id, len(payload)) + payload
-        self.outbox.append(OutPacket(head, (), len(payload)))
+        self.outbox.append((head, (), len(payload)))
 
     # --- receiving (the application's side) ----------------------------------------------
 
@@ -560,7 +563,7 @@ class MuxCore:
             if stream.send_credit > MAX_CREDIT_BYTES:
                 raise ProtocolError("window overflow")
             if granted_bytes:  # an empty grant only announces the stream
-                self.events.append(CreditAvailable(stream))
+                self.events.append(stream.credit_event)
         elif kind == Kind.RESET:
             stream.terminal_received = True
             stream.was_reset = True
@@ -610,7 +613,7 @@ class MuxCore:
                 frames.append(payload[offset : offset + size].tobytes())
                 offset += size
             stream.messages.append(frames)
-            self.events.append(MessageReady(stream))
+            self.events.append(stream.ready_event)
             return
         stream.frame_sizes, stream.frames, stream.remaining_bytes = sizes, [], total_bytes
         self._take_data(stream, payload[header_bytes:])
@@ -643,4 +646,4 @@ class MuxCore:
             data = data[taken:]
         stream.messages.append(frames)
         stream.frame_sizes, stream.frames = None, []
-        self.events.append(MessageReady(stream))
+        self.events.append(stream.ready_event)

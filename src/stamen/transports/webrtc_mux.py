@@ -203,10 +203,7 @@ class MuxConnection(MuxSession):
         outbox = self.core.outbox
         if not outbox:
             return
-        packets = [
-            packet.head if not packet.parts else b"".join((packet.head, *packet.parts))
-            for packet in outbox
-        ]
+        packets = [head if not parts else b"".join((head, *parts)) for head, parts, _ in outbox]
         outbox.clear()
         for wire in packets:
             if not self._send_raw(wire):
@@ -250,7 +247,7 @@ class MuxConnection(MuxSession):
                 self._die(f"the peer refused: {reason}")
             else:
                 core = self.core
-                core.heard(self._loop.time())
+                core.last_heard_s = self._loop.time()
                 core.receive_packet(packet)
                 if core.events:
                     self.dispatch()
