@@ -6,7 +6,9 @@
 send (`outbox`) and events (`events`): `StreamOpened`, `MessageReady`, `CreditAvailable`,
 `StreamEnded`, `PeerGoingAway`, `ProtocolViolation`. It never touches a socket, a data
 channel, a clock or the event loop; the drivers (`mux` for tcp records, `webrtc_mux` for
-data channels) move its packets and `mux_stream` turns its events into awaitables.
+data channels) move its packets and `mux_stream` turns its events into awaitables. Its
+vocabulary (settings, events, `StreamState` with the message assembly, `Outgoing` with the
+cutting of messages into packets) is in `mux_state`, re-exported here.
 
 Rules it enforces:
 
@@ -36,16 +38,31 @@ Rules it enforces:
 
 from __future__ import annotations
 
-import enum
-import functools
 import itertools
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
 
-from stamen.transports.base import ConnectionClosed, Limits, MessageTooLarge, StreamClosed
+from stamen.transports.base import ConnectionClosed, MessageTooLarge, StreamClosed
+from stamen.transports.mux_state import (
+    MAX_CREDIT_BYTES,
+    Buffer,
+    CoreSettings,
+    CreditAvailable,
+    Event,
+    Liveness,
+    MessageReady,
+    Outgoing,
+    OutPacket,
+    PeerGoingAway,
+    PeerSettings,
+    ProtocolViolation,
+    StreamEnded,
+    StreamOpened,
+    StreamState,
+    Waker,
+    message_header,
+)
 from stamen.transports.packets import (
     FLAG_SYN,
     FRAME_BYTES,
@@ -59,187 +76,25 @@ from stamen.transports.packets import (
     message_packet,
 )
 
-Buffer = bytes | bytearray | memoryview
-MAX_CREDIT_BYTES = 1 << 62  # more than any sane window; beyond it the peer is lying
-
-
-@dataclass(frozen=True)
-class CoreSettings:
-    """What one end enforces and announces, and the size of the pipe's packets."""
-
-    limits: Limits  # applied to everything received
-    window_bytes: int  # per-stream credit granted to the peer
-    max_payload_bytes: int  # largest packet payload (headers included) accepted
-    keepalive_interval_s: float
-    keepalive_timeout_s: float
-
-
-@dataclass(frozen=True)
-class PeerSettings:
-    """What the peer announced in its handshake: the bounds of what we may send it."""
-
-    limits: Limits
-    window_bytes: int
-    max_payload_bytes: int
-
-
-# One packet to send: (head, parts, payload_bytes). `head` starts with its PACKET header,
-# `parts` follow; the payload (all after the PACKET header) is `payload_bytes` long. A
-# plain tuple: one is built per message, and a NamedTuple costs 9 times as much (278 vs
-# 32 ns here).
-OutPacket = tuple[bytes, Sequence[Buffer], int]
-
-
-class StreamOpened(NamedTuple):
-    stream: StreamState
-
-
-class MessageReady(NamedTuple):
-    stream: StreamState
-
-
-class CreditAvailable(NamedTuple):
-    stream: StreamState
-
-
-class StreamEnded(NamedTuple):
-    """The peer closed (`reset=False`: read what is queued first) or reset the stream."""
-
-    stream: StreamState
-    reset: bool
-
-
-class PeerGoingAway(NamedTuple):
-    """The peer announced it closes the connection."""
-
-
-class ProtocolViolation(NamedTuple):
-    """The peer broke the protocol; the core accepts nothing more."""
-
-    reason: str
-
-
-Event = (
-    StreamOpened | MessageReady | CreditAvailable | StreamEnded | PeerGoingAway | ProtocolViolation
-)
-
-
-class Liveness(enum.Enum):
-    HEARD = "heard"  # the peer spoke within the interval
-    PINGED = "pinged"  # quiet for an interval: a PING is in the outbox
-    SILENT = "silent"  # quiet beyond the timeout: the peer counts as dead
-
-
-class Waker(Protocol):
-    """What a driver attaches to a stream to be woken by its events (a `flow.Signal`)."""
-
-    def fire(self) -> None: ...
-
-
-@functools.cache
-def frame_sizes(frame_count: int) -> struct.Struct:
-    return struct.Struct(f"!{frame_count}Q")
-
-
-class StreamState:
-    """One stream's half of the protocol: credit, assembly, termination."""
-
-    __slots__ = (
-        "stream_id",
-        "syn_pending",
-        "send_credit",
-        "allowance",
-        "owed",
-        "pending_grant",
-        "messages",
-        "frame_sizes",
-        "frames",
-        "chunks",
-        "chunk_bytes",
-        "remaining_bytes",
-        "local_closed",
-        "remote_closed",
-        "was_reset",
-        "terminal_sent",
-        "terminal_received",
-        "waker",
-        "ready_event",
-        "credit_event",
-    )
-
-    def __init__(self, stream_id: int, send_credit: int, window_bytes: int, *, local: bool):
-        self.stream_id = stream_id
-        self.syn_pending = local  # the peer learns of the stream from our first packet
-        self.send_credit = send_credit
-        self.allowance = window_bytes  # what the peer may still send us
-        self.owed = 0  # received while a complete message waited: granted once it is read
-        self.pending_grant = 0
-        self.messages: deque[list[bytes]] = deque()
-        self.frame_sizes: tuple[int, ...] | None = None  # of the message being assembled
-        self.frames: list[bytes] = []
-        self.chunks: list[bytes | memoryview] = []
-        self.chunk_bytes = 0
-        self.remaining_bytes = 0
-        self.local_closed = False  # we closed, reset, or read the peer's close
-        self.remote_closed = False
-        self.was_reset = False
-        self.terminal_sent = False
-        self.terminal_received = False
-        self.waker: Waker | None = None  # the driver's; the core stores it, never calls it
-        # Events are immutable: the per-message ones are built once per stream.
-        self.ready_event = MessageReady(self)
-        self.credit_event = CreditAvailable(self)
-
-    @property
-    def is_over(self) -> bool:
-        """No more sends or receives on this end."""
-        return self.was_reset or self.local_closed
-
-
-class Outgoing:
-    """A message being cut into packets: its header (frame count and sizes) first, then
-    the frames' data."""
-
-    __slots__ = ("header", "data")
-
-    def __init__(self, header: bytes, views: Sequence[Buffer]) -> None:
-        self.header: bytes | None = header
-        self.data: deque[Buffer] = deque(view for view in views if len(view))
-
-    @property
-    def done(self) -> bool:
-        return self.header is None and not self.data
-
-    def room_needed_bytes(self) -> int:
-        """The least payload the next packet can carry: the header whole, or one byte."""
-        return len(self.header) if self.header is not None else 1
-
-    def take(self, room_bytes: int) -> tuple[int, list[Buffer]]:
-        """The next packet's kind (MSG for the first, DATA after) and payload parts, at
-        most `room_bytes` long (at least `room_needed_bytes`)."""
-        kind = Kind.MSG if self.header is not None else Kind.DATA
-        parts: list[Buffer] = []
-        if self.header is not None:
-            parts.append(self.header)
-            room_bytes -= len(self.header)
-            self.header = None
-        data = self.data
-        while data and room_bytes > 0:
-            view = data[0]
-            if len(view) <= room_bytes:
-                parts.append(data.popleft())
-                room_bytes -= len(view)
-            else:
-                view = memoryview(view)
-                parts.append(view[:room_bytes])
-                data[0] = view[room_bytes:]
-                room_bytes = 0
-        return kind, parts
-
-
-def message_header(views: Sequence[Buffer]) -> bytes:
-    """A MSG payload's start: u32 frame count, u64 size of each frame."""
-    return struct.pack(f"!I{len(views)}Q", len(views), *(len(view) for view in views))
+__all__ = [
+    "Buffer",
+    "CoreSettings",
+    "CreditAvailable",
+    "Event",
+    "Liveness",
+    "MessageReady",
+    "MuxCore",
+    "OutPacket",
+    "Outgoing",
+    "PeerGoingAway",
+    "PeerSettings",
+    "ProtocolViolation",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamState",
+    "Waker",
+    "message_header",
+]
 
 
 class MuxCore:
@@ -443,8 +298,7 @@ class MuxCore:
             elif self.closed_reason is None:
                 self._queue(kind, self._take_flags(stream), stream.stream_id)
             self._retire(stream)
-        stream.messages.clear()
-        stream.frame_sizes, stream.frames, stream.chunks, stream.chunk_bytes = None, [], [], 0
+        stream.drop_received()
 
     def _retire(self, stream: StreamState) -> None:
         if self.streams.get(stream.stream_id) is stream:
@@ -575,7 +429,8 @@ class MuxCore:
             if stream.frame_sizes is None:
                 raise ProtocolError(f"stream {stream.stream_id}: data outside a message")
             self._account(stream, len(payload))
-            self._take_data(stream, payload)
+            if stream.take_data(payload):
+                self.events.append(stream.ready_event)
         elif kind == Kind.CLOSE:
             if stream.frame_sizes is not None or len(payload):
                 raise ProtocolError(f"stream {stream.stream_id}: close inside a message")
@@ -596,54 +451,5 @@ class MuxCore:
         if stream.frame_sizes is not None:
             raise ProtocolError(f"stream {stream.stream_id}: message inside a message")
         self._account(stream, len(payload))
-        if len(payload) < FRAME_COUNT.size:
-            raise ProtocolError("truncated message header")
-        (frame_count,) = FRAME_COUNT.unpack_from(payload)
-        header_bytes = FRAME_COUNT.size + FRAME_BYTES.size * frame_count
-        if frame_count > self.settings.limits.max_frames or header_bytes > len(payload):
-            raise ProtocolError(f"message header with {frame_count} frames refused")
-        sizes = frame_sizes(frame_count).unpack_from(payload, FRAME_COUNT.size)
-        total_bytes = sum(sizes)
-        if total_bytes > self.settings.limits.max_message_bytes:
-            raise ProtocolError(f"message of {total_bytes} bytes refused")
-        if total_bytes == len(payload) - header_bytes:
-            # The whole message is in this packet: cut the frames out directly.
-            frames, offset = [], header_bytes
-            for size in sizes:
-                frames.append(payload[offset : offset + size].tobytes())
-                offset += size
-            stream.messages.append(frames)
+        if stream.start_message(payload, self.settings.limits):
             self.events.append(stream.ready_event)
-            return
-        stream.frame_sizes, stream.frames, stream.remaining_bytes = sizes, [], total_bytes
-        self._take_data(stream, payload[header_bytes:])
-
-    def _take_data(self, stream: StreamState, data: memoryview) -> None:
-        sizes = stream.frame_sizes
-        assert sizes is not None  # checked by the callers
-        if len(data) > stream.remaining_bytes:
-            raise ProtocolError(f"stream {stream.stream_id}: more data than the message declared")
-        stream.remaining_bytes -= len(data)
-        frames = stream.frames
-        while len(frames) < len(sizes):
-            wanted = sizes[len(frames)] - stream.chunk_bytes
-            if wanted == 0:
-                chunks, stream.chunks, stream.chunk_bytes = stream.chunks, [], 0
-                if len(chunks) == 1:
-                    only = chunks[0]
-                    frames.append(only if type(only) is bytes else bytes(only))
-                else:
-                    frames.append(b"".join(chunks))
-                continue
-            if not data:
-                return
-            taken = min(wanted, len(data))
-            chunk = data[:taken]
-            # A view of the driver's buffer must not outlive this call: a chunk that does
-            # not complete its frame here is copied.
-            stream.chunks.append(chunk if taken == wanted else chunk.tobytes())
-            stream.chunk_bytes += taken
-            data = data[taken:]
-        stream.messages.append(frames)
-        stream.frame_sizes, stream.frames = None, []
-        self.events.append(stream.ready_event)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
-from stamen.transports.mux_core import Buffer, Outgoing
+from stamen.transports.mux_state import Buffer, Outgoing
 from stamen.transports.packets import PACKET
 from stamen.transports.packets import Kind as PacketKind
 
