@@ -4,6 +4,7 @@ host for the same span closes it again."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -49,7 +50,8 @@ def test_monitor_shows_both_hosts_and_full_coverage(page: Any, swarm_api: Api) -
     assert page.locator(".blockmap .cell.covered").count() == NUM_BLOCKS
     assert uncovered(page) == 0
     assert page.locator(".blockmap .cell.state-online").count() == NUM_BLOCKS
-    page.wait_for_selector("#models .plot svg path.series", timeout=15_000)  # 2 samples
+    # Two samples make a line (a flat one has no height: "attached", not "visible").
+    page.wait_for_selector("#models .plot svg path.series", state="attached", timeout=15_000)
     assert page.errors == []
     shoot(page, "monitor")
 
@@ -64,10 +66,13 @@ def warm_connections(api: Api) -> None:
 
 def start_like(host_cmdline: list[str], log_path: Any) -> subprocess.Popen[bytes]:
     """A new `swarm-host` with the command line of one that died: same model, span,
-    transport and bootstrap (and `--parent-pid`, so it stops with `swarm-api`)."""
+    transport and bootstrap; its `--parent-pid` is this process, which starts it (the
+    host's lifeline watches its own parent), so it stops if the test dies."""
+    cmdline = list(host_cmdline)
+    cmdline[cmdline.index("--parent-pid") + 1] = str(os.getpid())
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            host_cmdline, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            cmdline, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
         )
 
 

@@ -184,3 +184,11 @@ def test_history_rate_is_decode_steps_per_second_over_a_bounded_window() -> None
 def test_history_refuses_an_interval_longer_than_its_window() -> None:
     with pytest.raises(ValueError, match="interval_s"):
         SwarmHistory(lambda: [], lambda: 0, interval_s=5.0, window_s=1.0)
+
+
+@pytest.mark.parametrize("since", ["yesterday", "", "1e999999", "nan", "-inf"])
+async def test_a_since_that_is_no_finite_number_is_a_400_in_openais_shape(since: str) -> None:
+    async with client_for(FakeSwarmEngine()) as client:
+        response = await client.get("/v1/swarm/history", params={"since": since})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"

@@ -25,6 +25,7 @@ through `sse_stream`, whole completions through `unless_abandoned`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
@@ -36,6 +37,7 @@ from litestar.params import FromPath, FromQuery
 from stamen.api import responses
 from stamen.api import schemas as s
 from stamen.api.cancellation import unless_abandoned
+from stamen.api.errors import invalid_request
 from stamen.api.files import file_handlers
 from stamen.api.fine_tuning import fine_tuning_handlers
 from stamen.api.openapi import OPENAPI_PATH, openapi_document
@@ -166,6 +168,8 @@ def swarm(api: Api) -> dict[str, Any]:
 @get("/v1/swarm/history", sync_to_thread=False)
 def swarm_history(history: History, since: FromQuery[float | None] = None) -> dict[str, Any]:
     """Samples of the swarm over the last minutes, oldest first (after `since`, Unix s)."""
+    if since is not None and not math.isfinite(since):
+        raise invalid_request("`since` must be a finite number of Unix seconds.", param="since")
     return {
         "object": "swarm.history",
         "interval_s": history.interval_s,

@@ -55,6 +55,7 @@
     const form = document.getElementById("key-form");
     const input = document.getElementById("key-input");
     const button = document.getElementById("key-button");
+    const forget = document.getElementById("key-forget");
     button.hidden = !memoryKey;
     button.addEventListener("click", () => {
       form.hidden = !form.hidden;
@@ -66,11 +67,14 @@
       input.value = "";
       form.hidden = true;
       button.hidden = !memoryKey;
+      forget.hidden = !memoryKey;
       waiting.splice(0).forEach((resolve) => resolve());
     });
-    document.getElementById("key-forget").addEventListener("click", () => {
+    forget.hidden = !memoryKey;
+    forget.addEventListener("click", () => {
       setKey("");
       button.hidden = true;
+      forget.hidden = true;
       form.hidden = true;
     });
   }

@@ -1,6 +1,7 @@
 // The fine-tuning jobs page: every job of `/v1/fine_tuning/jobs` (newest first) with its
 // status and a loss curve from its metrics events (`/v1/fine_tuning/jobs/{id}/events`,
-// type "metrics", data {step, total_steps, train_loss, valid_loss?}). Jobs still queued,
+// type "metrics", data {step, total_steps, train_loss, valid_loss?}; the validation loss
+// before training is a message event, plotted at step 0). Jobs still queued,
 // validating or running are read again every REFRESH_MS; finished ones once.
 "use strict";
 
@@ -9,6 +10,8 @@
   const REFRESH_MS = 5000;
   const MAX_EVENT_PAGES = 50; // 100 events a page: a long job's whole curve
   const ACTIVE = new Set(["queued", "validating_files", "running"]);
+  // The job's message event with the validation loss measured before the first step.
+  const BEFORE_TRAINING = /^valid_loss before training: (\S+)/;
   const eventsOf = new Map(); // job id -> events, oldest first (finished jobs stay cached)
 
   async function allJobs() {
@@ -41,6 +44,8 @@
     const train = [];
     const valid = [];
     for (const event of events) {
+      const before = BEFORE_TRAINING.exec(event.message || "");
+      if (before && Number.isFinite(parseFloat(before[1]))) valid.push([0, parseFloat(before[1])]);
       const data = event.data;
       if (event.type !== "metrics" || !data || !Number.isFinite(data.step)) continue;
       if (Number.isFinite(data.train_loss)) train.push([data.step, data.train_loss]);
@@ -82,6 +87,7 @@
     linePlot(plot, series, {
       label: `Loss curve of ${job.id}`,
       yLabel: "loss",
+      xLabel: "step",
       xFormat: (v) => formatNumber(v, 0),
       yFormat: (v) => formatNumber(v, 2),
       yZero: false,

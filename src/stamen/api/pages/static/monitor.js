@@ -90,7 +90,7 @@
       );
       for (let b = 0; b < n; b++) {
         const inSpan = b >= host.start && b < host.end;
-        const cls = inSpan ? "cell state-" + (gone ? "gone" : host.state) : "cell empty";
+        const cls = inSpan ? "cell state-" + (gone ? "gone" : host.state) : "cell vacant";
         const title = inSpan ? `block ${b}: ${hostLabel(host)} (${gone ? "gone" : host.state})` : null;
         map.append(el("div", { class: cls, title }));
       }
@@ -141,7 +141,7 @@
   function minutesAgo(seconds) {
     if (Math.abs(seconds) < 1e-6) return "now";
     const minutes = -seconds / 60;
-    return minutes >= 1 ? `-${formatNumber(minutes, 1)} min` : `-${Math.round(-seconds)} s`;
+    return minutes >= 1 ? `-${formatNumber(minutes, 1)} min` : `-${formatNumber(-seconds, 1)} s`;
   }
 
   function throughputPlot(container, model) {

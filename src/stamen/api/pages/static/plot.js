@@ -2,12 +2,15 @@
 // with DOM calls (no library). series: [{name, points: [[x, y], ...], cls}], where cls
 // picks the line's color class from stamen.css (`series-0` ... `series-7`).
 // options: {xLabel, yLabel, xFormat(x) -> text, yFormat(y) -> text, xMin, xMax,
-// height, empty}. The SVG scales to its container's width (viewBox).
+// height, empty, legend, yZero}. The SVG is drawn at its container's width, so text keeps
+// its size on any screen; plots are drawn again when the window is resized.
 "use strict";
 
 (function () {
   const SVG = "http://www.w3.org/2000/svg"; // the SVG namespace name, not a fetched URL
-  const WIDTH = 640;
+  const FALLBACK_WIDTH = 640; // a container not laid out yet
+  const MIN_WIDTH = 260;
+  const drawn = new Map(); // container -> its last arguments, to redraw on resize
   const MARGIN = { top: 12, right: 14, bottom: 30, left: 52 };
 
   function svg(tag, attributes, text) {
@@ -36,15 +39,28 @@
   }
 
   function linePlot(container, series, options) {
+    if (drawn.size > 64) {
+      for (const old of drawn.keys()) if (!old.isConnected && old !== container) drawn.delete(old);
+    }
+    drawn.set(container, [series, options]);
+    if (!container.isConnected) {
+      // Built before being attached (a card is drawn whole, then shown): its width is
+      // known at the next frame.
+      requestAnimationFrame(() => container.isConnected && linePlot(container, series, options));
+      return;
+    }
     const o = Object.assign({ height: 200, xFormat: String, yFormat: String }, options || {});
     const height = o.height;
+    const WIDTH = Math.max(MIN_WIDTH, Math.round(container.clientWidth || FALLBACK_WIDTH));
     const [xLow, xHigh] = [o.xMin, o.xMax].every(Number.isFinite)
       ? [o.xMin, o.xMax]
       : extent(series, 0, [0, 1]);
     let [yLow, yHigh] = extent(series, 1, [0, 1]);
     if (o.yZero !== false) yLow = Math.min(0, yLow);
     if (yHigh === yLow) yHigh = yLow + 1;
-    yHigh = yHigh + (yHigh - yLow) * 0.08; // headroom so a flat line is not on the frame
+    const room = (yHigh - yLow) * 0.08; // so that no line runs along the frame
+    yHigh += room;
+    if (o.yZero === false) yLow -= room;
     const plotW = WIDTH - MARGIN.left - MARGIN.right;
     const plotH = height - MARGIN.top - MARGIN.bottom;
     const x = (v) => MARGIN.left + ((v - xLow) / (xHigh - xLow || 1)) * plotW;
@@ -58,7 +74,7 @@
       preserveAspectRatio: "xMidYMid meet",
     });
     const grid = svg("g", { class: "grid" });
-    for (const value of ticks(yLow, yHigh, 4)) {
+    for (const value of ticks(yLow, yHigh, 5)) {
       grid.append(svg("line", { x1: MARGIN.left, x2: WIDTH - MARGIN.right, y1: y(value), y2: y(value) }));
       grid.append(svg("text", { x: MARGIN.left - 6, y: y(value) + 4, class: "tick y" }, o.yFormat(value)));
     }
@@ -75,6 +91,9 @@
         y2: MARGIN.top + plotH,
       }),
     );
+    if (o.xLabel) {
+      root.append(svg("text", { class: "axis-label end", x: WIDTH - MARGIN.right, y: MARGIN.top + plotH - 6 }, o.xLabel));
+    }
     if (o.yLabel) {
       root.append(
         svg("text", { class: "axis-label", x: 12, y: MARGIN.top + plotH / 2,
@@ -112,6 +131,17 @@
       container.append(note);
     }
   }
+
+  let resizing = null;
+  window.addEventListener("resize", () => {
+    clearTimeout(resizing);
+    resizing = setTimeout(() => {
+      for (const [container, [series, options]] of [...drawn]) {
+        if (container.isConnected) linePlot(container, series, options);
+        else drawn.delete(container);
+      }
+    }, 100);
+  });
 
   window.Stamen = Object.assign(window.Stamen || {}, { linePlot });
 })();
