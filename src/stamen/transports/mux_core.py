@@ -31,7 +31,8 @@ Rules it enforces:
    machine does not expect, is a `ProtocolViolation` that ends the connection (the peer is
    broken or hostile). Received payloads are views the driver reuses: what is kept is
    copied, and the only copy of a message that fits one packet is its frames.
-5. Keepalive: the driver reports when bytes arrived (`heard`) and asks `liveness(now_s)`
+5. Keepalive: the driver reports when bytes arrived (`heard`, or `last_heard_s` on its hot
+   path) and asks `liveness(now_s)`
    every `keepalive_interval_s`; a PING is queued after an interval of silence, and a
    peer silent for longer than `keepalive_timeout_s` is `SILENT`.
 """
