@@ -18,7 +18,6 @@ from stamen.transports.webrtc import (
     parse_address,
     verify_hello,
 )
-from stamen.transports.webrtc_stream import HEADER, Kind, wire_chunks
 
 OFFER = "v=0\r\na=fingerprint:sha-256 AA:BB\r\n"
 ANSWER = "v=0\r\na=fingerprint:sha-256 CC:DD\r\n"
@@ -33,24 +32,6 @@ def test_address_names_relay_and_key() -> None:
     for bad in ("tcp://1.2.3.4:5", "webrtc://h:1/zz", f"webrtc://h:1/{os.urandom(8).hex()}"):
         with pytest.raises(ConnectError):
             parse_address(bad)
-
-
-@pytest.mark.parametrize(
-    "body_sizes", [(), (0,), (5,), (65_531 - 20,), (65_531 - 20, 1), (70_000, 0, 200_000)]
-)
-def test_messages_are_cut_into_data_channel_sized_chunks(body_sizes: tuple[int, ...]) -> None:
-    """Every data-channel message fits `chunk_bytes`; the first is MSG, the rest CONT, and
-    their payloads put back together are the head followed by the frames, in order."""
-    chunk_bytes = 64 * 1024
-    head = b"H" * 20
-    frames = [os.urandom(size) for size in body_sizes]
-    wires = list(wire_chunks(7, head, [memoryview(f) for f in frames], chunk_bytes))
-    assert all(len(wire) <= chunk_bytes for wire in wires)
-    kinds = [HEADER.unpack_from(wire) for wire in wires]
-    assert kinds == [(Kind.MSG, 7)] + [(Kind.CONT, 7)] * (len(wires) - 1)
-    assert b"".join(wire[HEADER.size :] for wire in wires) == head + b"".join(frames)
-    # No empty trailing chunk: only the first may be short of room for what follows.
-    assert all(len(wire) > HEADER.size for wire in wires[1:])
 
 
 def test_hello_proves_the_key_for_this_dtls_session_only() -> None:
