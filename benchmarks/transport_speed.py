@@ -9,13 +9,17 @@ same length-prefixed echo with `StreamReader.readexactly`. Rounds alternate betw
 subjects so that noise from other work on the machine hits all of them alike; the table
 shows medians and the ratio to raw.
 
-Caution, measured on the 2-vCPU VM (Python 3.11): with all subjects open, the raw
-baseline's 1 KB round trip read 110-147 us instead of the 51 us it reads with
-`--only "stamen tcp"`, while stamen tcp's own time did not move (113-120 us). It depends on
-the order the links are created and measured in (raw is slow only when the memory link
-was created after the tcp one and measured just before raw); a warm-up batch right before
-each timed batch, or gc.collect and 50 ms of sleep, did not change it; the cause is not
-known. Read the small-message ratios from `--only` runs.
+The allocator is settled first (`settle_allocator`), so that raw is measured at its
+fast time whatever ran before. Without it the raw baseline was bimodal (1 KB round trip
+48-51 us or 110-127 us, CPU-bound both ways): asyncio's socket reads `recv(256 KiB)`,
+which glibc's malloc serves from a fresh mmap, shrunk by mremap and freed by munmap,
+once per message, while its dynamic mmap threshold is at the default 128 KiB. The
+threshold rises only when an mmapped chunk of at most 32 MiB is freed, so the mode
+depended on what the process had allocated before (the order the links were created
+and measured in). `strace -f -c` of 6,200 raw 1 KB round trips: 12,404 mremap, 12,558
+mmap and 12,415 munmap unsettled; 7 munmap and no mremap settled, with the same 12,409
+sendto, 12,408 recvfrom and 24,844 epoll_wait (2 vCPU VM, glibc 2.36, Python 3.11).
+Every subject runs under the same settled allocator.
 
 To add a row, register an async context manager yielding a `Link` in `SUBJECTS` (see
 `transport_link` for any `stamen.transports.base.Transport`).
@@ -43,6 +47,7 @@ from stamen.transports.tcp import TcpTransport
 KB = 1000
 MB = 1000 * 1000
 LENGTH = struct.Struct("!Q")
+SETTLE_BYTES = 24 * 1024 * 1024  # see settle_allocator
 
 
 class Link(Protocol):
@@ -175,6 +180,16 @@ async def _batch_s(link: Link, payload: bytes, operations: int, round_trip: bool
     return (time.perf_counter() - start) / operations
 
 
+def settle_allocator() -> None:
+    """Raise glibc malloc's dynamic mmap threshold for the rest of the process by freeing
+    one big mmapped buffer (see the module docstring). The buffer must be at most 32 MiB
+    (glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: a 64 MiB one leaves the threshold
+    alone) and bigger than what the cases allocate at once (a 16 MB message). Harmless
+    with other allocators."""
+    buffer = bytearray(SETTLE_BYTES)
+    del buffer
+
+
 async def measure(subjects: list[str], rounds: int) -> dict[tuple[str, str], float]:
     """Median seconds per operation for each (case, subject)."""
     samples: dict[tuple[str, str], list[float]] = {}
@@ -232,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in SUBJECTS
         if name == BASELINE or not args.only or any(part in name for part in args.only)
     ]
+    settle_allocator()
     results = asyncio.run(measure(subjects, args.rounds))
     print(render(results, subjects))
     return 0
