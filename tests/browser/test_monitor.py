@@ -1,6 +1,7 @@
 """The swarm monitor (`/`) against the embedded local swarm: both hosts with their spans
 and full coverage; a SIGKILLed host shows as a gap within seconds (measured), and a new
-host for the same span closes it again."""
+host for the same span closes it again. Killing that new host, which the API never
+talked to, measures the slow path: its record has to expire."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.browser
 NUM_BLOCKS = 30  # SmolLM2-135M
 MODEL = "SmolLM2-135M-Instruct"
 SHOWN_WITHIN_S = 10.0  # the gap must be on the page this soon after the kill
+COLD_SHOWN_WITHIN_S = 40.0  # ... of a host the API never talked to (its record expires)
 
 
 def serve_state(page: Any, text: str) -> Any:
@@ -111,6 +113,17 @@ def test_a_killed_host_shows_as_a_gap_and_a_new_one_closes_it(
         assert uncovered(page) == 0
         assert len(host_rows(page)) == 3  # the two serving, and the gone one
         shoot(page, "monitor-recovered")
+
+        # The API holds no connection to this host (nothing was generated through it), so
+        # only its record's expiry tells: up to the 15 s TTL after its last announce,
+        # plus one refresh of the view (5 s).
+        killed_at = time.monotonic()
+        replacement.kill()
+        serve_state(page, "Cannot serve now").wait_for(timeout=COLD_SHOWN_WITHIN_S * 1000)
+        record(
+            "seconds from SIGKILL of a host the API is not connected to, to the gap",
+            time.monotonic() - killed_at,
+        )
         assert page.errors == []
     finally:
         replacement.kill()

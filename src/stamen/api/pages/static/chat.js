@@ -135,6 +135,7 @@
     }
     parts.push(how);
     setStats(parts.join(" · "), how.startsWith("error"));
+    return parts.slice(0, -1).join(" · ");
   }
 
   function setBusy(busy) {
@@ -182,11 +183,14 @@
     }
     run.draw();
     view.item.dataset.state = ending;
-    if (ending === "stopped") view.item.append(el("p", { class: "message-note" }, "Stopped."));
-    if (ending === "error") view.item.append(el("p", { class: "message-note error" }, "Error: " + run.state.error));
     if (run.state.text) conversation.push({ role: "assistant", content: run.state.text });
     const how = ending === "done" ? "finished: " + (run.state.finish || "end of stream") : ending;
-    showTimings(run.state, run.started, ending === "error" ? "error: " + run.state.error : how);
+    const timings = showTimings(run.state, run.started, ending === "error" ? "error: " + run.state.error : how);
+    if (ending === "stopped") view.item.append(el("p", { class: "message-note" }, "Stopped."));
+    if (ending === "error") view.item.append(el("p", { class: "message-note error" }, "Error: " + run.state.error));
+    // Each answer keeps its own figures, so that two answers can be compared.
+    view.item.append(el("p", { class: "message-note timings" }, timings +
+      (ending === "done" && run.state.finish ? " · " + run.state.finish : "")));
     $("prompt").focus();
   }
 

@@ -108,6 +108,14 @@
     return map;
   }
 
+  function mapLegend() {
+    const item = (cls, text) => el("li", {}, el("span", { class: "key cell " + cls }), text);
+    return el("ul", { class: "legend map-legend" },
+      item("state-online", "online"), item("state-joining", "joining"),
+      item("state-offline", "offline"), item("state-gone", "gone (not listed any more)"),
+      item("uncovered", "served by no online host"));
+  }
+
   function hostTable(hosts) {
     const head = el("tr", {},
       ...["Host", "Blocks", "State", "Throughput", "Free cache", "Version", "Transport", "Reached"].map(
@@ -115,7 +123,7 @@
     const rows = hosts.map((host) => {
       const gone = host.gone_s !== undefined;
       return el("tr", { class: gone ? "gone" : null },
-        el("th", { scope: "row" },
+        el("th", { scope: "row", title: host.peer_id },
           el("span", { class: "swatch series-" + colorIndex(host.peer_id) }),
           el("span", { class: "host-name" }, hostLabel(host)),
           host.public_name ? el("span", { class: "peer-id" }, shortId(host.peer_id)) : null),
@@ -193,7 +201,7 @@
       card.append(el("p", { class: "alert warn" },
         "Every block has a host, but no route is usable now (hosts busy, banned or out of cache)."));
     }
-    card.append(el("h3", {}, "Blocks"), blockMap(model, hosts, coverage));
+    card.append(el("h3", {}, "Blocks"), blockMap(model, hosts, coverage), mapLegend());
     card.append(el("h3", {}, "Hosts"));
     card.append(hosts.length ? hostTable(hosts) : el("p", { class: "muted" }, "No host serves this model."));
     const plot = el("div", { class: "plot" });
@@ -218,9 +226,14 @@
   }
 
   let lastSwarm = null;
+  let drawnState = ""; // what the page shows now: redraw only when it changes
 
   function draw() {
     if (lastSwarm === null) return;
+    const state = JSON.stringify(lastSwarm) + "|" + history.length + "|" +
+      (history.length ? history[history.length - 1].time_s : "");
+    if (state === drawnState) return; // keeps a visitor's text selection between changes
+    drawnState = state;
     const container = document.getElementById("models");
     const cards = lastSwarm.models.map(modelCard);
     container.replaceChildren(...(cards.length ? cards : [el("p", { class: "card muted" }, "No model is served.")]));

@@ -92,7 +92,8 @@
       }),
     );
     if (o.xLabel) {
-      root.append(svg("text", { class: "axis-label end", x: WIDTH - MARGIN.right, y: MARGIN.top + plotH - 6 }, o.xLabel));
+      // Below the axis, left of the first tick: the corner no tick or line uses.
+      root.append(svg("text", { class: "axis-label end", x: MARGIN.left - 12, y: height - 10 }, o.xLabel));
     }
     if (o.yLabel) {
       root.append(
