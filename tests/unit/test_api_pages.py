@@ -7,8 +7,9 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 
@@ -16,7 +17,9 @@ from stamen.api.app import create_app, static_engines
 from stamen.api.engine import HostView, SwarmSnapshot
 from stamen.api.pages import PAGES, STATIC_DIR, SwarmHistory
 from stamen.api.state import ServingSettings
-from stamen.api.swarm_engine import reachability
+from stamen.api.swarm_engine import SwarmEngine, reachability
+from stamen.swarm_core.protocol.records import HostRecord, HostState, new_host_record
+from stamen.transports.base import Credentials
 
 SECRET_KEY = "sk-page-test-0123456789"
 MODEL = "fake-model"
@@ -192,3 +195,47 @@ async def test_a_since_that_is_no_finite_number_is_a_400_in_openais_shape(since:
         response = await client.get("/v1/swarm/history", params={"since": since})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+class FakeSwarm:
+    """What `SwarmEngine.swarm_snapshot` reads of a `SwarmClient`."""
+
+    num_blocks = NUM_BLOCKS
+
+    def __init__(self, records: list[HostRecord]) -> None:
+        self._records = records
+
+    def records(self) -> list[HostRecord]:
+        return self._records
+
+
+def test_the_swarm_engine_shows_what_host_records_announce() -> None:
+    direct = msgspec.structs.replace(
+        new_host_record(Credentials.generate(), model=MODEL, start_block=0, end_block=2,
+                        addresses=["tcp://127.0.0.1:4000"]),
+        version="0.1.0", public_name="alpha", free_cache_tokens=512,
+        throughput_tokens_per_s=20.0,
+    )  # fmt: skip
+    relayed = new_host_record(
+        Credentials.generate(), model=MODEL, start_block=2, end_block=4,
+        state=HostState.JOINING, addresses=["webrtc://127.0.0.1:7000/abcd"],
+    )  # fmt: skip
+    engine = SwarmEngine(
+        MODEL,
+        config=object(),
+        tokenizer=object(),
+        head=cast(Any, object()),
+        swarm=cast(Any, FakeSwarm([direct, relayed])),
+    )
+    snapshot = engine.swarm_snapshot()
+    assert snapshot.covered_blocks == 2  # the joining host's blocks are not served yet
+    first, second = snapshot.hosts
+    assert (first.version, first.public_name, first.transport, first.address_kind) == (
+        "0.1.0",
+        "alpha",
+        "tcp",
+        "direct",
+    )
+    assert (first.cache_tokens_left, first.throughput) == (512, 20.0)
+    assert (second.state, second.transport, second.address_kind) == ("joining", "webrtc", "relayed")
+    assert second.version is None and second.public_name is None  # not announced
