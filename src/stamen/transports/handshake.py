@@ -119,12 +119,18 @@ class RecordCipher:
         self._rekey_interval = rekey_interval_records or REKEY_INTERVAL_RECORDS
         self._records_left = self._rekey_interval
         self._plaintext = bytearray()  # where a big record's parts are gathered
+        # Bound once: they run per record (rekeying replaces the state's AEAD, not these).
+        self._encrypt = cipher_state.encrypt_with_ad
+        self._decrypt_into = cipher_state.decrypt_with_ad_into
 
     def _count_record(self) -> None:
         self._records_left -= 1
         if self._records_left == 0:
-            self._state.rekey()
-            self._records_left = self._rekey_interval
+            self._rekey()
+
+    def _rekey(self) -> None:
+        self._state.rekey()
+        self._records_left = self._rekey_interval
 
     def seal(self, plaintext: Buffer) -> bytes | memoryview:
         """`u64 length | ciphertext+tag`, ready to write."""
@@ -139,8 +145,10 @@ class RecordCipher:
         prefix = RECORD_PREFIX.pack(plaintext_bytes + TAG_BYTES)
         if plaintext_bytes < BIG_RECORD_BYTES:
             plaintext = parts[0] if len(parts) == 1 else b"".join(parts)
-            record = prefix + self._state.encrypt_with_ad(prefix, plaintext)
-            self._count_record()
+            record = prefix + self._encrypt(prefix, plaintext)
+            self._records_left -= 1  # _count_record, inlined on the per-message path
+            if self._records_left == 0:
+                self._rekey()
             return record
         if len(self._plaintext) < plaintext_bytes:
             self._plaintext = bytearray(plaintext_bytes)
@@ -168,8 +176,10 @@ class RecordCipher:
         """Decrypt one record into `out` (exactly its plaintext's size): no allocation, so
         a big record costs its decryption only. Raises `InvalidTag` if tampered with;
         then `out` holds garbage."""
-        self._state.decrypt_with_ad_into(prefix, sealed, out)
-        self._count_record()
+        self._decrypt_into(prefix, sealed, out)
+        self._records_left -= 1  # _count_record, inlined on the per-message path
+        if self._records_left == 0:
+            self._rekey()
 
 
 @dataclass

@@ -48,6 +48,8 @@ __all__ = ["MuxConnection", "MuxSettings", "MuxStream"]
 logger = logging.getLogger(__name__)
 
 INITIAL_INBOX_BYTES = 64 * 1024
+PREFIX_BYTES = RECORD_PREFIX.size
+MIN_SEALED_BYTES = PACKET.size + TAG_BYTES  # an empty packet's record
 MIN_READ_BYTES = 32 * 1024  # free room offered to each socket read
 
 
@@ -217,9 +219,9 @@ class MuxConnection(MuxSession):
         """`nbytes` more bytes sit in the receive buffer: hand every whole record to the
         core, then wake the waiters and send what it answered."""
         self._inbox.end += nbytes
-        if self.is_closed:
-            return
         core = self.core
+        if core.closed_reason is not None:
+            return
         core.last_heard_s = self._loop.time()
         try:
             self._parse(self._inbox)
@@ -233,41 +235,40 @@ class MuxConnection(MuxSession):
             self.flush()
 
     def _parse(self, inbox: _Inbox) -> None:
-        """Open the whole records in the inbox; keep the incomplete rest."""
+        """Open the whole records in the inbox; keep the incomplete rest. Each record is
+        decrypted into the reused plaintext buffer and handed to the core, which copies
+        out what it keeps."""
         buffer, position, end = inbox.buffer, inbox.start, inbox.end
         view = memoryview(buffer)
         inbox.wanted_bytes = 0
         core = self.core
+        receive_packet = core.receive_packet
+        open_into = self._recv_cipher.open_into
+        max_sealed_bytes = self._max_sealed_bytes
         try:
-            while core.closed_reason is None:
-                if end - position < RECORD_PREFIX.size:
-                    break
+            while core.closed_reason is None and end - position >= PREFIX_BYTES:
                 (sealed_bytes,) = RECORD_PREFIX.unpack_from(buffer, position)
-                if not PACKET.size + TAG_BYTES <= sealed_bytes <= self._max_sealed_bytes:
+                if not MIN_SEALED_BYTES <= sealed_bytes <= max_sealed_bytes:
                     raise ProtocolError(f"record of {sealed_bytes} bytes refused")
-                record_end = position + RECORD_PREFIX.size + sealed_bytes
+                sealed_start = position + PREFIX_BYTES
+                record_end = sealed_start + sealed_bytes
                 if record_end > end:
                     inbox.wanted_bytes = record_end - position
                     break
-                core.receive_packet(self._open_record(view, position, record_end))
+                packet = self._plaintext_view(sealed_bytes - TAG_BYTES)
+                try:
+                    open_into(view[position:sealed_start], view[sealed_start:record_end], packet)
+                except InvalidTag as exc:
+                    raise ProtocolError("a record failed authentication") from exc
+                receive_packet(packet)
                 position = record_end
         finally:
             inbox.start = position
 
-    def _open_record(self, view: memoryview, start: int, end: int) -> memoryview:
-        plaintext_bytes = end - start - RECORD_PREFIX.size - TAG_BYTES
+    def _plaintext_view(self, plaintext_bytes: int) -> memoryview:
         if len(self._plaintext) < plaintext_bytes:
             self._plaintext = memoryview(bytearray(max(plaintext_bytes, MIN_READ_BYTES)))
-        packet = self._plaintext[:plaintext_bytes]
-        try:
-            self._recv_cipher.open_into(
-                view[start : start + RECORD_PREFIX.size],
-                view[start + RECORD_PREFIX.size : end],
-                packet,
-            )
-        except InvalidTag as exc:
-            raise ProtocolError("a record failed authentication") from exc
-        return packet
+        return self._plaintext[:plaintext_bytes]
 
     async def _keepalive_loop(self) -> None:
         interval_s = self.settings.keepalive_interval_s

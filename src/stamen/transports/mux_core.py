@@ -47,6 +47,7 @@ from collections.abc import Sequence
 from stamen.transports.base import ConnectionClosed, MessageTooLarge, StreamClosed
 from stamen.transports.mux_state import (
     MAX_CREDIT_BYTES,
+    ONE_FRAME_HEADER,
     Buffer,
     CoreSettings,
     CreditAvailable,
@@ -76,6 +77,8 @@ from stamen.transports.packets import (
     ProtocolError,
     message_packet,
 )
+
+ONE_FRAME_PACKET = message_packet(1)
 
 __all__ = [
     "Buffer",
@@ -120,6 +123,8 @@ class MuxCore:
         self._inbound_count = 0
         self._unannounced: deque[StreamState] = deque()
         self.last_heard_s = now_s  # the driver's clock; set directly on the hot path
+        self._limits = settings.limits  # read per message received
+        self._grant_batch_bytes = settings.window_bytes // 4  # see _grant
 
     # --- the connection ------------------------------------------------------------------
 
@@ -202,6 +207,18 @@ class MuxCore:
         """The common message: queue it as one packet if it fits a packet and the credit;
         False (nothing queued) otherwise. The headers are packed in one call. The caller
         has just called `check_sendable`."""
+        if len(views) == 1:  # the commonest: no list of sizes (0.4 us less per message)
+            frame_bytes = len(views[0])
+            payload_bytes = ONE_FRAME_HEADER.size + frame_bytes
+            if payload_bytes > self.peer.max_payload_bytes or payload_bytes > stream.send_credit:
+                return False
+            stream.send_credit -= payload_bytes
+            flags = self._take_flags(stream) if stream.syn_pending else 0
+            head = ONE_FRAME_PACKET.pack(
+                Kind.MSG, flags, 0, stream.stream_id, payload_bytes, 1, frame_bytes
+            )
+            self.outbox.append((head, views, payload_bytes))
+            return True
         sizes = [len(view) for view in views]
         payload_bytes = FRAME_COUNT.size + FRAME_BYTES.size * len(sizes) + sum(sizes)
         if payload_bytes > self.peer.max_payload_bytes or payload_bytes > stream.send_credit:
@@ -271,7 +288,7 @@ class MuxCore:
     def _grant(self, stream: StreamState, granted_bytes: int) -> None:
         stream.allowance += granted_bytes
         stream.pending_grant += granted_bytes
-        if stream.pending_grant >= self.settings.window_bytes // 4:
+        if stream.pending_grant >= self._grant_batch_bytes:
             pending, stream.pending_grant = stream.pending_grant, 0
             self._queue(Kind.WINDOW, 0, stream.stream_id, WINDOW.pack(pending))
 
@@ -328,7 +345,10 @@ class MuxCore:
             if not (flags or reserved) and kind in STREAM_KINDS:
                 stream = self.streams.get(stream_id)
                 if stream is not None:  # the common case: a packet of a live stream
-                    self._on_stream_packet(stream, kind, packet[PACKET.size :])
+                    if kind == Kind.MSG:  # the commonest: one call less
+                        self._on_message_start(stream, packet[PACKET.size :], payload_bytes)
+                    else:
+                        self._on_stream_packet(stream, kind, packet[PACKET.size :])
                     return
             self._on_packet_fields(kind, flags, reserved, stream_id, packet[PACKET.size :])
         except (ProtocolError, struct.error) as exc:
@@ -407,9 +427,7 @@ class MuxCore:
 
     def _on_stream_packet(self, stream: StreamState, kind: int, payload: memoryview) -> None:
         if kind == Kind.MSG:
-            if stream.remote_closed:
-                raise ProtocolError(f"stream {stream.stream_id}: packet after close")
-            self._on_message_start(stream, payload)
+            self._on_message_start(stream, payload, len(payload))
         elif kind == Kind.WINDOW:
             if len(payload) != WINDOW.size:
                 raise ProtocolError("malformed window update")
@@ -448,9 +466,13 @@ class MuxCore:
         else:
             self._grant(stream, received_bytes)
 
-    def _on_message_start(self, stream: StreamState, payload: memoryview) -> None:
+    def _on_message_start(
+        self, stream: StreamState, payload: memoryview, payload_bytes: int
+    ) -> None:
+        if stream.remote_closed:
+            raise ProtocolError(f"stream {stream.stream_id}: packet after close")
         if stream.frame_sizes is not None:
             raise ProtocolError(f"stream {stream.stream_id}: message inside a message")
-        self._account(stream, len(payload))
-        if stream.start_message(payload, self.settings.limits):
+        self._account(stream, payload_bytes)
+        if stream.start_message(payload, self._limits):
             self.events.append(stream.ready_event)

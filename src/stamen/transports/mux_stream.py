@@ -41,7 +41,7 @@ class MuxStream(Stream):
         self._core = session.core
         self._state = state
         self._send_lock = asyncio.Lock()
-        self.changed = Signal()
+        self.changed = Signal(session.loop)
         state.waker = self.changed
 
     @property
@@ -101,9 +101,13 @@ class MuxSession(Connection):
     core: MuxCore
 
     def __init__(self) -> None:
-        self._incoming: deque[MuxStream] = deque()
-        self.changed = Signal()  # a stream arrived, or the connection ended
         self._loop = asyncio.get_running_loop()
+        self._incoming: deque[MuxStream] = deque()
+        self.changed = Signal(self._loop)  # a stream arrived, or the connection ended
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
 
     # --- what the driver supplies ----------------------------------------------------------
 
