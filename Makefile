@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamen-installed
 
-.PHONY: demo test test-slow test-gpu test-netns lint typecheck format bench clean
+.PHONY: demo test test-slow test-gpu test-netns test-browser lint typecheck format bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ test-gpu: $(STAMP)
 test-netns: $(STAMP)
 	./scripts/setup-netns-deps.sh
 	$(BIN)/python -m pytest -q -m netns tests/netns
+
+# Debian's Chromium and Playwright's Python driver; never `playwright install` (the tests
+# point Playwright at /usr/bin/chromium). Screenshots land in tests/browser/artifacts/.
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	$(BIN)/pip install --quiet -e '.[browser]'
+	$(BIN)/python -m pytest -q -m browser tests/browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
