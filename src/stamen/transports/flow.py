@@ -31,9 +31,19 @@ class Signal:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait(self) -> None:
+    def waiter(self) -> asyncio.Future[None]:
+        """A future that the next `fire` completes, for a hot path to await directly (a
+        `wait` coroutine costs 0.4 us more). A waiter cancelled by its task stays in the
+        list until the next `fire` or `waiter`, which drop it."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = waiters = [waiter for waiter in waiters if not waiter.done()]
         waiter = (self._loop or asyncio.get_running_loop()).create_future()
-        self._waiters.append(waiter)
+        waiters.append(waiter)
+        return waiter
+
+    async def wait(self) -> None:
+        waiter = self.waiter()
         try:
             await waiter
         except asyncio.CancelledError:

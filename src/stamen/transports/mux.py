@@ -122,7 +122,7 @@ class MuxConnection(MuxSession):
         self._spare: bytearray | None = None  # see flush
         self._torn_down = False
         self._tasks = [loop.create_task(self._keepalive_loop())]
-        transport.set_protocol(_RecordProtocol(self))
+        transport.set_protocol(_RecordProtocol(self, self._inbox))
 
     # --- Connection API ------------------------------------------------------------------
 
@@ -255,7 +255,10 @@ class MuxConnection(MuxSession):
                 if record_end > end:
                     inbox.wanted_bytes = record_end - position
                     break
-                packet = self._plaintext_view(sealed_bytes - TAG_BYTES)
+                plaintext_bytes = sealed_bytes - TAG_BYTES
+                if len(self._plaintext) < plaintext_bytes:
+                    self._grow_plaintext(plaintext_bytes)
+                packet = self._plaintext[:plaintext_bytes]
                 try:
                     open_into(view[position:sealed_start], view[sealed_start:record_end], packet)
                 except InvalidTag as exc:
@@ -265,10 +268,8 @@ class MuxConnection(MuxSession):
         finally:
             inbox.start = position
 
-    def _plaintext_view(self, plaintext_bytes: int) -> memoryview:
-        if len(self._plaintext) < plaintext_bytes:
-            self._plaintext = memoryview(bytearray(max(plaintext_bytes, MIN_READ_BYTES)))
-        return self._plaintext[:plaintext_bytes]
+    def _grow_plaintext(self, plaintext_bytes: int) -> None:
+        self._plaintext = memoryview(bytearray(max(plaintext_bytes, MIN_READ_BYTES)))
 
     async def _keepalive_loop(self) -> None:
         interval_s = self.settings.keepalive_interval_s
@@ -349,11 +350,12 @@ class _Inbox:
 class _RecordProtocol(asyncio.BufferedProtocol):
     """Receives the socket's bytes into a `MuxConnection` and reports its fate."""
 
-    def __init__(self, connection: MuxConnection) -> None:
+    def __init__(self, connection: MuxConnection, inbox: _Inbox) -> None:
         self._connection = connection
+        self._inbox = inbox
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._connection.receive_buffer()
+        return self._inbox.space()  # called per socket read: not via the connection
 
     def buffer_updated(self, nbytes: int) -> None:
         self._connection.received(nbytes)

@@ -473,6 +473,16 @@ class MuxCore:
             raise ProtocolError(f"stream {stream.stream_id}: packet after close")
         if stream.frame_sizes is not None:
             raise ProtocolError(f"stream {stream.stream_id}: message inside a message")
-        self._account(stream, payload_bytes)
+        # _account and _grant, inlined on the per-message path (0.3 us per message).
+        if payload_bytes > stream.allowance:
+            raise ProtocolError(f"stream {stream.stream_id}: the peer sent beyond its window")
+        if stream.messages:
+            stream.allowance -= payload_bytes
+            stream.owed += payload_bytes  # the reader is behind: hold the credit
+        else:
+            # Taken from the allowance and granted back at once: it stays as it was.
+            stream.pending_grant += payload_bytes
+            if stream.pending_grant >= self._grant_batch_bytes:
+                self._grant(stream, 0)
         if stream.start_message(payload, self._limits):
             self.events.append(stream.ready_event)

@@ -68,15 +68,16 @@ class MuxStream(Stream):
                 await session.drain()
 
     async def recv(self) -> list[bytes]:
+        core, state = self._core, self._state
         while True:
             try:
-                message = self._core.next_message(self._state)
+                message = core.next_message(state)
             finally:
-                if self._core.outbox:  # credit granted back, or our CLOSE after theirs
+                if core.outbox:  # credit granted back, or our CLOSE after theirs
                     self._session.flush()
             if message is not None:
                 return message
-            await self.changed.wait()
+            await self.changed.waiter()
 
     async def close(self) -> None:
         if self._state.is_over:
