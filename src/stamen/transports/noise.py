@@ -329,6 +329,9 @@ class HandshakeState:
         self.rs: bytes | None = None  # the remote static public key, once received
         self.re: bytes | None = None
         self._psks = list(psks)
+        # In a psk handshake every `e` token also does MixKey, before and after the PSKs
+        # are used up (spec section 9.2).
+        self._psk_handshake = self.protocol.psk_count > 0
         self._message_index = 0
 
     @property
@@ -378,7 +381,7 @@ class HandshakeState:
                 self.e = X25519PrivateKey.generate()
             public = public_bytes(self.e)
             self.symmetric.mix_hash(public)
-            if self._psks:
+            if self._psk_handshake:
                 self.symmetric.mix_key(public)
             return public
         if token == "s":
@@ -394,7 +397,7 @@ class HandshakeState:
                 raise NoiseError("message too short for an ephemeral key")
             self.re = bytes(view[:DH_BYTES])
             self.symmetric.mix_hash(self.re)
-            if self._psks:
+            if self._psk_handshake:
                 self.symmetric.mix_key(self.re)
             return view[DH_BYTES:]
         if token == "s":
