@@ -236,7 +236,9 @@ class TcpTransport(Transport):
         except TimeoutError as exc:
             writer.close()
             raise HandshakeError("handshake timed out") from exc
-        except ConnectError:
+        except BaseException:
+            # ConnectError, and also cancellation (a listener closing mid-handshake, a
+            # caller giving up): the socket must not wait for the garbage collector.
             writer.close()
             raise
         settings = MuxSettings(
