@@ -90,7 +90,7 @@ class JobHyperparameters(msgspec.Struct, forbid_unknown_fields=True):
 
 class SupervisedMethod(msgspec.Struct, forbid_unknown_fields=True):
     hyperparameters: JobHyperparameters = msgspec.field(default_factory=JobHyperparameters)
-    # Stamen's own: which prompts are trained (`swarm_core.prompts`), and how many tokens.
+    # Stamen's own: which prompts are trained (`swarm_core.client.prompts`), and how many tokens.
     tuning_mode: Literal["ptune", "deep_ptune"] = DEFAULT_TUNING_MODE  # type: ignore[assignment]
     pre_seq_len: PreSeqLen = DEFAULT_PRE_SEQ_LEN
 

@@ -32,7 +32,7 @@ connection on a private event-loop thread, so the methods here are ordinary bloc
 calls, like transformers'. Generation arguments are transformers' (`plan_from_hf`);
 token choice reuses its logits processors, stopping criteria and streamers.
 
-This module knows nothing about how hosts are found or reached (`client.SwarmClient`)
+This module knows nothing about how hosts are found or reached (`client.swarm.SwarmClient`)
 or how failures are survived (`inference.InferenceSession`, `autograd.RemoteSpans`).
 """
 

@@ -21,7 +21,7 @@
    finish (up to `drain_timeout_s`), then closes everything.
 
 The compute itself (sessions, cache budget, priorities, worker thread) is `SpanRuntime`'s.
-This module knows nothing about command-line flags (`host_cli`) or how clients route.
+This module knows nothing about command-line flags (`host.cli`) or how clients route.
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ class BackwardResult(_Message, frozen=True, tag="backward_result"):
 
 
 class ErrorReply(_Message, frozen=True, tag="error"):
-    """A typed failure; the client raises the matching `rpc.RemoteError` subclass."""
+    """A typed failure; the client raises the matching `errors.RemoteError` subclass."""
 
     code: ErrorCode
     message: _Text = ""

@@ -148,6 +148,9 @@
     const model = $("model").value;
     if (!model) return setStats("No model to talk to.", true);
     conversation.push({ role: "user", content: text });
+    // "New conversation" during this answer replaces `conversation`: the answer then
+    // belongs to the discarded one and must not leak into the new.
+    const thread = conversation;
     addMessage("user", text);
     const view = addMessage("assistant", "");
     view.item.dataset.state = "streaming";
@@ -183,7 +186,7 @@
     }
     run.draw();
     view.item.dataset.state = ending;
-    if (run.state.text) conversation.push({ role: "assistant", content: run.state.text });
+    if (run.state.text) thread.push({ role: "assistant", content: run.state.text });
     const how = ending === "done" ? "finished: " + (run.state.finish || "end of stream") : ending;
     const timings = showTimings(run.state, run.started, ending === "error" ? "error: " + run.state.error : how);
     if (ending === "stopped") view.item.append(el("p", { class: "message-note" }, "Stopped."));

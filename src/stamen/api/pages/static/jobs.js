@@ -65,7 +65,7 @@
     const card = el("section", { class: "card job", "data-job-id": job.id, "aria-labelledby": "job-" + job.id },
       el("div", { class: "model-head" },
         el("h2", { id: "job-" + job.id }, job.user_provided_suffix || job.id),
-        el("span", { class: "badge job-" + job.status, "data-testid": "job-status" }, job.status.replace("_", " "))),
+        el("span", { class: "badge job-" + job.status, "data-testid": "job-status" }, job.status.replaceAll("_", " "))),
       el("dl", { class: "details" },
         ...detail("Job", job.id),
         ...detail("Base model", job.model),
@@ -77,7 +77,7 @@
           `epochs ${h.n_epochs ?? "auto"} · batch ${h.batch_size ?? "auto"} · lr × ${h.learning_rate_multiplier ?? "auto"}`)),
     );
     if (job.error && job.error.message) {
-      card.append(el("p", { class: "alert", role: "alert" }, `${job.error.code}: ${job.error.message}`));
+      card.append(el("p", { class: "alert", role: "alert" }, job.error.code ? `${job.error.code}: ${job.error.message}` : job.error.message));
     }
     const series = lossSeries(events);
     const steps = series[0].points.length;

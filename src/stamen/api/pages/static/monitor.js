@@ -90,7 +90,8 @@
       );
       for (let b = 0; b < n; b++) {
         const inSpan = b >= host.start && b < host.end;
-        const cls = inSpan ? "cell state-" + (gone ? "gone" : host.state) : "cell vacant";
+        const state = gone ? "gone" : STATES.includes(host.state) ? host.state : "offline";
+        const cls = inSpan ? "cell state-" + state : "cell vacant";
         const title = inSpan ? `block ${b}: ${hostLabel(host)} (${gone ? "gone" : host.state})` : null;
         map.append(el("div", { class: cls, title }));
       }

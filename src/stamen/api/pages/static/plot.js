@@ -35,7 +35,13 @@
   function extent(series, axis, fallback) {
     const values = series.flatMap((s) => s.points.map((p) => p[axis])).filter(Number.isFinite);
     if (!values.length) return fallback;
-    return [Math.min(...values), Math.max(...values)];
+    // A loop, not Math.min(...values): spreading thousands of points can overflow the stack.
+    let low = Infinity, high = -Infinity;
+    for (const value of values) {
+      if (value < low) low = value;
+      if (value > high) high = value;
+    }
+    return [low, high];
   }
 
   function linePlot(container, series, options) {
