@@ -15,6 +15,7 @@ from stamen.swarm_core.protocol.identity import (
     load_or_create_identity,
     peer_id_from_public_key,
     peer_id_of,
+    read_swarm_key,
     short_peer_id,
     sign,
     verify_signature,
@@ -96,3 +97,12 @@ def test_signatures_bind_key_message_and_domain() -> None:
     assert not verify_signature(a.public_key, b"hello", signature, domain=b"test/v2")
     assert not verify_signature(a.public_key, b"hello", signature[:-1], domain=b"test/v1")
     assert not verify_signature(b"\x00" * 32, b"hello", signature, domain=b"test/v1")
+
+
+def test_swarm_key_files_read_alike_for_every_command(tmp_path) -> None:
+    path = tmp_path / "swarm.key"
+    path.write_bytes(b"  our swarm\t\r\n")
+    assert read_swarm_key(path) == b"our swarm"
+    path.write_bytes(b"\n \n")
+    with pytest.raises(IdentityError, match="empty"):
+        read_swarm_key(path)

@@ -29,7 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from stamen.swarm_core.protocol.discovery import Discovery, DiscoveryError, parse_host_port
-from stamen.swarm_core.protocol.identity import IdentityError, load_or_create_identity, peer_id_of
+from stamen.swarm_core.protocol.identity import (
+    IdentityError,
+    load_or_create_identity,
+    peer_id_of,
+    read_swarm_key,
+)
 from stamen.swarm_core.protocol.lifeline import add_parent_pid_argument, parent_watch
 from stamen.transports.base import Credentials
 
@@ -132,7 +137,7 @@ def parse_settings(argv: Sequence[str] | None) -> BootstrapSettings:
         for peer in args.initial_peers:
             parse_host_port(peer)
         swarm_key = _swarm_key(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, IdentityError) as exc:
         parser.error(str(exc))
     return BootstrapSettings(
         listen=listen,
@@ -147,12 +152,12 @@ def parse_settings(argv: Sequence[str] | None) -> BootstrapSettings:
 
 def _swarm_key(args: argparse.Namespace) -> bytes | None:
     if args.swarm_key_file:
-        key = Path(args.swarm_key_file).read_bytes().rstrip(b"\r\n")
-    elif args.swarm_key is not None:
+        return read_swarm_key(args.swarm_key_file)
+    if args.swarm_key is not None:
         key = args.swarm_key.encode()
     else:
         key = os.environ.get("STAMEN_SWARM_KEY", "").encode()
-    return key or None
+    return key.strip() or None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,11 @@ from pathlib import Path
 import torch
 
 from stamen.swarm_core.host.server import Host, HostSettings
-from stamen.swarm_core.protocol.identity import IdentityError, load_or_create_identity
+from stamen.swarm_core.protocol.identity import (
+    IdentityError,
+    load_or_create_identity,
+    read_swarm_key,
+)
 from stamen.swarm_core.protocol.lifeline import add_parent_pid_argument, parent_watch
 from stamen.swarm_core.protocol.records import model_name_of
 from stamen.transports.base import Credentials
@@ -191,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("kademlia", "rpcudp"):  # they log every datagram at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        swarm_key = args.swarm_key_file.read_bytes().strip() if args.swarm_key_file else None
+        swarm_key = read_swarm_key(args.swarm_key_file) if args.swarm_key_file else None
         credentials = (
             load_or_create_identity(Path(args.identity), swarm_key=swarm_key)
             if args.identity

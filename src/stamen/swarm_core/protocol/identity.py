@@ -99,6 +99,18 @@ def _domain_separated(domain: bytes, message: bytes) -> bytes:
     return len(domain).to_bytes(2, "big") + domain + message
 
 
+def read_swarm_key(path: str | Path) -> bytes:
+    """A private swarm's key from its file, the same way for every command: surrounding
+    whitespace (a trailing newline, an editor's indent) is not part of the key, and an
+    empty file is refused rather than taken as a key anyone could guess.
+
+    Raises `IdentityError` for an empty file and `OSError` if it cannot be read."""
+    key = Path(path).expanduser().read_bytes().strip()
+    if not key:
+        raise IdentityError(f"swarm key file {path} is empty")
+    return key
+
+
 def load_or_create_identity(path: str | Path, swarm_key: bytes | None = None) -> Credentials:
     """Load the ed25519 key at `path`, or create it (mode 0600, parent dirs 0700) if absent.
 
