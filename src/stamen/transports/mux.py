@@ -17,6 +17,15 @@ bytes and time:
 3. Time: a keepalive task asks the core every `keepalive_interval_s` whether to ping or
    whether the peer has been silent too long.
 
+Where a 1 KB round trip's time goes (benchmarks/transport_speed.py, both ends in one
+process, 2 vCPU VM, Python 3.11): 97 us against 53 us for raw asyncio streams. Measured
+inside the run, per message: the socket write 10 us (raw: 8), sealing 4 us and opening
+4 us (AES-GCM alone: 1.2 us each when hot), the rest of the receive callback 7 us. A
+minimal AES-GCM record echo over the same kind of protocol and tasks, with no streams,
+credit or checks, takes 64 us (1.27x raw) at 1 KB and 91 us (1.5x) at 16 KB: that is
+what the cipher costs; the rest is this module's and the core's Python, already cut to
+few calls per message (see the measured figures at the fast paths).
+
 The price of the buffers is memory: a connection that has carried big messages keeps
 about 1 MiB (receive, plaintext, and the cipher's send buffers). This module knows
 nothing about addresses or handshakes: it is given a connected asyncio transport and the

@@ -172,7 +172,7 @@ class StreamState:
                 and frame_bytes <= limits.max_message_bytes
             ):
                 # The common message, one frame whole in this packet: one unpack and one
-                # copy (the general path below costs 0.5 us more per message here).
+                # copy (0.65 us per 1 KB message, against 1.22 through the general path).
                 self.messages.append([payload[ONE_FRAME_HEADER.size :].tobytes()])
                 return True
         elif payload_bytes < FRAME_COUNT.size:
