@@ -326,6 +326,7 @@ class _Inbox:
 
     def __init__(self, max_record_bytes: int) -> None:
         self.buffer = bytearray(INITIAL_INBOX_BYTES)
+        self._whole = memoryview(self.buffer)  # the common read's space, made once
         self.start = 0
         self.end = 0
         self.wanted_bytes = 0
@@ -333,7 +334,9 @@ class _Inbox:
 
     def space(self) -> memoryview:
         if self.start == self.end:
+            # Everything was parsed (so no record is wanted): the whole buffer is free.
             self.start = self.end = 0
+            return self._whole
         capacity = len(self.buffer)
         if capacity - self.start < self.wanted_bytes or capacity - self.end < MIN_READ_BYTES:
             self._make_room()
@@ -353,6 +356,7 @@ class _Inbox:
             grown = bytearray(capacity)
             grown[:pending] = self.buffer[self.start : self.end]
             self.buffer = grown
+            self._whole = memoryview(grown)
         self.start, self.end = 0, pending
 
 
