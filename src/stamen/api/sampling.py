@@ -31,6 +31,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from stamen.api.constrained import Constraint
 from stamen.swarm_core.client.generation import DecodingPlan
 
 MIN_TEMPERATURE = 1e-5
@@ -104,6 +105,7 @@ def make_plan(
     vocab_size: int,
     eos_token_ids: Sequence[int],
     stopped: StoppedRows,
+    constraint: Constraint | None = None,
 ) -> DecodingPlan:
     processors = LogitsProcessorList()
     if params.presence_penalty or params.frequency_penalty:

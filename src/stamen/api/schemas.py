@@ -184,6 +184,7 @@ class CompletionRequest(msgspec.Struct):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     user: str | None = None
+    response_format: dict[str, Any] | None = None  # an extension: OpenAI has it on chat only
 
 
 # -- responses ----------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from stamen.api import schemas as s
+from stamen.api.constrained import Constraint, for_response_format
 from stamen.api.engine import EngineClient
 from stamen.api.errors import invalid_request, not_ready, unsupported
 from stamen.api.metrics import ApiMetrics
@@ -46,6 +47,7 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     first_index: int = 0
+    constraint: Constraint | None = None  # every choice follows this grammar on its own
 
 
 @dataclass
@@ -56,12 +58,24 @@ class TokenLogprob:
 
 
 @dataclass
+class ToolCallDelta:
+    """A piece of one tool call of a choice: `id` and `name` come on the call's first
+    delta, then `arguments` arrives in fragments of its JSON text."""
+
+    index: int  # the call's place in the choice's `tool_calls`
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
 class ChoiceDelta:
     index: int
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length" or "tool_calls"
     completion_tokens: int = 0  # set with finish_reason
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
 
 
 # -- 1. validation and prompt rendering ----------------------------------------------------
@@ -139,8 +153,6 @@ def _refuse_chat_extras(request: s.ChatCompletionRequest) -> None:
     for name in ("tool_choice", "function_call"):
         if getattr(request, name) not in (None, "none"):
             raise unsupported(name)
-    if request.response_format and request.response_format.get("type") != "text":
-        raise unsupported("response_format", "`response_format` other than 'text'")
     if request.modalities and request.modalities != ["text"]:
         raise unsupported("modalities", "`modalities` other than ['text']")
     if request.store:
@@ -226,7 +238,8 @@ def chat_job(
         param,
         "messages",
     )
-    return Job(prompt_ids, params)
+    constraint = for_response_format(request.response_format, engine.tokenizer)
+    return Job(prompt_ids, params, constraint=constraint)
 
 
 def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
@@ -262,6 +275,8 @@ def completion_jobs(request: s.CompletionRequest, engine: EngineClient, *, max_n
         raise unsupported("suffix", "`suffix` (fill-in-the-middle)")
     vocab_size = len(engine.tokenizer)
     params = _common_params(request, max_n, vocab_size)
+    # `response_format` on completions is an extension (OpenAI has it on chat only).
+    constraint = for_response_format(request.response_format, engine.tokenizer)
     if request.best_of is not None and request.best_of != params.n:
         raise unsupported("best_of", "`best_of` different from `n`")
     if request.logprobs is not None:
@@ -280,7 +295,7 @@ def completion_jobs(request: s.CompletionRequest, engine: EngineClient, *, max_n
             "max_tokens",
             "prompt",
         )
-        jobs.append(Job(ids, job_params, first_index=number * params.n))
+        jobs.append(Job(ids, job_params, first_index=number * params.n, constraint=constraint))
     return jobs
 
 
@@ -310,6 +325,7 @@ async def generate(
         vocab_size=len(tokenizer),
         eos_token_ids=engine.eos_token_ids,
         stopped=stopped,
+        constraint=job.constraint,
     )
     trackers = [StopTracker(tokenizer, params.stop) for _ in range(B)]
     counts = [0] * B
