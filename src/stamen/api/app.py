@@ -5,12 +5,13 @@ app's lifespan enters it at startup and leaves it at shutdown, so whoever builds
 (the CLI, a test) decides what runs the model and the app owns its lifetime. The typed
 `ApiState` reaches handlers through the `api` dependency.
 
-The lifespan also opens the fine-tuning store under `settings.fine_tuning.data_dir` (a
-temporary directory when None, removed at shutdown) and runs the `JobManager` with the
-given `Trainer` (None: creating a job is refused) and `tuned_engines` (default: the
-lazily imported `stamen.api.tuned.tuned_engine`). Handlers reach them through the
-`files` (the `Store`) and `jobs` dependencies. Entering, the manager serves every stored
-tuned model and queues unfinished jobs again; leaving, it asks running trainers to stop.
+The lifespan also opens the store (files, jobs, stored responses) under
+`settings.fine_tuning.data_dir` (a temporary directory when None, removed at shutdown)
+and runs the `JobManager` with the given `Trainer` (None: creating a job is refused) and
+`tuned_engines` (default: the lazily imported `stamen.api.tuned.tuned_engine`). Handlers
+reach them through the `files` (the `Store`, also named `store`) and `jobs`
+dependencies. Entering, the manager serves every stored tuned model and queues
+unfinished jobs again; leaving, it asks running trainers to stop.
 
 API keys, when configured, guard every `/v1/` route (`Authorization: Bearer KEY`);
 the probes (`/livez`, `/readyz`, `/health...`), `/metrics` and the OpenAPI document stay
@@ -76,6 +77,12 @@ def _provide_api(state: State) -> ApiState:
 
 
 def _provide_files(state: State) -> Store:
+    store: Store = state.store
+    return store
+
+
+def _provide_store(state: State) -> Store:
+    """The same `Store` as `files`, for handlers that keep more than files in it."""
     store: Store = state.store
     return store
 
@@ -219,6 +226,7 @@ def create_app(
         dependencies={
             "api": Provide(_provide_api, sync_to_thread=False),
             "files": Provide(_provide_files, sync_to_thread=False),
+            "store": Provide(_provide_store, sync_to_thread=False),
             "jobs": Provide(_provide_jobs, sync_to_thread=False),
             "history": Provide(_provide_history, sync_to_thread=False),
         },

@@ -10,6 +10,8 @@ GET  /v1/fine_tuning/jobs/{id}              retrieve
 POST /v1/fine_tuning/jobs/{id}/cancel       cancel
 GET  /v1/fine_tuning/jobs/{id}/events       events: messages and per-step metrics
 GET  /v1/fine_tuning/jobs/{id}/checkpoints  one per epoch, each served as a model
+POST /v1/responses; GET, DELETE .../{id}     the Responses API          (`responses_api.py`)
+GET  /v1/responses/{id}/input_items         a stored response's input
 GET  /v1/swarm                              which hosts serve which blocks
 GET  /v1/swarm/history                      the monitor's samples of the last minutes
 GET  /livez, /health/live                   liveness: 200 while the process serves
@@ -42,6 +44,7 @@ from stamen.api.files import file_handlers
 from stamen.api.fine_tuning import fine_tuning_handlers
 from stamen.api.openapi import OPENAPI_PATH, openapi_document
 from stamen.api.pages.history import SwarmHistory
+from stamen.api.responses_api import response_handlers
 from stamen.api.serving import chat_job, check_ready, completion_jobs
 from stamen.api.state import ApiState
 from stamen.api.streaming import sse_stream
@@ -230,4 +233,5 @@ route_handlers = [
     openapi,
     *file_handlers,
     *fine_tuning_handlers,
+    *response_handlers,
 ]

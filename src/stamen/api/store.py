@@ -1,5 +1,6 @@
-"""The fine-tuning store: files' metadata, jobs, events and checkpoints in SQLite, file
-bytes on disk, all under one data directory that outlives the server.
+"""The API's store: files' metadata, fine-tuning jobs, events and checkpoints, and stored
+responses (`/v1/responses`) in SQLite, file bytes on disk, all under one data directory
+that outlives the server.
 
     DATA_DIR/stamen.sqlite3      the database (WAL mode)
     DATA_DIR/files/FILE_ID       the bytes of each file
@@ -7,7 +8,12 @@ bytes on disk, all under one data directory that outlives the server.
 
 A row holds the OpenAI object itself (`ft_schemas`, msgspec JSON) beside the columns
 that queries need, so what is stored is what is shown. `schema_version` records the
-migrations applied; `MIGRATIONS[i]` takes the database from version i to i + 1.
+migrations applied; `MIGRATIONS[i]` takes the database from version i to i + 1, so a
+database written by an older server gains the tables it lacks and keeps its rows.
+
+A stored response is its `ResponseObject` (output included) plus its input items, one row
+each in order; `previous_id` links a response to the one it continues, and
+`response_chain` walks those links back so a conversation can be replayed.
 
 `Database` is synchronous and used from one thread only: `Store` owns that thread (a
 single-worker executor), so every read and write is serialized in submission order and
@@ -15,7 +21,7 @@ the event loop never waits on SQLite. `Store.run` awaits a call; `Store.submit` 
 one without waiting (for a trainer's report, which may call from its own thread), and
 `Store.flush` waits until everything queued so far is written.
 
-This module knows nothing about HTTP or training.
+This module knows nothing about HTTP, training or generation.
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import msgspec
 
 from stamen.api.ft_schemas import FileObject, FineTuningJob, JobCheckpoint, JobEvent
+from stamen.api.responses_schemas import Item, ResponseObject
 from stamen.api.training import CheckpointInfo
 
 logger = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
-S = TypeVar("S", bound=msgspec.Struct)
 
 MIGRATIONS = [
     """
@@ -61,11 +67,35 @@ MIGRATIONS = [
         body BLOB NOT NULL);
     CREATE INDEX checkpoints_by_job ON checkpoints (job_id, seq);
     """,
+    """
+    CREATE TABLE responses (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+        previous_id TEXT, body BLOB NOT NULL);
+    CREATE TABLE response_items (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, response_id TEXT NOT NULL, id TEXT NOT NULL,
+        body BLOB NOT NULL, UNIQUE (response_id, id));
+    """,
 ]
 
 
 class UnknownCursor(Exception):
     """`after` names no item of the list."""
+
+
+class MissingResponse(KeyError):
+    """A response of a conversation is not stored (never was, or was deleted)."""
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(response_id)
+        self.response_id = response_id
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    """A stored response and the input items it was created from, in their order."""
+
+    response: ResponseObject
+    input_items: list[Item]
 
 
 @dataclass(frozen=True)
@@ -112,7 +142,7 @@ class Database:
         row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
         version = row[0] or 0
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            logger.info("migrating the fine-tuning store to schema version %d", number)
+            logger.info("migrating the store to schema version %d", number)
             self._db.executescript(
                 f"BEGIN; {script}; INSERT INTO schema_version VALUES ({number}); COMMIT;"
             )
@@ -122,7 +152,7 @@ class Database:
     def _page(
         self,
         table: str,
-        kind: type[S],
+        kind: Any,  # the Struct type of a row's body, or a tagged union of them
         *,
         where: str,
         args: tuple[object, ...],
@@ -292,6 +322,69 @@ class Database:
             )
         return models
 
+    # -- responses ------------------------------------------------------------------------
+
+    def add_response(self, response: ResponseObject, input_items: list[Item]) -> None:
+        """Store a response with its input items, in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT INTO responses (id, previous_id, body) VALUES (?, ?, ?)",
+                (response.id, response.previous_response_id, _encode(response)),
+            )
+            self._db.executemany(
+                "INSERT INTO response_items (response_id, id, body) VALUES (?, ?, ?)",
+                [(response.id, item.id, _encode(item)) for item in input_items],
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def get_response(self, response_id: str) -> ResponseObject | None:
+        row = self._db.execute("SELECT body FROM responses WHERE id = ?", (response_id,)).fetchone()
+        return None if row is None else msgspec.json.decode(row[0], type=ResponseObject)
+
+    def _input_items(self, response_id: str) -> list[Item]:
+        rows = self._db.execute(
+            "SELECT body FROM response_items WHERE response_id = ? ORDER BY seq", (response_id,)
+        ).fetchall()
+        return [msgspec.json.decode(r[0], type=Item) for r in rows]
+
+    def response_chain(self, response_id: str, max_length: int) -> list[StoredResponse]:
+        """The conversation ending with `response_id`, oldest first: each response and its
+        input items, following `previous_response_id` back. Raises `MissingResponse` for
+        the first response of the chain that is not stored, `ValueError` beyond
+        `max_length` responses."""
+        chain: list[StoredResponse] = []
+        current: str | None = response_id
+        while current is not None:
+            if len(chain) == max_length:
+                raise ValueError(f"the conversation is longer than {max_length} responses")
+            response = self.get_response(current)
+            if response is None:
+                raise MissingResponse(current)
+            chain.append(StoredResponse(response, self._input_items(current)))
+            current = response.previous_response_id
+        return chain[::-1]
+
+    def list_input_items(self, response_id: str, after: str | None, limit: int, order: str) -> Page:
+        return self._page(
+            "response_items", Item, where="response_id = ?", args=(response_id,), after=after,
+            limit=limit, descending=order == "desc",
+        )  # fmt: skip
+
+    def delete_response(self, response_id: str) -> bool:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            deleted = self._db.execute("DELETE FROM responses WHERE id = ?", (response_id,))
+            self._db.execute("DELETE FROM response_items WHERE response_id = ?", (response_id,))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return deleted.rowcount > 0
+
 
 class Store:
     """`Database` on its own thread, for the event loop (module docstring)."""
@@ -325,7 +418,7 @@ class Store:
 
 def _log_failure(future: concurrent.futures.Future[Any]) -> None:
     if not future.cancelled() and (error := future.exception()) is not None:
-        logger.error("fine-tuning store write failed: %r", error, exc_info=error)
+        logger.error("store write failed: %r", error, exc_info=error)
 
 
 @asynccontextmanager
