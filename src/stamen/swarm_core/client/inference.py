@@ -19,6 +19,16 @@ as busy left the host's session as it was, so the same step is simply retried). 
 until `failover_timeout_s` has passed since the call began; then `SessionFailedError`
 says which blocks could not be served and why, and the session refuses further steps.
 
+Forwarded steps: when every hop's session takes them (`HopSession.forwarding`: the host
+advertises it and `ClientSettings.forwarding` allows it), a step goes to the first hop
+naming the next one, and at the same time every later hop is told to await its input
+from the hop before it (`await_step`); hidden states then travel host to host, and each
+host also answers the client with its output, off the critical path, for the histories.
+If any hop does not answer in time, fails, or reports that it could not hand its output
+on, the outputs that did come back (hops `0..i-1`) are kept and the step goes on from
+hop `i` client-driven, with the failover above; abandoned calls are settled by the
+sessions themselves, and positions keep every host's cache exact. `stats` counts both.
+
 `step(..., start_position=p)` with `p <= position` rolls back: everything from `p` on is
 forgotten (histories are truncated, hosts overwrite their cache from `p`).
 
@@ -45,6 +55,7 @@ import torch
 from torch import Tensor
 
 from stamen.swarm_core.client.remote import (
+    Forwarded,
     HopError,
     HopSession,
     HostBusy,
@@ -93,6 +104,17 @@ class _Entry:
     @property
     def end_position(self) -> int:
         return self.start_position + self.hidden.shape[1]
+
+
+@dataclass
+class StepStats:
+    """How this session's steps travelled: host to host throughout (`forwarded`), partly
+    or wholly client-driven after a forwarded attempt failed (`fallbacks`), or
+    client-driven from the start (`client_driven`: forwarding off or unsupported)."""
+
+    forwarded: int = 0
+    fallbacks: int = 0
+    client_driven: int = 0
 
 
 @dataclass
@@ -222,6 +244,7 @@ class InferenceSession:
         # Detached: a session only runs inference, and its prompts must not change under it.
         self._prompts = None if prompts is None else prompts.detach()  # (n, B or 1, P, C)
         self._hops: list[_Hop] = []
+        self.stats = StepStats()
         self._position = 0
         self._hidden_size: int | None = None if prompts is None else prompts.shape[3]
         self._failure: SessionFailedError | None = None
@@ -294,7 +317,7 @@ class InferenceSession:
                 hop.truncate(position)
             attempts = self._failover()
             try:
-                out = await self._run_chain(hidden, position, padding_mask, attempts)
+                out = await self._run_step(hidden, position, padding_mask, attempts)
             except SessionFailedError as e:
                 self._failure = e
                 raise
@@ -336,10 +359,104 @@ class InferenceSession:
     def _failover(self) -> Failover:
         return Failover(self.failover_timeout_s, self.retry_delay_s, self.max_retries)
 
-    async def _run_chain(
+    async def _run_step(
         self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: Failover
     ) -> Tensor:
-        index = 0
+        hops = self._hops
+        if len(hops) < 2 or not all(hop.session.forwarding for hop in hops):
+            self.stats.client_driven += 1
+            return await self._run_chain(hidden, position, padding_mask, attempts)
+        done = await self._run_forwarded(hidden, position, padding_mask)
+        if len(done) == len(hops):
+            self.stats.forwarded += 1
+            return done[-1]
+        self.stats.fallbacks += 1
+        start = hidden if not done else done[-1]
+        return await self._run_chain(start, position, padding_mask, attempts, index=len(done))
+
+    async def _run_forwarded(
+        self, hidden: Tensor, position: int, padding_mask: Tensor | None
+    ) -> list[Tensor]:
+        """One step host to host; the outputs of the leading hops that answered (each
+        recorded in its hop's history), all of them when nothing went wrong."""
+        hops = self._hops
+        T = hidden.shape[1]
+        calls: list[asyncio.Task[Forwarded]] = [
+            # Later hops first, so that their authorizations tend to be there first.
+            asyncio.create_task(
+                hop.session.await_step(
+                    position,
+                    T,
+                    hops[i - 1].route.peer_id,
+                    padding_mask,
+                    self._prompts_for(hop.route, position),
+                    hops[i + 1].session if i + 1 < len(hops) else None,
+                )
+            )
+            for i, hop in enumerate(hops)
+            if i > 0
+        ]
+        first = hops[0]
+        calls.insert(
+            0,
+            asyncio.create_task(
+                first.session.step_and_forward(
+                    hidden,
+                    position,
+                    padding_mask,
+                    self._prompts_for(first.route, position),
+                    hops[1].session,
+                )
+            ),
+        )
+        try:
+            answered = await self._collect(calls, hidden.shape)
+        finally:
+            for call in calls:
+                call.cancel()  # a hop whose input never comes: its session settles it
+            await asyncio.gather(*calls, return_exceptions=True)
+        outputs = [out.to(hidden.dtype) for out in answered]
+        for hop, hop_input in zip(hops[: len(outputs)], [hidden, *outputs]):
+            hop.history.append(_Entry(position, hop_input, padding_mask))  # hop i's input
+        return outputs
+
+    async def _collect(
+        self, calls: Sequence[asyncio.Task[Forwarded]], shape: torch.Size
+    ) -> list[Tensor]:
+        """The outputs of the leading hops that answered within `step_timeout_s`, up to
+        the first hop that failed, answered badly, or could not hand its output on."""
+        outputs: list[Tensor] = []
+        try:
+            async with asyncio.timeout(self.step_timeout_s):
+                for call, hop in zip(calls, self._hops):
+                    try:
+                        out, forward_error = await asyncio.shield(call)
+                    except (HopError, TimeoutError) as error:
+                        logger.info("forwarded step: %s: %r", hop.route.peer_id, error)
+                        break
+                    if out.shape != shape:
+                        logger.info("forwarded step: %s replied %s", hop.route.peer_id, out.shape)
+                        break
+                    outputs.append(out)
+                    if forward_error is not None:
+                        logger.info("forwarded step: %s: %s", hop.route.peer_id, forward_error)
+                        break
+        except TimeoutError:
+            logger.info(
+                "forwarded step: hop %d did not answer in %g s", len(outputs), self.step_timeout_s
+            )
+        return outputs
+
+    async def _run_chain(
+        self,
+        hidden: Tensor,
+        position: int,
+        padding_mask: Tensor | None,
+        attempts: Failover,
+        *,
+        index: int = 0,
+    ) -> Tensor:
+        """The step client-driven, hop by hop from hop `index` (whose input `hidden` is)."""
         while index < len(self._hops):
             hop = self._hops[index]
             try:

@@ -133,8 +133,53 @@ class HostInfo:
         return 1.0 / self.throughput_tokens_s
 
 
+class Forwarded(NamedTuple):
+    """A hop's answer to a forwarded step: its output, and why it could not hand that
+    output to the next hop (None when it did, or when there is none)."""
+
+    hidden: Tensor  # (B, T, C)
+    forward_error: str | None
+
+
 class HopSession(ABC):
-    """An inference session on one host's blocks `[start, end)`, with its remote KV cache."""
+    """An inference session on one host's blocks `[start, end)`, with its remote KV cache.
+
+    Sessions whose `forwarding` is True also take forwarded steps: `step_and_forward`
+    (the chain's first hop: input from the client, output handed on to the next hop's
+    session as well as returned) and `await_step` (a later hop: input from the previous
+    hop's host, which the call authorizes). A forwarded call given up by the caller
+    (cancelled, timed out) leaves the session usable: its next call first settles the
+    abandoned one.
+    """
+
+    @property
+    def forwarding(self) -> bool:
+        """Whether this session's host takes forwarded steps (and the client allows them)."""
+        return False
+
+    async def step_and_forward(
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None,
+        prompts: Tensor | None,
+        next_session: HopSession | None,
+    ) -> Forwarded:
+        """`step`, the host also relaying its output to `next_session`. Raises `HopError`."""
+        raise NotImplementedError("this session does not forward steps")
+
+    async def await_step(
+        self,
+        start_position: int,
+        num_tokens: int,
+        previous_peer_id: str,
+        padding_mask: Tensor | None,
+        prompts: Tensor | None,
+        next_session: HopSession | None,
+    ) -> Forwarded:
+        """A step whose `num_tokens` inputs from `start_position` come from the host
+        `previous_peer_id`; relayed on to `next_session` if given. Raises `HopError`."""
+        raise NotImplementedError("this session does not forward steps")
 
     @abstractmethod
     async def step(

@@ -23,13 +23,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from stamen.swarm_core.client.pool import HostConnections
 from stamen.swarm_core.client.remote import (
+    Forwarded,
     HopError,
     HopSession,
     HostBusy,
@@ -39,10 +41,18 @@ from stamen.swarm_core.client.remote import (
 )
 from stamen.swarm_core.protocol.codecs import Codec
 from stamen.swarm_core.protocol.discovery import Discovery
-from stamen.swarm_core.protocol.errors import RemoteBusy, RemoteTooLarge, RpcError, SlotTimeout
+from stamen.swarm_core.protocol.errors import (
+    RemoteBusy,
+    RemoteError,
+    RemoteTooLarge,
+    RpcError,
+    SlotTimeout,
+)
 from stamen.swarm_core.protocol.records import HostRecord, HostState
 from stamen.swarm_core.protocol.rpc import RpcClient, RpcStream
 from stamen.swarm_core.protocol.wire import (
+    FORWARDING,
+    AwaitStep,
     Backward,
     BackwardResult,
     CloseSession,
@@ -50,6 +60,8 @@ from stamen.swarm_core.protocol.wire import (
     Forward,
     ForwardResult,
     Hello,
+    Message,
+    NextHop,
     OpenSession,
     Ping,
     SessionId,
@@ -75,6 +87,9 @@ class ClientSettings:
     reply_codec: Codec = Codec.NONE
     liveness_interval_s: float = 1.0  # how often hosts with lost connections are redialed
     max_connections_per_host: int = 8  # dialed one by one as the open ones fill up
+    # Steps travel host to host when every hop of the chain takes forwarded steps (its
+    # `HelloReply` names `wire.FORWARDING`); False: the client carries every hop's input.
+    forwarding: bool = True
 
 
 def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
@@ -92,13 +107,18 @@ def _hop_error(error: BaseException, peer_id: str, what: str) -> HopError:
 
 def _check_reply(hidden: Tensor | None, expected: Tensor, peer_id: str) -> Tensor:
     """A host that answers with the wrong shape or non-floats is treated as failed."""
-    if hidden is None or hidden.shape != expected.shape or not hidden.is_floating_point():
+    return _check_shape(hidden, expected.shape, expected.dtype, peer_id)
+
+
+def _check_shape(
+    hidden: Tensor | None, shape: torch.Size, dtype: torch.dtype, peer_id: str
+) -> Tensor:
+    if hidden is None or hidden.shape != shape or not hidden.is_floating_point():
         got = None if hidden is None else (tuple(hidden.shape), hidden.dtype)
         raise HopError(
-            f"host {peer_id[:12]} replied {got}, expected {tuple(expected.shape)}",
-            peer_id=peer_id,
+            f"host {peer_id[:12]} replied {got}, expected {tuple(shape)}", peer_id=peer_id
         )
-    return hidden.to(expected.dtype)
+    return hidden.to(dtype)
 
 
 def _check_type(reply: object, expected: type, peer_id: str) -> None:
@@ -123,7 +143,13 @@ def _request_tensors(
 
 
 class RpcHopSession(HopSession):
-    """One inference session on a host: a streaming RPC call kept open between steps."""
+    """One inference session on a host: a streaming RPC call kept open between steps.
+
+    `relay_target` is where other hosts relay this session's forwarded input (None when
+    the host or the client settings do not forward). A forwarded call given up while its
+    reply was still due leaves that reply `_owed`: the host answers it as soon as it sees
+    our next message, so the next call reads and drops it before its own reply.
+    """
 
     def __init__(
         self,
@@ -131,12 +157,19 @@ class RpcHopSession(HopSession):
         stack: contextlib.AsyncExitStack,
         stream: RpcStream,
         session_id: SessionId,
+        relay_target: NextHop | None = None,
     ):
         self._peer_id = peer_id
         self._stack = stack
         self._stream = stream
         self.session_id = session_id
+        self.relay_target = relay_target
         self._closed = False
+        self._owed = 0  # replies to abandoned forwarded calls, still to be read
+
+    @property
+    def forwarding(self) -> bool:
+        return self.relay_target is not None
 
     async def step(
         self,
@@ -148,11 +181,112 @@ class RpcHopSession(HopSession):
         tensors = _request_tensors(hidden, prompts, padding_mask)
         message = Step(session_id=self.session_id, start_position=start_position)
         try:
-            reply = await self._stream.call(message, tensors)
+            reply = await self._call(message, tensors)
         except _HOST_FAILURES as error:
             raise _hop_error(error, self._peer_id, "step") from error
         _check_type(reply.message, StepResult, self._peer_id)
+        assert isinstance(reply.message, StepResult)
+        if reply.message.position != start_position + hidden.shape[1]:
+            raise HopError(
+                f"host {self._peer_id[:12]} answered position {reply.message.position} to a "
+                f"step from {start_position}",
+                peer_id=self._peer_id,
+            )
         return _check_reply(reply.tensors.get("hidden"), hidden, self._peer_id)
+
+    async def step_and_forward(
+        self,
+        hidden: Tensor,
+        start_position: int,
+        padding_mask: Tensor | None,
+        prompts: Tensor | None,
+        next_session: HopSession | None,
+    ) -> Forwarded:
+        message = Step(
+            session_id=self.session_id,
+            start_position=start_position,
+            next_hop=_relay_target_of(next_session),
+        )
+        tensors = _request_tensors(hidden, prompts, padding_mask)
+        return await self._forwarded(message, tensors, hidden.shape, hidden.dtype)
+
+    async def await_step(
+        self,
+        start_position: int,
+        num_tokens: int,
+        previous_peer_id: str,
+        padding_mask: Tensor | None,
+        prompts: Tensor | None,
+        next_session: HopSession | None,
+    ) -> Forwarded:
+        message = AwaitStep(
+            session_id=self.session_id,
+            start_position=start_position,
+            num_tokens=num_tokens,
+            previous_peer_id=previous_peer_id,
+            next_hop=_relay_target_of(next_session),
+        )
+        tensors = {}
+        if prompts is not None:
+            tensors["prompts"] = prompts.contiguous()
+        if padding_mask is not None:
+            tensors["padding_mask"] = padding_mask.contiguous()
+        return await self._forwarded(message, tensors, None, None)
+
+    async def _forwarded(
+        self,
+        message: Step | AwaitStep,
+        tensors: Mapping[str, Tensor],
+        shape: torch.Size | None,
+        dtype: torch.dtype | None,
+    ) -> Forwarded:
+        """Send a forwarded step and wait for its reply; a reply given up on is owed."""
+        try:
+            reply = await self._call(message, tensors, track=True)
+        except _HOST_FAILURES as error:
+            raise _hop_error(error, self._peer_id, "step") from error
+        result = reply.message
+        _check_type(result, StepResult, self._peer_id)
+        assert isinstance(result, StepResult)
+        hidden = reply.tensors.get("hidden")
+        if hidden is None or hidden.dim() != 3 or not hidden.is_floating_point():
+            raise HopError(f"host {self._peer_id[:12]} replied without hidden states")
+        if result.position != message.start_position + hidden.shape[1]:
+            raise HopError(
+                f"host {self._peer_id[:12]} answered position {result.position} to a step "
+                f"from {message.start_position}",
+                peer_id=self._peer_id,
+            )
+        if shape is not None and dtype is not None:
+            hidden = _check_shape(hidden, shape, dtype, self._peer_id)
+        return Forwarded(hidden, result.forward_error)
+
+    async def _call(
+        self,
+        message: Message,
+        tensors: Mapping[str, Tensor] | None = None,
+        timeout_s: float | None = None,
+        *,
+        track: bool = False,
+    ) -> Decoded:
+        """One request and its reply on the session's stream. Replies owed to abandoned
+        calls come first (the host answers them as soon as it sees `message`) and are
+        dropped; a `track`ed call abandoned after its request went out owes its own
+        reply (forwarded steps: the caller may give up on one and go on)."""
+        if not self._owed and not track:
+            return await self._stream.call(message, tensors, timeout_s=timeout_s)
+        await self._stream.send(message, tensors, timeout_s=timeout_s)
+        try:
+            while self._owed:
+                with contextlib.suppress(RemoteError):
+                    await self._stream.recv(timeout_s=timeout_s)
+                self._owed -= 1
+            return await self._stream.recv(timeout_s=timeout_s)
+        except RemoteError:
+            raise
+        except BaseException:
+            self._owed += 1
+            raise
 
     async def close(self) -> None:
         if self._closed:
@@ -160,10 +294,18 @@ class RpcHopSession(HopSession):
         self._closed = True
         try:
             with contextlib.suppress(*_HOST_FAILURES):
-                await self._stream.call(CloseSession(session_id=self.session_id), timeout_s=5.0)
+                await self._call(CloseSession(session_id=self.session_id), timeout_s=5.0)
         finally:
             with contextlib.suppress(*_HOST_FAILURES):
                 await self._stack.aclose()
+
+
+def _relay_target_of(session: HopSession | None) -> NextHop | None:
+    if session is None:
+        return None
+    if not isinstance(session, RpcHopSession) or session.relay_target is None:
+        raise ValueError("the next hop does not take forwarded steps")
+    return session.relay_target
 
 
 class RpcSpanClient(SpanClient):
@@ -171,10 +313,17 @@ class RpcSpanClient(SpanClient):
     its slot until it closes. Waiting for a slot (or dialing) is bounded by
     `connect_timeout_s`, and running out of it raises `HostBusy`."""
 
-    def __init__(self, peer_id: str, connections: HostConnections, settings: ClientSettings):
+    def __init__(
+        self,
+        peer_id: str,
+        connections: HostConnections,
+        settings: ClientSettings,
+        record: Callable[[], HostRecord | None] = lambda: None,
+    ):
         self._peer_id = peer_id
         self._connections = connections
         self._settings = settings
+        self._record = record  # the host's current record: its key and addresses
 
     @property
     def peer_id(self) -> str:
@@ -206,7 +355,24 @@ class RpcSpanClient(SpanClient):
             if isinstance(error, _HOST_FAILURES):
                 raise _hop_error(error, self._peer_id, "open_session") from error
             raise
-        return RpcHopSession(self._peer_id, stack, stream, reply.message.session_id)
+        session_id = reply.message.session_id
+        target = self._relay_target(rpc, session_id)
+        return RpcHopSession(self._peer_id, stack, stream, session_id, target)
+
+    def _relay_target(self, rpc: RpcClient, session_id: SessionId) -> NextHop | None:
+        """Where other hosts relay this session's input, when both ends forward steps."""
+        record = self._record()
+        remote = rpc.remote
+        if not self._settings.forwarding or record is None or not record.addresses:
+            return None
+        if remote is None or FORWARDING not in remote.capabilities:
+            return None
+        return NextHop(
+            peer_id=record.peer_id,
+            public_key=record.public_key,
+            session_id=session_id,
+            addresses=record.addresses,
+        )
 
     async def forward(
         self,
@@ -368,7 +534,9 @@ class SwarmClient:
             )
             self._connections[peer_id] = connections
         await connections.ensure_connected()
-        return RpcSpanClient(peer_id, connections, self.settings)
+        return RpcSpanClient(
+            peer_id, connections, self.settings, lambda: self._records.get(peer_id)
+        )
 
     async def _dial(self, peer_id: str) -> RpcClient:
         record = self._records.get(peer_id)

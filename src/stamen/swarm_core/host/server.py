@@ -6,7 +6,8 @@
 2. announces itself JOINING (and keeps re-announcing from then on), loads its span (block
    by block, progress logged), quantizes it if asked, and measures its decode throughput;
 3. listens on its transport and serves `Info`, `OpenSession` (one stream per inference
-   session), `Forward` and `Backward`, translating runtime refusals into typed remote
+   session, taking `Step` and, for forwarded steps, `AwaitStep`), `RelayStep` (another
+   host's output for one of our sessions, `host.relay`), `Forward` and `Backward`, translating runtime refusals into typed remote
    errors (with the runtime's `retry_after_s` hint; `too_large` for a forward / backward
    over `max_request_tokens`). A step refused as busy or timed out in the queue never
    ran: it is answered with an `ErrorReply` and the session stream stays open, so the
@@ -32,7 +33,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 import torch
@@ -41,7 +42,9 @@ from stamen.models.base import Block
 from stamen.models.loading import Span, load_config, load_span
 from stamen.models.quantization import quantize_block
 from stamen.models.registry import get_adapter
+from stamen.swarm_core.host.relay import NextHops, RelayInbox, RelayLimits
 from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime, measure_throughput
+from stamen.swarm_core.protocol.codecs import Codec
 from stamen.swarm_core.protocol.discovery import Discovery
 from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
@@ -54,6 +57,8 @@ from stamen.swarm_core.protocol.identity import peer_id_from_public_key, peer_id
 from stamen.swarm_core.protocol.records import MAX_TTL_S, HostRecord, HostState, new_host_record
 from stamen.swarm_core.protocol.rpc import CallContext, Outgoing, Reply, RpcServer
 from stamen.swarm_core.protocol.wire import (
+    FORWARDING,
+    AwaitStep,
     Backward,
     BackwardResult,
     CloseSession,
@@ -61,11 +66,15 @@ from stamen.swarm_core.protocol.wire import (
     ErrorReply,
     Forward,
     ForwardResult,
+    Hello,
     HelloReply,
     Info,
     InfoReply,
+    NextHop,
     OpenSession,
+    RelayStep,
     SessionClosed,
+    SessionId,
     SessionOpened,
     Step,
     StepResult,
@@ -97,6 +106,7 @@ class HostSettings:
     record_ttl_s: float = 15.0  # > announce_interval_s, so a live host's record never lapses
     drain_timeout_s: float = 10.0
     limits: RuntimeLimits | None = None
+    relay_limits: RelayLimits | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.announce_interval_s < self.record_ttl_s <= MAX_TTL_S:
@@ -141,6 +151,19 @@ def choose_span(
     return best, best + num_blocks
 
 
+async def _next_request(requests: AsyncIterator[Decoded]) -> Decoded | None:
+    """The session stream's next message, None at its end (a task's result)."""
+    try:
+        return await anext(requests)
+    except StopAsyncIteration:
+        return None
+
+
+def _check_session(step_session: str, session_id: SessionId) -> None:
+    if step_session != session_id:
+        raise RemoteNotFound(f"this stream serves session {session_id}")
+
+
 def _retry_later(refusal: RemoteError) -> ErrorReply:
     """The reply to a step that did not run, sent in place of ending the session."""
     return ErrorReply(
@@ -160,6 +183,10 @@ class Host:
         self.throughput_tokens_s = 0.0
         self.addresses: list[str] = []
         self.runtime: SpanRuntime | None = None
+        self.inbox: RelayInbox | None = None
+        self.next_hops = NextHops(
+            transport, Hello.local(settings.public_name), settings.relay_limits
+        )
         self.ready = asyncio.Event()  # set once serving and announced ONLINE
         self._discovery: Discovery | None = None
         self._listener: Listener | None = None
@@ -201,6 +228,7 @@ class Host:
         start, end = self.span_range
         span = await asyncio.to_thread(self._load, start, end)
         self.runtime = await stack.enter_async_context(SpanRuntime(span, self._limits()))
+        stack.push_async_callback(self.next_hops.aclose)
         self.throughput_tokens_s = await asyncio.to_thread(measure_throughput, span)
         logger.info("throughput: %.1f decode tokens/s over the span", self.throughput_tokens_s)
         self._listener = await self.transport.listen(settings.listen, self._server().serve)
@@ -314,9 +342,11 @@ class Host:
     # -- RPC handlers -------------------------------------------------------------------
 
     def _server(self) -> RpcServer:
-        server = RpcServer(HelloReply.local(self.settings.public_name, ("inference", "forward")))
+        capabilities = ("inference", "forward", FORWARDING)
+        server = RpcServer(HelloReply.local(self.settings.public_name, capabilities))
         server.add_unary(Info, self._info)
         server.add_stream(OpenSession, self._session)
+        server.add_unary(RelayStep, self._relay)
         server.add_unary(Forward, self._forward)
         server.add_unary(Backward, self._backward)
         return server
@@ -353,6 +383,8 @@ class Host:
             cache_tokens_left=info.cache_tokens_free if info else 0,
             max_batch_size=self._limits().max_batch_size,
             throughput_tokens_s=self.throughput_tokens_s,
+            relays_received=self.inbox.accepted if self.inbox else 0,
+            relays_sent=self.next_hops.sent,
         )
 
     async def _session(
@@ -368,40 +400,125 @@ class Host:
             block_range=(request.block_start, request.block_end),
             peer_label=peer,
         )
+        inbox = self._inbox()
+        inbox.open(session_id, request.batch_size, request.max_length)
+        codec = request.reply_codec
+        # While an `AwaitStep` waits for its input, the stream's next message is read by a
+        # task of its own (its arrival ends the wait); the loop then takes it from there.
+        reader: asyncio.Task[Decoded | None] | None = None
         try:
             yield SessionOpened(session_id=session_id, max_length=request.max_length)
-            async for decoded in requests:
+            while True:
+                if reader is not None:
+                    decoded, reader = await reader, None
+                else:
+                    decoded = await _next_request(requests)
+                if decoded is None:
+                    return
                 match decoded.message:
-                    case Step(session_id=step_session, start_position=start_position):
-                        if step_session != session_id:
-                            raise RemoteNotFound(f"this stream serves session {session_id}")
-                        hidden = decoded.tensors["hidden"]
-                        try:
-                            with self._request():
-                                out = await runtime.step(
-                                    session_id,
-                                    hidden,
-                                    start_position,
-                                    decoded.tensors.get("padding_mask"),
-                                    decoded.tensors.get("prompts"),
-                                )
-                        except (RemoteBusy, RemoteTimeout) as refusal:
-                            yield _retry_later(refusal)  # the session is as it was
-                            continue
-                        position = start_position + hidden.shape[1]
-                        yield Outgoing(
-                            StepResult(session_id=session_id, position=position),
-                            {"hidden": out},
-                            codec=request.reply_codec,
+                    case Step(session_id=step_session) as step:
+                        _check_session(step_session, session_id)
+                        yield await self._step(
+                            session_id, step, decoded.tensors["hidden"], decoded, codec
                         )
+                    case AwaitStep(session_id=step_session) as awaited:
+                        _check_session(step_session, session_id)
+                        reader = asyncio.create_task(_next_request(requests))
+                        hidden = await self._await_input(session_id, awaited, reader)
+                        if hidden is None:
+                            yield ErrorReply(
+                                code=RemoteTimeout.code,
+                                message=f"no input from {awaited.previous_peer_id[:12]} for "
+                                f"position {awaited.start_position}",
+                            )
+                            continue
+                        yield await self._step(session_id, awaited, hidden, decoded, codec)
                     case CloseSession():
                         yield SessionClosed(session_id=session_id)
                         return
                     case other:
                         raise RemoteBadRequest(f"unexpected {type(other).__name__} in a session")
         finally:
+            inbox.close(session_id)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
             with contextlib.suppress(RemoteError):
                 await runtime.close_session(session_id)
+
+    def _inbox(self) -> RelayInbox:
+        if self.inbox is None:
+            self.inbox = RelayInbox(self._runtime().hidden_size, self.settings.relay_limits)
+        return self.inbox
+
+    async def _await_input(
+        self,
+        session_id: SessionId,
+        awaited: AwaitStep,
+        reader: asyncio.Task[Decoded | None],
+    ) -> torch.Tensor | None:
+        """The relayed input the client announced, or None when the stream's next message
+        (the client moved on) or the wait's timeout comes first."""
+        inbox = self._inbox()
+        arrived = inbox.expect(
+            session_id, awaited.start_position, awaited.num_tokens, awaited.previous_peer_id
+        )
+        waiters: set[asyncio.Future[Any]] = {arrived, reader}
+        await asyncio.wait(
+            waiters, timeout=inbox.limits.wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if arrived.done() and not arrived.cancelled():
+            return arrived.result()
+        inbox.cancel(session_id)
+        return None
+
+    async def _step(
+        self,
+        session_id: SessionId,
+        step: Step | AwaitStep,
+        hidden: torch.Tensor,
+        decoded: Decoded,
+        codec: Codec,
+    ) -> Reply:
+        """Run one step; relay its output to the request's `next_hop` first, if any."""
+        runtime = self._runtime()
+        try:
+            with self._request():
+                out = await runtime.step(
+                    session_id,
+                    hidden,
+                    step.start_position,
+                    decoded.tensors.get("padding_mask"),
+                    decoded.tensors.get("prompts"),
+                )
+        except (RemoteBusy, RemoteTimeout) as refusal:
+            return _retry_later(refusal)  # the session is as it was
+        forward_error = None
+        if step.next_hop is not None:
+            forward_error = await self._relay_to(step.next_hop, step.start_position, out, codec)
+        position = step.start_position + hidden.shape[1]
+        return Outgoing(
+            StepResult(session_id=session_id, position=position, forward_error=forward_error),
+            {"hidden": out},
+            codec=codec,
+        )
+
+    async def _relay_to(
+        self, next_hop: NextHop, start_position: int, out: torch.Tensor, codec: Codec
+    ) -> str | None:
+        if next_hop.peer_id == self.peer_id:
+            return "the next hop named is this host"
+        forward_error = await self.next_hops.relay(next_hop, start_position, out, codec)
+        if forward_error is not None:
+            logger.info("forwarding a step: %s", forward_error)
+        return forward_error
+
+    async def _relay(self, request: Decoded, context: CallContext) -> Reply:
+        """Another host's output for one of our sessions (`host.relay.RelayInbox`)."""
+        message = request.message
+        assert isinstance(message, RelayStep)
+        sender = peer_id_from_public_key(context.remote_public_key)
+        return self._inbox().deliver(sender, message, request.tensors["hidden"])
 
     async def _forward(self, request: Decoded, context: CallContext) -> Reply:
         message = request.message

@@ -60,7 +60,14 @@ from stamen.swarm_core.protocol.records import HostState
 from stamen.version import __version__
 
 # 1.1: deep prompts in Step / Forward / Backward served, grad_prompts, `too_large` errors.
-PROTOCOL_VERSION: tuple[int, int] = (2, 0)  # 2.0: requests refuse fields nothing implements
+# 2.0: requests refuse fields nothing implements.
+# 2.1: server-to-server forwarding of steps (`FORWARDING`): `Step.next_hop`, `AwaitStep`,
+#      `RelayStep` / `RelayAccepted`, `StepResult.forward_error`.
+PROTOCOL_VERSION: tuple[int, int] = (2, 1)
+
+# The capability of a host that serves `Step.next_hop`, `AwaitStep` and `RelayStep`.
+# Clients send those only to hosts whose `HelloReply` names it.
+FORWARDING = "forwarding"
 
 Frame = bytes | bytearray | memoryview
 Tensors = Mapping[str, torch.Tensor]
@@ -77,6 +84,10 @@ _Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 
 SessionId = NewType("SessionId", str)
 _SessionId = Annotated[SessionId, msgspec.Meta(min_length=1, max_length=64)]
+_PeerIdText = Annotated[str, msgspec.Meta(pattern=r"^p[a-z2-7]{32}$")]  # identity.peer_id
+_PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]  # ed25519
+_Address = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+_NumTokens = Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
 
 
 class WireError(Exception):
@@ -200,6 +211,9 @@ class InfoReply(_Message, frozen=True, tag="info_reply"):
     cache_tokens_left: Annotated[int, msgspec.Meta(ge=0)] = 0
     max_batch_size: Annotated[int, msgspec.Meta(ge=0)] = 0
     throughput_tokens_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # 2.1: forwarded steps this host took from a previous host / handed to the next one.
+    relays_received: Annotated[int, msgspec.Meta(ge=0)] = 0
+    relays_sent: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class OpenSession(_SpanRequest, frozen=True, tag="open_session", forbid_unknown_fields=True):
@@ -215,9 +229,25 @@ class SessionOpened(_Message, frozen=True, tag="session_opened"):
     max_length: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Step(_Message, frozen=True, tag="step", forbid_unknown_fields=True):
+class NextHop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a host sends a step's output on: the next host's identity (its peer id and
+    the ed25519 key it must prove on the connection), the session the client opened
+    there, and the addresses of its record (the first the sender's transport can dial
+    is used)."""
+
+    peer_id: _PeerIdText
+    public_key: _PublicKey
+    session_id: _SessionId
+    addresses: Annotated[tuple[_Address, ...], msgspec.Meta(min_length=1, max_length=8)]
+
+
+class Step(_Message, frozen=True, tag="step", forbid_unknown_fields=True, omit_defaults=True):
     """Hidden states for positions `[start_position, start_position + T)`; a position
-    below the session's current length rolls the cache back (replay after failover)."""
+    below the session's current length rolls the cache back (replay after failover).
+
+    With `next_hop` (2.1, `FORWARDING` hosts only; omitted from the encoding when None,
+    so 2.0 hosts read the same bytes as before), the host first sends its output to that
+    host as a `RelayStep`, then answers this request with the same output."""
 
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
         "hidden": _HIDDEN,
@@ -226,12 +256,50 @@ class Step(_Message, frozen=True, tag="step", forbid_unknown_fields=True):
     }
     session_id: _SessionId
     start_position: _Position
+    next_hop: NextHop | None = None
+
+
+class AwaitStep(_Message, frozen=True, tag="await_step", forbid_unknown_fields=True):
+    """The client's side of a forwarded step (2.1, `FORWARDING`): this session's input
+    for `[start_position, start_position + num_tokens)` comes from `previous_peer_id`
+    as a `RelayStep`, and from no one else. The host runs it with this message's own
+    `prompts` / `padding_mask`, relays its output to `next_hop` if any, and answers with
+    a `StepResult`. Any later message on the session's stream ends the wait (answered
+    `timeout`) before it is handled."""
+
+    TENSORS: ClassVar[Mapping[str, TensorSlot]] = {
+        "prompts": _PROMPTS,
+        "padding_mask": _PADDING,
+    }
+    session_id: _SessionId
+    start_position: _Position
+    num_tokens: _NumTokens
+    previous_peer_id: _PeerIdText
+    next_hop: NextHop | None = None
 
 
 class StepResult(_Message, frozen=True, tag="step_result"):
+    """`forward_error` says why the output could not be handed to the `next_hop` the
+    request named (unreachable, refused); None when it was, or when none was named."""
+
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {"hidden": _HIDDEN}
     session_id: _SessionId
     position: _Position  # the session's length after this step
+    forward_error: _Text | None = None
+
+
+class RelayStep(_Message, frozen=True, tag="relay_step", forbid_unknown_fields=True):
+    """Host to host (2.1, `FORWARDING`): a step's output, sent to the host of the next
+    hop as input of its session `session_id` at `start_position`. Accepted only from
+    the peer that the client's `AwaitStep` names, for a session open on this host."""
+
+    TENSORS: ClassVar[Mapping[str, TensorSlot]] = {"hidden": _HIDDEN}
+    session_id: _SessionId
+    start_position: _Position
+
+
+class RelayAccepted(_Message, frozen=True, tag="relay_accepted"):
+    """The `RelayStep` was taken (handed to its waiting step, or held for it)."""
 
 
 class CloseSession(_Message, frozen=True, tag="close_session", forbid_unknown_fields=True):
@@ -291,7 +359,10 @@ Message = (
     | OpenSession
     | SessionOpened
     | Step
+    | AwaitStep
     | StepResult
+    | RelayStep
+    | RelayAccepted
     | CloseSession
     | SessionClosed
     | Forward

@@ -1,0 +1,278 @@
+"""Server-to-server forwarding of inference steps: the host's two ends of a `RelayStep`.
+
+A forwarded step crosses a chain of hosts without going back to the client between
+them: the client sends hop 0 a `Step` naming its `next_hop`, and every later hop an
+`AwaitStep` that names the peer its input comes from. Each host runs its span, relays
+its output to the next host, then answers the client with the same output.
+
+- `RelayInbox` is the receiving end. A relayed input is taken only for a session open on
+  this host, and handed to that session's step only when the client's `AwaitStep` for
+  that position names the sending peer as the previous hop and the tensor has the shape
+  the session and the `AwaitStep` imply. Input that arrives before the client's
+  `AwaitStep` is held for a while (`RelayLimits`: a few messages and bytes per session,
+  dropped after `hold_s`); whatever does not fit is refused with a typed error. The
+  client is the only authority on who may feed a session, so a peer that is not the
+  named previous hop can never write into it.
+- `NextHops` is the sending end: one pooled, authenticated connection per next peer
+  (dialed once, with the key the client's `NextHop` names, which must hash to its peer
+  id), at most `max_peers` of them, the least recently used closed first. A relay that
+  fails returns its reason as text, which the host puts in its answer to the client at
+  once (`StepResult.forward_error`), so the client can drive the rest of the step itself.
+
+This module knows nothing about how steps are computed or about routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from stamen.swarm_core.host.sessions import check_hidden
+from stamen.swarm_core.protocol.codecs import Codec
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteBusy,
+    RemoteNotFound,
+    RemoteTooLarge,
+    RpcError,
+)
+from stamen.swarm_core.protocol.identity import peer_id_from_public_key
+from stamen.swarm_core.protocol.rpc import RpcClient
+from stamen.swarm_core.protocol.wire import (
+    Hello,
+    NextHop,
+    RelayAccepted,
+    RelayStep,
+    SessionId,
+    WireError,
+)
+from stamen.transports.base import ConnectError, Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    """What one session may hold of relayed input that arrived before its `AwaitStep`,
+    and how long a host waits for relayed input and for the next host."""
+
+    max_held_messages: int = 4
+    max_held_bytes: int = 64 << 20
+    hold_s: float = 10.0  # held input older than this is dropped
+    wait_s: float = 30.0  # an `AwaitStep` without its input is answered `timeout`
+    max_peers: int = 32  # pooled connections to next hops
+    connect_timeout_s: float = 5.0
+    relay_timeout_s: float = 10.0  # one `RelayStep`, until the next host accepts it
+
+
+@dataclass
+class _Held:
+    sender: str
+    start_position: int
+    hidden: Tensor
+    received_s: float = field(default_factory=time.monotonic)
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
+
+
+@dataclass
+class _Expected:
+    start_position: int
+    num_tokens: int
+    previous_peer_id: str
+    arrived: asyncio.Future[Tensor]
+
+
+@dataclass
+class _Mailbox:
+    batch_size: int
+    max_length: int
+    expected: _Expected | None = None
+    held: list[_Held] = field(default_factory=list)
+
+
+class RelayInbox:
+    """Relayed inputs for this host's open sessions (module docstring)."""
+
+    def __init__(self, hidden_size: int, limits: RelayLimits | None = None) -> None:
+        self.hidden_size = hidden_size
+        self.limits = limits or RelayLimits()
+        self.accepted = 0  # relayed inputs handed to a step
+        self._boxes: dict[SessionId, _Mailbox] = {}
+
+    def open(self, session_id: SessionId, batch_size: int, max_length: int) -> None:
+        self._boxes[session_id] = _Mailbox(batch_size, max_length)
+
+    def close(self, session_id: SessionId) -> None:
+        box = self._boxes.pop(session_id, None)
+        if box is not None and box.expected is not None:
+            box.expected.arrived.cancel()
+
+    def expect(
+        self, session_id: SessionId, start_position: int, num_tokens: int, previous_peer_id: str
+    ) -> asyncio.Future[Tensor]:
+        """The input the client announced (`AwaitStep`): done at once when it is held."""
+        box = self._box(session_id)
+        self.cancel(session_id)
+        arrived: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
+        box.expected = _Expected(start_position, num_tokens, previous_peer_id, arrived)
+        held, box.held = box.held, []  # anything else held is stale or not from that peer
+        now_s = time.monotonic()
+        for item in held:
+            fresh = now_s - item.received_s <= self.limits.hold_s
+            if fresh and self._matches(box.expected, item.sender, item.start_position, item.hidden):
+                self._hand_over(box, item.hidden)
+                break
+        return arrived
+
+    def cancel(self, session_id: SessionId) -> None:
+        """Stop waiting for the session's announced input (the client moved on)."""
+        box = self._boxes.get(session_id)
+        if box is not None and box.expected is not None:
+            box.expected.arrived.cancel()
+            box.expected = None
+
+    def deliver(self, sender: str, request: RelayStep, hidden: Tensor) -> RelayAccepted:
+        """Take a `RelayStep` from `sender`; raises the typed refusal otherwise."""
+        box = self._box(request.session_id)
+        hidden = check_hidden(hidden, hidden_size=self.hidden_size, batch_size=box.batch_size)
+        if request.start_position + hidden.shape[1] > box.max_length:
+            raise RemoteTooLarge(
+                f"relayed step ends at {request.start_position + hidden.shape[1]}, past the "
+                f"session's max_length {box.max_length}"
+            )
+        expected = box.expected
+        if expected is not None and not expected.arrived.done():
+            if expected.previous_peer_id != sender:
+                raise RemoteBadRequest(
+                    f"{sender[:12]} is not the previous hop the client named for this step"
+                )
+            if not self._matches(expected, sender, request.start_position, hidden):
+                raise RemoteBadRequest(
+                    f"relayed step at {request.start_position} x {hidden.shape[1]} tokens; the "
+                    f"client announced {expected.start_position} x {expected.num_tokens}"
+                )
+            self._hand_over(box, hidden)
+            return RelayAccepted()
+        self._hold(box, _Held(sender, request.start_position, hidden))
+        return RelayAccepted()
+
+    def _box(self, session_id: SessionId) -> _Mailbox:
+        box = self._boxes.get(session_id)
+        if box is None:
+            raise RemoteNotFound(f"no open session {session_id!r} on this host")
+        return box
+
+    @staticmethod
+    def _matches(expected: _Expected, sender: str, start_position: int, hidden: Tensor) -> bool:
+        return (
+            sender == expected.previous_peer_id
+            and start_position == expected.start_position
+            and hidden.shape[1] == expected.num_tokens
+        )
+
+    def _hand_over(self, box: _Mailbox, hidden: Tensor) -> None:
+        assert box.expected is not None
+        box.expected.arrived.set_result(hidden)
+        box.expected = None
+        self.accepted += 1
+
+    def _hold(self, box: _Mailbox, item: _Held) -> None:
+        now_s = time.monotonic()
+        box.held = [h for h in box.held if now_s - h.received_s <= self.limits.hold_s]
+        if item.nbytes > self.limits.max_held_bytes:
+            raise RemoteTooLarge(
+                f"relayed step of {item.nbytes} bytes > {self.limits.max_held_bytes} held per "
+                "session"
+            )
+        held_bytes = sum(h.nbytes for h in box.held) + item.nbytes
+        if (
+            len(box.held) >= self.limits.max_held_messages
+            or held_bytes > self.limits.max_held_bytes
+        ):
+            raise RemoteBusy("too many relayed steps held for this session", retry_after_s=0.1)
+        box.held.append(item)
+
+
+class NextHops:
+    """Pooled connections to next hops, and the relay of one step's output (docstring)."""
+
+    def __init__(self, transport: Transport, hello: Hello, limits: RelayLimits | None = None):
+        self._transport = transport
+        self._hello = hello
+        self.limits = limits or RelayLimits()
+        self.sent = 0  # relays the next host accepted
+        self._clients: OrderedDict[str, RpcClient] = OrderedDict()
+        self._dialing: dict[str, asyncio.Lock] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # evicted connections, closing
+
+    async def relay(
+        self, next_hop: NextHop, start_position: int, hidden: Tensor, codec: Codec
+    ) -> str | None:
+        """Send `hidden` to `next_hop`'s session; None when it was accepted, else why not."""
+        if peer_id_from_public_key(next_hop.public_key) != next_hop.peer_id:
+            return f"the key named for {next_hop.peer_id[:12]} is not that peer's"
+        message = RelayStep(session_id=next_hop.session_id, start_position=start_position)
+        try:
+            rpc = await self._client(next_hop)
+            reply = await rpc.call(
+                message,
+                {"hidden": hidden.contiguous()},
+                codec=codec,
+                timeout_s=self.limits.relay_timeout_s,
+            )
+        except (RpcError, TransportError, WireError, TimeoutError, OSError) as error:
+            return f"relay to {next_hop.peer_id[:12]} failed: {type(error).__name__}: {error}"
+        if not isinstance(reply.message, RelayAccepted):
+            return f"{next_hop.peer_id[:12]} answered {type(reply.message).__name__}"
+        self.sent += 1
+        return None
+
+    async def _client(self, next_hop: NextHop) -> RpcClient:
+        peer_id = next_hop.peer_id
+        lock = self._dialing.setdefault(peer_id, asyncio.Lock())
+        async with lock:  # dial each peer once, however many sessions relay to it
+            rpc = self._clients.get(peer_id)
+            if rpc is not None and not rpc.connection.is_closed:
+                self._clients.move_to_end(peer_id)
+                return rpc
+            if rpc is not None:
+                del self._clients[peer_id]
+            rpc = await self._dial(next_hop)
+            self._clients[peer_id] = rpc
+            while len(self._clients) > self.limits.max_peers:
+                _, oldest = self._clients.popitem(last=False)
+                closing = asyncio.create_task(oldest.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
+            return rpc
+
+    async def _dial(self, next_hop: NextHop) -> RpcClient:
+        errors: list[str] = []
+        for address in next_hop.addresses:
+            try:
+                return await RpcClient.connect(
+                    self._transport,
+                    address,
+                    self._hello,
+                    expected_public_key=next_hop.public_key,
+                    timeout_s=self.limits.connect_timeout_s,
+                )
+            except (RpcError, TransportError, WireError, TimeoutError, OSError, ValueError) as e:
+                errors.append(f"{address[:80]}: {type(e).__name__}: {e}")
+        raise ConnectError("; ".join(errors) or "no address")
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), OrderedDict()
+        for rpc in clients:
+            with contextlib.suppress(Exception):
+                await rpc.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,356 @@
+"""Server-to-server forwarding of inference steps, with hosts in-process.
+
+Three hosts serve one block each of a tiny Llama over the memory transport; the client
+is the real `InferenceSession` over `RpcSpanClient`s. What a user relies on:
+
+- a forwarded chain gives the outputs of the client-driven one, and the hidden states
+  really went host to host (the hosts' relay counters, the session's `stats`);
+- a host that vanishes mid-chain costs a fallback, not a wrong output;
+- a host accepts relayed input only for a session it holds, from the previous hop the
+  client named, at the announced position and shape, within its size limits, and keeps
+  serving after refusing;
+- the new wire messages validate their fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from stamen.conformance.adapters import LocalChain, reference_for
+from stamen.models.loading import Span
+from stamen.models.registry import get_adapter
+from stamen.swarm_core.client.inference import InferenceSession
+from stamen.swarm_core.client.pool import HostConnections
+from stamen.swarm_core.client.remote import HostInfo, SpanClient
+from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
+from stamen.swarm_core.host.relay import RelayLimits
+from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
+from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.errors import (
+    RemoteBadRequest,
+    RemoteNotFound,
+    RemoteTooLarge,
+)
+from stamen.swarm_core.protocol.identity import peer_id_of
+from stamen.swarm_core.protocol.records import HostRecord, HostState, new_host_record
+from stamen.swarm_core.protocol.rpc import RpcClient
+from stamen.swarm_core.protocol.wire import (
+    FORWARDING,
+    AwaitStep,
+    Hello,
+    MalformedMessage,
+    NextHop,
+    RelayAccepted,
+    RelayStep,
+    SessionId,
+    Step,
+    decode_message,
+    encode_message,
+)
+from stamen.transports.base import Credentials
+from stamen.transports.memory import MemoryHub, MemoryTransport
+
+VARIANT = "llama-gqa-tied-bias"
+C = 64  # the variant's hidden size
+LIMITS = RuntimeLimits(max_cache_tokens=512, max_session_length=64, max_batch_size=4)
+
+
+def span_of(start: int, end: int) -> Span:
+    ref = reference_for(VARIANT)
+    blocks = LocalChain.build(ref, range(start, end)).blocks
+    return Span(ref.config, get_adapter(ref.config), start, end, nn.ModuleList(blocks))
+
+
+@dataclass
+class Served:
+    host: Host
+    record: HostRecord
+    stop: contextlib.AsyncExitStack
+
+
+class View:
+    """A `SwarmView` over in-process hosts: their records, and pooled connections."""
+
+    def __init__(self, transport: MemoryTransport, settings: ClientSettings) -> None:
+        self.transport = transport
+        self.settings = settings
+        self.records: dict[str, HostRecord] = {}  # what hosts are told about each other
+        self.dial: dict[str, str] = {}  # where this client reaches them
+        self.pools: dict[str, HostConnections] = {}
+
+    def hosts(self) -> list[HostInfo]:
+        return [info for r in self.records.values() if (info := host_info(r, 1e-3))]
+
+    async def connect(self, peer_id: str) -> SpanClient:
+        address = self.dial.get(peer_id) or self.records[peer_id].addresses[0]
+        if peer_id not in self.pools:
+
+            async def dial() -> RpcClient:
+                return await RpcClient.connect(self.transport, address, Hello.local(), timeout_s=5)
+
+            self.pools[peer_id] = HostConnections(dial, max_connections=2)
+        await self.pools[peer_id].ensure_connected()
+        return RpcSpanClient(
+            peer_id, self.pools[peer_id], self.settings, lambda: self.records.get(peer_id)
+        )
+
+    async def refresh(self, max_age_s: float = 0.0) -> None:
+        await asyncio.sleep(0.05)
+
+    async def aclose(self) -> None:
+        for pool in self.pools.values():
+            await pool.aclose()
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    hub: MemoryHub, start: int, end: int, relay_limits: RelayLimits | None = None
+) -> AsyncIterator[Served]:
+    transport = MemoryTransport(Credentials.generate(), hub=hub)
+    settings = HostSettings(model_ref="tiny", model_name="tiny", relay_limits=relay_limits)
+    host = Host(settings, transport.credentials, transport)
+    async with contextlib.AsyncExitStack() as stack:
+        runtime = await stack.enter_async_context(SpanRuntime(span_of(start, end), LIMITS))
+        host.runtime, host.span_range, host.state = runtime, (start, end), HostState.ONLINE
+        host.throughput_tokens_s = 100.0
+        listener = await transport.listen("memory://", host._server().serve)
+        stack.push_async_callback(transport.aclose)
+        stack.push_async_callback(host.next_hops.aclose)
+        stack.push_async_callback(listener.close)
+        record = new_host_record(
+            transport.credentials,
+            model="tiny",
+            start_block=start,
+            end_block=end,
+            addresses=listener.addresses,
+        )
+        record = msgspec.structs.replace(
+            record, throughput_tokens_per_s=100.0, free_cache_tokens=512
+        )
+        yield Served(host, record, stack)
+
+
+@contextlib.asynccontextmanager
+async def chain(
+    *spans: tuple[int, int], forwarding: bool = True
+) -> AsyncIterator[tuple[View, list[Served]]]:
+    hub = MemoryHub()
+    async with contextlib.AsyncExitStack() as stack:
+        served = [await stack.enter_async_context(serving(hub, *span)) for span in spans]
+        client = MemoryTransport(Credentials.generate(), hub=hub)
+        stack.push_async_callback(client.aclose)
+        view = View(client, ClientSettings(forwarding=forwarding, step_timeout_s=5.0))
+        stack.push_async_callback(view.aclose)
+        view.records = {s.record.peer_id: s.record for s in served}
+        yield view, served
+
+
+async def generate_hidden(
+    view: View, steps: int = 6, **kwargs: object
+) -> tuple[torch.Tensor, InferenceSession]:
+    """A prefill of 4 tokens, then `steps` single-token steps; the outputs, concatenated."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 4 + steps, C)
+    async with InferenceSession(view, 0, 3, max_length=32, batch_size=2, **kwargs) as session:  # type: ignore[arg-type]
+        outs = [await session.step(x[:, :4])]
+        for t in range(4, 4 + steps):
+            outs.append(await session.step(x[:, t : t + 1]))
+    return torch.cat(outs, 1), session
+
+
+async def test_a_forwarded_chain_equals_the_client_driven_one() -> None:
+    async with chain((0, 1), (1, 2), (2, 3), forwarding=False) as (view, _):
+        expected, plain = await generate_hidden(view)
+    assert plain.stats.client_driven == 7 and plain.stats.forwarded == 0
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, served):
+        out, session = await generate_hidden(view)
+        relays = [(s.host.next_hops.sent, s.host._inbox().accepted) for s in served]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert session.stats.forwarded == 7 and session.stats.fallbacks == 0
+    assert relays == [(7, 0), (7, 7), (0, 7)]  # every step went host to host
+
+
+async def test_a_middle_host_that_vanishes_costs_a_fallback_not_a_token() -> None:
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, _):
+        expected, _ = await generate_hidden(view)
+    async with chain((0, 1), (1, 2), (2, 3), (1, 2)) as (view, served):
+        spare = served[3].record.peer_id
+        middle = served[1]
+        view.records.pop(spare)  # routing takes the first middle host
+        torch.manual_seed(3)
+        x = torch.randn(2, 10, C)
+        async with InferenceSession(view, 0, 3, max_length=32, batch_size=2) as session:  # type: ignore[arg-type]
+            outs = [await session.step(x[:, :4])]
+            for t in range(4, 7):
+                outs.append(await session.step(x[:, t : t + 1]))
+            view.records[spare] = served[3].record
+            await middle.stop.aclose()  # the middle host is gone, connections and all
+            for t in range(7, 10):
+                outs.append(await session.step(x[:, t : t + 1]))
+            assert spare in [hop.peer_id for hop in session.route]
+    torch.testing.assert_close(torch.cat(outs, 1), expected, atol=1e-5, rtol=1e-5)
+    assert session.stats.fallbacks == 1 and session.stats.forwarded == 6
+
+
+async def test_an_unreachable_next_hop_is_reported_and_the_step_completes() -> None:
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, _):
+        expected, _ = await generate_hidden(view, steps=1)
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, served):
+        # The last host's record names an address where nobody listens: the middle host
+        # says so at once and the client carries that hop itself.
+        last = served[2].record
+        view.dial[last.peer_id] = last.addresses[0]
+        view.records[last.peer_id] = msgspec.structs.replace(last, addresses=("memory://nowhere",))
+        out, session = await generate_hidden(view, steps=1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert session.stats.fallbacks == 2 and session.stats.forwarded == 0
+
+
+# -- a hostile peer relaying into a host ------------------------------------------------
+
+
+async def _relay(rpc: RpcClient, session_id: str, start: int, hidden: torch.Tensor) -> object:
+    message = RelayStep(session_id=SessionId(session_id), start_position=start)
+    reply = await rpc.call(message, {"hidden": hidden}, timeout_s=5)
+    return reply.message
+
+
+async def test_a_host_refuses_relays_it_was_not_told_to_expect() -> None:
+    hub = MemoryHub()
+    limits = RelayLimits(max_held_messages=2, max_held_bytes=4096, hold_s=5.0)
+    async with serving(hub, 0, 1, limits) as target:
+        stranger = MemoryTransport(Credentials.generate(), hub=hub)
+        client = MemoryTransport(Credentials.generate(), hub=hub)
+        address = target.record.addresses[0]
+        rpc = await RpcClient.connect(stranger, address, Hello.local(), timeout_s=5)
+        owner = await RpcClient.connect(client, address, Hello.local(), timeout_s=5)
+        try:
+            assert FORWARDING in (owner.remote.capabilities if owner.remote else ())
+            with pytest.raises(RemoteNotFound):
+                await _relay(rpc, "no-such-session", 0, torch.zeros(1, 1, C))
+            clients = View(client, ClientSettings())
+            clients.records = {target.record.peer_id: target.record}
+            span_client = await clients.connect(target.record.peer_id)
+            session = await span_client.open_session(0, 1, max_length=16, batch_size=1)
+            session_id = session.session_id  # type: ignore[attr-defined]
+            # Before the client's authorization, a little is held, and no more.
+            assert isinstance(await _relay(rpc, session_id, 0, torch.zeros(1, 1, C)), RelayAccepted)
+            with pytest.raises(RemoteTooLarge):
+                await _relay(rpc, session_id, 0, torch.zeros(1, 32, C))  # > held bytes
+            with pytest.raises(RemoteBadRequest):
+                await _relay(rpc, session_id, 0, torch.zeros(1, 1, C + 1))  # wrong width
+            with pytest.raises(RemoteBadRequest):
+                await _relay(rpc, session_id, 0, torch.zeros(3, 1, C))  # wrong batch
+            # The client names another peer as the previous hop: the stranger's held input
+            # is not used, and its relays are refused while the step waits.
+            named = peer_id_of(Credentials.generate())
+            waiting = asyncio.create_task(session.await_step(0, 1, named, None, None, None))
+            await asyncio.sleep(0.1)
+            with pytest.raises(RemoteBadRequest, match="not the previous hop"):
+                await _relay(rpc, session_id, 0, torch.zeros(1, 1, C))
+            assert not waiting.done()
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
+            # The session still serves (the abandoned wait is settled first).
+            x = torch.randn(1, 2, C)
+            out = await session.step(x, 0)
+            assert out.shape == x.shape
+            # Named as the previous hop, the stranger's relay at the wrong position or
+            # length is refused; the right one runs the step.
+            stranger_id = peer_id_of(stranger.credentials)
+            waiting = asyncio.create_task(session.await_step(2, 1, stranger_id, None, None, None))
+            await asyncio.sleep(0.1)
+            with pytest.raises(RemoteBadRequest, match="announced"):
+                await _relay(rpc, session_id, 5, torch.zeros(1, 1, C))
+            with pytest.raises(RemoteBadRequest, match="announced"):
+                await _relay(rpc, session_id, 2, torch.zeros(1, 2, C))
+            assert isinstance(await _relay(rpc, session_id, 2, torch.ones(1, 1, C)), RelayAccepted)
+            result = await asyncio.wait_for(waiting, 5)
+            assert result.hidden.shape == (1, 1, C) and result.forward_error is None
+            await session.close()
+            with pytest.raises(RemoteNotFound):
+                await _relay(rpc, session_id, 3, torch.zeros(1, 1, C))
+        finally:
+            await rpc.close()
+            await owner.close()
+            await stranger.aclose()
+            await client.aclose()
+
+
+# -- wire -------------------------------------------------------------------------------
+
+
+def _next_hop(**overrides: object) -> NextHop:
+    fields: dict[str, object] = {
+        "peer_id": peer_id_of(Credentials.generate()),
+        "public_key": bytes(32),
+        "session_id": "s",
+        "addresses": ("tcp://127.0.0.1:1",),
+    }
+    fields.update(overrides)
+    return NextHop(**fields)  # type: ignore[arg-type]
+
+
+def test_a_plain_step_encodes_as_protocol_2_0_did() -> None:
+    """`next_hop` is left out when None, so hosts without forwarding read plain steps."""
+    frames = encode_message(
+        Step(session_id=SessionId("s"), start_position=3), {"hidden": torch.zeros(1, 1, 2)}
+    )
+    header = msgspec.msgpack.decode(frames[0])
+    assert header["message"] == {"type": "step", "session_id": "s", "start_position": 3}
+
+
+def test_forwarding_messages_round_trip() -> None:
+    hop = _next_hop()
+    step = Step(session_id=SessionId("s"), start_position=0, next_hop=hop)
+    frames = encode_message(step, {"hidden": torch.zeros(1, 2, 4)})
+    assert decode_message(frames).message == step
+    awaited = AwaitStep(
+        session_id=SessionId("s"), start_position=4, num_tokens=1, previous_peer_id=hop.peer_id
+    )
+    assert decode_message(encode_message(awaited)).message == awaited
+    relay = RelayStep(session_id=SessionId("s"), start_position=4)
+    assert decode_message(encode_message(relay, {"hidden": torch.zeros(1, 1, 4)})).message == relay
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"peer_id": "not-a-peer-id"},
+        {"public_key": bytes(31)},
+        {"addresses": ()},
+        {"addresses": ("x" * 600,)},
+        {"addresses": tuple(f"tcp://h:{i}" for i in range(9))},
+        {"session_id": ""},
+    ],
+)
+def test_a_bad_next_hop_is_malformed(bad: dict[str, object]) -> None:
+    good = msgspec.to_builtins(_next_hop())
+    good.update(msgspec.to_builtins(bad))
+    raw = {"type": "step", "session_id": "s", "start_position": 0, "next_hop": good}
+    meta = {"name": "hidden", "dtype": "float32", "shape": [1, 1, 1], "codec": "none", "nbytes": 4}
+    frames = [msgspec.msgpack.encode({"message": raw, "tensors": [meta]}), bytes(4)]
+    with pytest.raises(MalformedMessage):
+        decode_message(frames)
+
+
+def test_await_step_carries_no_hidden_states_and_needs_tokens() -> None:
+    peer = peer_id_of(Credentials.generate())
+    awaited = AwaitStep(
+        session_id=SessionId("s"), start_position=0, num_tokens=1, previous_peer_id=peer
+    )
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        encode_message(awaited, {"hidden": torch.zeros(1, 1, 2)})
+    raw = msgspec.to_builtins(awaited) | {"num_tokens": 0}
+    with pytest.raises(MalformedMessage):
+        decode_message([msgspec.msgpack.encode({"message": raw, "tensors": []})])
