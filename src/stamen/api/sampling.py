@@ -8,6 +8,18 @@ is one-hot well before that anyway. The penalties count only generated tokens (O
 
     logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
 
+Under a `Constraint` (structured outputs, tool calls), each row has its own grammar matcher
+(`ConstrainedRows`): its mask of the tokens the grammar allows is applied after every
+other processor, so that sampling and greedy picks only ever see allowed tokens. With
+`top_p` the mask is applied before the nucleus too: a nucleus drawn from the raw
+distribution may hold no allowed token at all (a model that wants to open a code fence
+where the grammar wants `{`), and masking it afterwards would leave nothing to sample;
+the nucleus of the allowed tokens is what OpenAI's samplers draw from. The tokens
+chosen are consumed by `GrammarAdvance` (a stopping criterion, so it runs as soon as a
+step's tokens exist), which starts the next masks in a worker thread while the hidden
+states travel through the swarm; a row whose grammar is complete allows only EOS, so
+it ends as any other row does (finish reason "stop").
+
 `StopTracker` turns the token ids of one choice into text deltas, holding back text that
 could still become a stop sequence or that ends in half a UTF-8 character.
 
@@ -31,7 +43,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from stamen.api.constrained import Constraint
+from stamen.api.constrained import ConstrainedRows, Constraint
 from stamen.swarm_core.client.generation import DecodingPlan
 
 MIN_TEMPERATURE = 1e-5
@@ -98,6 +110,37 @@ class StoppedRows(StoppingCriteria):
         return self.stopped.clone()
 
 
+class GrammarMask(LogitsProcessor):
+    """Sets the logits of the tokens the rows' grammars do not allow to -inf."""
+
+    def __init__(self, rows: ConstrainedRows) -> None:
+        self.rows = rows
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        disallowed = self.rows.disallowed()  # (B, V)
+        if disallowed.shape[1] < scores.shape[1]:  # logits wider than the tokenizer
+            extra = scores.shape[1] - disallowed.shape[1]
+            disallowed = torch.nn.functional.pad(disallowed, (0, extra), value=True)
+        if disallowed.device != scores.device:
+            disallowed = disallowed.to(scores.device, non_blocking=True)
+        return scores.masked_fill(disallowed, float("-inf"))
+
+
+class GrammarAdvance(StoppingCriteria):
+    """Hands each step's tokens to the rows' matchers (the next masks start computing).
+
+    It never ends a row itself: a finished grammar allows only EOS at the next step.
+    """
+
+    def __init__(self, rows: ConstrainedRows, stopped: StoppedRows) -> None:
+        self.rows = rows
+        self.stopped = stopped
+
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: Any) -> Tensor:
+        self.rows.advance(input_ids[:, -1].tolist(), self.stopped.stopped.tolist())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def make_plan(
     params: SamplingParams,
     *,
@@ -114,11 +157,20 @@ def make_plan(
         )
     if params.logit_bias:
         processors.append(LogitBiasProcessor(params.logit_bias, vocab_size))
+    rows = None
+    if constraint is not None:
+        rows = ConstrainedRows(constraint, params.n, vocab_size, eos_token_ids)
     if not params.greedy:
         if params.temperature != 1.0:
             processors.append(TemperatureLogitsWarper(params.temperature))
         if params.top_p < 1.0:
+            if rows is not None:
+                processors.append(GrammarMask(rows))
             processors.append(TopPLogitsWarper(params.top_p))
+    criteria = StoppingCriteriaList([stopped])
+    if rows is not None:
+        processors.append(GrammarMask(rows))  # last: nothing after it can revive a token
+        criteria.append(GrammarAdvance(rows, stopped))
     generator = torch.Generator()
     if params.seed is None:
         generator.seed()  # a fresh random seed: the default one is a constant
@@ -127,7 +179,7 @@ def make_plan(
     return DecodingPlan(
         max_new_tokens=params.max_new_tokens,
         logits_processor=processors,
-        stopping_criteria=StoppingCriteriaList([stopped]),
+        stopping_criteria=criteria,
         do_sample=not params.greedy,
         generator=generator,
         eos_token_ids=tuple(eos_token_ids),
