@@ -51,6 +51,7 @@ from stamen.api.swarm_engine import SwarmEngine
 from stamen.api.training import Trainer
 from stamen.models.loading import load_config
 from stamen.models.registry import get_adapter
+from stamen.swarm_core.client.swarm import ClientSettings
 from stamen.swarm_core.local_swarm import LocalSwarm
 from stamen.testing import bundled_smollm2_gguf
 
@@ -78,6 +79,7 @@ class ApiSettings:
     port: int
     serving: ServingSettings
     log_level: str
+    forwarding: bool = True  # swarm steps host to host (`ClientSettings.forwarding`)
 
 
 def _env(environ: Mapping[str, str], name: str, default: str | None = None) -> str | None:
@@ -118,6 +120,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         type=int,
         default=int(_env(environ, "LOCAL_HOSTS", "2") or 2),
         help="hosts of the local swarm started when no --initial-peers are given (default 2)",
+    )
+    parser.add_argument(
+        "--no-forwarding",
+        dest="forwarding",
+        action="store_false",
+        default=(_env(environ, "FORWARDING", "1") or "1") not in ("0", "false", "no"),
+        help="drive every hop of a decode step from this process instead of letting hosts "
+        "hand hidden states to each other (default: forward; $STAMEN_FORWARDING=0 turns it off)",
     )
     parser.add_argument(
         "--in-process",
@@ -257,6 +267,7 @@ def parse_settings(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Ap
             ),
         ),
         log_level=args.log_level.upper(),
+        forwarding=args.forwarding,
     )
 
 
@@ -294,7 +305,12 @@ async def _engine(
         )
         await stack.enter_async_context(swarm)
         peers = swarm.initial_peers
-    engine = await SwarmEngine.connect(spec.ref, peers, model_id=spec.model_id)
+    engine = await SwarmEngine.connect(
+        spec.ref,
+        peers,
+        model_id=spec.model_id,
+        settings=ClientSettings(forwarding=settings.forwarding),
+    )
     stack.push_async_callback(engine.aclose)
     try:
         await engine.swarm.wait_for_coverage(timeout_s=120)
