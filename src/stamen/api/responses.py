@@ -20,7 +20,7 @@ import msgspec
 from stamen.api import schemas as s
 from stamen.api.engine import EngineClient
 from stamen.api.metrics import ApiMetrics
-from stamen.api.serving import ChoiceDelta, Job, TokenLogprob, generate
+from stamen.api.serving import ChoiceDelta, Job, TokenLogprob, ToolCallDelta, generate
 
 
 def new_id(prefix: str) -> str:
@@ -33,6 +33,19 @@ class _Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str = "length"
     completion_tokens: int = 0
+    tool_calls: list[s.ToolCall] = field(default_factory=list)
+
+    def add_call(self, delta: ToolCallDelta) -> None:
+        if delta.id is not None:  # a call's first delta
+            self.tool_calls.append(s.ToolCall(delta.id, s.FunctionCall(delta.name or "", "")))
+        call = self.tool_calls[delta.index].function
+        call.arguments += delta.arguments
+
+    def message(self) -> s.ResponseMessage:
+        """OpenAI's message: content None when the model only called tools."""
+        if not self.tool_calls:
+            return s.ResponseMessage(content=self.text)
+        return s.ResponseMessage(content=self.text or None, tool_calls=self.tool_calls)
 
 
 async def _run_all(
@@ -56,6 +69,8 @@ async def _collect(
         choice = choices[delta.index]
         choice.text += delta.text
         choice.logprobs.extend(delta.logprobs)
+        for call in delta.tool_calls:
+            choice.add_call(call)
         if delta.finish_reason is not None:
             choice.finish_reason = delta.finish_reason
             choice.completion_tokens = delta.completion_tokens
@@ -101,7 +116,7 @@ async def chat_completion(
                 finish_reason=c.finish_reason,
                 index=i,
                 logprobs=_chat_logprobs(c.logprobs) if job.params.logprobs else None,
-                message=s.ResponseMessage(content=c.text),
+                message=c.message(),
             )
             for i, c in enumerate(choices)
         ],
@@ -155,6 +170,15 @@ class _ChunkMaker:
         return chunk
 
 
+def _call_chunk(delta: ToolCallDelta) -> dict[str, Any]:
+    """OpenAI's stream shape of a tool call: id, type and name with empty arguments on
+    the call's first chunk, argument fragments on the next ones."""
+    if delta.id is None:
+        return {"index": delta.index, "function": {"arguments": delta.arguments}}
+    function = {"name": delta.name, "arguments": delta.arguments}
+    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+
+
 async def chat_chunks(
     engine: EngineClient, job: Job, *, include_usage: bool, metrics: ApiMetrics | None = None
 ) -> AsyncIterator[dict]:
@@ -170,6 +194,10 @@ async def chat_chunks(
         if delta.text or delta.logprobs:
             content = {"content": delta.text}
             yield make([{"index": delta.index, "delta": content, "logprobs": logprobs,
+                         "finish_reason": None}])  # fmt: skip
+        if delta.tool_calls:
+            calls = {"tool_calls": [_call_chunk(call) for call in delta.tool_calls]}
+            yield make([{"index": delta.index, "delta": calls, "logprobs": None,
                          "finish_reason": None}])  # fmt: skip
         if delta.finish_reason is not None:
             completion_tokens += delta.completion_tokens

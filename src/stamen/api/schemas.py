@@ -230,11 +230,24 @@ class ChoiceLogprobs(msgspec.Struct):
     refusal: list[TokenLogprob] | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text, valid against the function's parameters
+
+
+class ToolCall(msgspec.Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ResponseMessage(msgspec.Struct):
     content: str | None
     refusal: str | None = None
     role: Literal["assistant"] = "assistant"
     annotations: list[Any] = msgspec.field(default_factory=list)
+    # left out (UNSET) when the model called no tool, as OpenAI leaves it out
+    tool_calls: list[ToolCall] | msgspec.UnsetType = msgspec.UNSET
 
 
 class ChatChoice(msgspec.Struct):

@@ -27,11 +27,13 @@ from typing import Any
 import torch
 
 from stamen.api import schemas as s
-from stamen.api.constrained import Constraint, for_response_format
+from stamen.api import tools
+from stamen.api.constrained import Constraint, for_grammar, for_response_format
 from stamen.api.engine import EngineClient
 from stamen.api.errors import invalid_request, not_ready, unsupported
 from stamen.api.metrics import ApiMetrics
 from stamen.api.sampling import SamplingParams, StoppedRows, StopTracker, make_plan
+from stamen.api.tools import ToolCallDelta, ToolCallParser, ToolPlan
 from stamen.swarm_core.client.generation import decode
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class Job:
     params: SamplingParams
     first_index: int = 0
     constraint: Constraint | None = None  # every choice follows this grammar on its own
+    tools: ToolPlan | None = None  # set when choices may call tools: their text is parsed
 
 
 @dataclass
@@ -55,17 +58,6 @@ class TokenLogprob:
     token: str
     logprob: float
     top: list[tuple[str, float]]
-
-
-@dataclass
-class ToolCallDelta:
-    """A piece of one tool call of a choice: `id` and `name` come on the call's first
-    delta, then `arguments` arrives in fragments of its JSON text."""
-
-    index: int  # the call's place in the choice's `tool_calls`
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
 
 
 @dataclass
@@ -147,12 +139,11 @@ def _size(
 
 
 def _refuse_chat_extras(request: s.ChatCompletionRequest) -> None:
-    for name in ("tools", "functions", "audio", "prediction", "web_search_options"):
+    for name in ("functions", "audio", "prediction", "web_search_options"):
         if getattr(request, name):
             raise unsupported(name)
-    for name in ("tool_choice", "function_call"):
-        if getattr(request, name) not in (None, "none"):
-            raise unsupported(name)
+    if request.function_call not in (None, "none"):
+        raise unsupported("function_call", "The deprecated `function_call` (use `tool_choice`)")
     if request.modalities and request.modalities != ["text"]:
         raise unsupported("modalities", "`modalities` other than ['text']")
     if request.store:
@@ -178,33 +169,145 @@ def _message_text(content: str | list[s.ContentPart] | None, param: str) -> str:
     return "".join(texts)
 
 
-def render_chat(tokenizer: Any, messages: Sequence[s.Message]) -> list[int]:
-    """Token ids of the conversation through the tokenizer's chat template."""
-    if not messages:
-        raise invalid_request("'messages' must contain at least one message.", param="messages")
+def _assistant_entry(
+    message: s.AssistantMessage, text: str, index: int, native: bool, names: dict[str, str]
+) -> dict[str, Any]:
+    """An assistant turn; its tool calls as the template's `tool_calls`, or as call blocks."""
+    calls = tools.past_calls(message.tool_calls or [], f"messages[{index}].tool_calls")
+    names.update((call.id, call.name) for call in calls)
+    if not calls:
+        return {"role": "assistant", "content": text}
+    if native:
+        entries = [{"id": c.id, "type": "function", "function": {"name": c.name,
+                    "arguments": tools.arguments_value(c.arguments)}} for c in calls]  # fmt: skip
+        return {"role": "assistant", "content": text, "tool_calls": entries}
+    blocks = [tools.call_text(call.name, call.arguments) for call in calls]
+    return {"role": "assistant", "content": "\n".join([text, *blocks] if text else blocks)}
+
+
+def _tool_entry(
+    message: s.ToolMessage, text: str, index: int, native: bool, names: dict[str, str]
+) -> dict[str, Any]:
+    """A tool's result; answers a call of an earlier assistant turn (as OpenAI requires)."""
+    name = names.get(message.tool_call_id)
+    if name is None:
+        raise invalid_request(
+            f"Invalid 'messages[{index}].tool_call_id': {message.tool_call_id!r} answers no "
+            "tool call of an earlier assistant message.",
+            param=f"messages[{index}].tool_call_id",
+        )
+    if native:
+        return {"role": "tool", "content": text, "tool_call_id": message.tool_call_id,
+                "name": name}  # fmt: skip
+    # Templates without tools know no "tool" role: the result is shown as a user turn.
+    return {"role": "user", "content": tools.response_text(name, text)}
+
+
+def _conversation(messages: Sequence[s.Message], native: bool) -> list[dict[str, Any]]:
     rendered: list[dict[str, Any]] = []
+    names: dict[str, str] = {}  # tool call id -> function name, for the results
     for index, message in enumerate(messages):
-        param = f"messages[{index}].content"
         if isinstance(message, s.FunctionMessage):
             raise unsupported(f"messages[{index}].role", "The deprecated 'function' role")
-        role = type(message).__struct_config__.tag
-        # Chat templates know "system"; OpenAI defines "developer" as its successor.
-        entry: dict[str, Any] = {"role": "system" if role == "developer" else role}
-        entry["content"] = _message_text(message.content, param)
-        if isinstance(message, s.ToolMessage):
-            entry["tool_call_id"] = message.tool_call_id
-        if isinstance(message, s.AssistantMessage) and message.tool_calls:
-            entry["tool_calls"] = message.tool_calls
-        rendered.append(entry)
+        text = _message_text(message.content, f"messages[{index}].content")
+        if isinstance(message, s.AssistantMessage):
+            rendered.append(_assistant_entry(message, text, index, native, names))
+        elif isinstance(message, s.ToolMessage):
+            entry = _tool_entry(message, text, index, native, names)
+            if not native and isinstance(messages[index - 1], s.ToolMessage):
+                rendered[-1]["content"] += "\n" + entry["content"]  # parallel calls' results
+            else:
+                rendered.append(entry)
+        else:
+            role = type(message).__struct_config__.tag
+            # Chat templates know "system"; OpenAI defines "developer" as its successor.
+            rendered.append({"role": "system" if role == "developer" else role, "content": text})
+    return rendered
+
+
+def _with_system_section(rendered: list[dict[str, Any]], section: str) -> list[dict[str, Any]]:
+    if rendered and rendered[0]["role"] == "system":
+        first = {**rendered[0], "content": f"{rendered[0]['content']}\n\n{section}"}
+        return [first, *rendered[1:]]
+    return [{"role": "system", "content": section}, *rendered]
+
+
+def render_chat(
+    tokenizer: Any, messages: Sequence[s.Message], plan: ToolPlan | None = None
+) -> list[int]:
+    """Token ids of the conversation through the tokenizer's chat template.
+
+    Tools that may be called are described by the template itself when it renders
+    tools in our call syntax (`tools.native_template`), else by the generic section
+    `tools.system_section` in the system message. Under `tool_choice: none` the tools
+    are not described at all, so the model has no reason to write a call."""
+    if not messages:
+        raise invalid_request("'messages' must contain at least one message.", param="messages")
+    native = tools.native_template(tokenizer)
+    rendered = _conversation(messages, native)
+    extra: dict[str, Any] = {}
+    if plan is not None and plan.calls_tools:
+        if native:
+            extra["tools"] = [tool.as_openai() for tool in plan.tools]
+        else:
+            rendered = _with_system_section(rendered, tools.system_section(plan))
     try:
         encoded = tokenizer.apply_chat_template(
-            rendered, add_generation_prompt=True, tokenize=True, return_dict=True
+            rendered, add_generation_prompt=True, tokenize=True, return_dict=True, **extra
         )
     except Exception as error:  # jinja errors: the template refused this conversation
         raise invalid_request(
             f"The model's chat template cannot render these messages: {error}", param="messages"
         ) from error
     return list(encoded["input_ids"])
+
+
+def _compiled(grammar: str, plan: ToolPlan, tokenizer: Any) -> Constraint:
+    """`grammar` compiled; a schema llguidance refuses is a 400 naming its tool."""
+    try:
+        return for_grammar(grammar, tokenizer)
+    except ValueError as error:
+        _check_each(plan.tools, tokenizer, strict_only=False)
+        raise invalid_request(f"Invalid 'tools': {error}", param="tools") from None
+
+
+def _check_each(functions: Sequence[tools.FunctionTool], tokenizer: Any, strict_only: bool) -> None:
+    """Compile each tool's schema alone, to name the one llguidance refuses."""
+    for number, tool in enumerate(functions):
+        if strict_only and not tool.strict:
+            continue
+        try:
+            for_grammar(tools.parameters_grammar(tool), tokenizer)
+        except ValueError as error:
+            raise invalid_request(
+                f"Invalid schema for function '{tool.name}': {error}",
+                param=f"tools[{number}].function.parameters",
+            ) from None
+
+
+def _constraint(
+    request: s.ChatCompletionRequest, plan: ToolPlan | None, tokenizer: Any
+) -> Constraint | None:
+    """The grammar of every choice: tool calls (see `stamen.api.tools`), or the format.
+
+    The tools' schemas are compiled (checked) whatever `tool_choice` says. A
+    `response_format` other than text together with callable tools is refused: one
+    grammar would have to hold both, and OpenAI's rule for the mix is not defined."""
+    if plan is None:
+        return for_response_format(request.response_format, tokenizer)
+    everything = dataclasses.replace(plan, mode="required", forced=None, parallel=True)
+    checked = _compiled(tools.grammar(everything), plan, tokenizer)
+    if not all(tool.strict for tool in plan.tools):  # the mix compiled leniently
+        _check_each(plan.tools, tokenizer, strict_only=True)
+    if not plan.calls_tools:
+        return for_response_format(request.response_format, tokenizer)
+    if request.response_format and request.response_format.get("type") != "text":
+        raise unsupported(
+            "response_format", "`response_format` other than text while tools may be called"
+        )
+    if plan == everything:
+        return checked
+    return _compiled(tools.grammar(plan), plan, tokenizer)
 
 
 def chat_job(
@@ -215,6 +318,7 @@ def chat_job(
     default_max_tokens: int,
 ) -> Job:
     _refuse_chat_extras(request)
+    plan = tools.parse_tools(request)
     vocab_size = len(engine.tokenizer)
     params = _common_params(request, max_n, vocab_size)
     if request.logprobs:
@@ -224,7 +328,8 @@ def chat_job(
         raise invalid_request(
             "Invalid 'top_logprobs': 'logprobs' must be true to use it.", param="top_logprobs"
         )
-    prompt_ids = render_chat(engine.tokenizer, request.messages)
+    constraint = _constraint(request, plan, engine.tokenizer)
+    prompt_ids = render_chat(engine.tokenizer, request.messages, plan)
     requested = request.max_completion_tokens
     param = "max_completion_tokens"
     if requested is None:
@@ -238,8 +343,8 @@ def chat_job(
         param,
         "messages",
     )
-    constraint = for_response_format(request.response_format, engine.tokenizer)
-    return Job(prompt_ids, params, constraint=constraint)
+    calling = plan if plan is not None and plan.calls_tools else None
+    return Job(prompt_ids, params, constraint=constraint, tools=calling)
 
 
 def _completion_prompts(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
@@ -328,6 +433,7 @@ async def generate(
         constraint=job.constraint,
     )
     trackers = [StopTracker(tokenizer, params.stop) for _ in range(B)]
+    parsers = [ToolCallParser() if job.tools is not None else None for _ in range(B)]
     counts = [0] * B
     finished = [False] * B
     started = last = time.perf_counter()
@@ -349,15 +455,34 @@ async def generate(
                     finished[row] = True
                     stopped.stopped[row] = True
                     delta.completion_tokens = counts[row]
-                if delta.text or delta.logprobs or delta.finish_reason:
+                _parse(parsers[row], delta)
+                if delta.text or delta.logprobs or delta.finish_reason or delta.tool_calls:
                     yield delta
             if all(finished):
                 return
     for row in range(B):  # decode ended with rows unfinished: cannot happen, but never hang
         if not finished[row]:
-            yield ChoiceDelta(
+            delta = ChoiceDelta(
                 job.first_index + row, trackers[row].flush(), [], "length", counts[row]
             )
+            _parse(parsers[row], delta)
+            yield delta
+
+
+def _parse(parser: ToolCallParser | None, delta: ChoiceDelta) -> None:
+    """Split the delta's text into content and tool calls (a choice that may call tools);
+    a choice that ends after calling tools ends with "tool_calls"."""
+    if parser is None:
+        return
+    parsed = parser.feed(delta.text)
+    delta.text, delta.tool_calls = parsed.text, list(parsed.calls)
+    if delta.finish_reason is None:
+        return
+    rest = parser.close()
+    delta.text += rest.text
+    delta.tool_calls += rest.calls
+    if delta.finish_reason == "stop" and parser.calls:
+        delta.finish_reason = "tool_calls"
 
 
 def _advance(
