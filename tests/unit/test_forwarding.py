@@ -38,6 +38,7 @@ from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
 from stamen.swarm_core.host.server import Host, HostSettings
 from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
+    RemoteBusy,
     RemoteNotFound,
     RemoteTooLarge,
 )
@@ -251,6 +252,9 @@ async def test_a_host_refuses_relays_it_was_not_told_to_expect() -> None:
                 await _relay(rpc, session_id, 0, torch.zeros(1, 1, C + 1))  # wrong width
             with pytest.raises(RemoteBadRequest):
                 await _relay(rpc, session_id, 0, torch.zeros(3, 1, C))  # wrong batch
+            assert isinstance(await _relay(rpc, session_id, 1, torch.zeros(1, 1, C)), RelayAccepted)
+            with pytest.raises(RemoteBusy):  # max_held_messages=2 are held already
+                await _relay(rpc, session_id, 2, torch.zeros(1, 1, C))
             # The client names another peer as the previous hop: the stranger's held input
             # is not used, and its relays are refused while the step waits.
             named = peer_id_of(Credentials.generate())

@@ -249,7 +249,8 @@ class NextHops:
             rpc = await self._dial(next_hop)
             self._clients[peer_id] = rpc
             while len(self._clients) > self.limits.max_peers:
-                _, oldest = self._clients.popitem(last=False)
+                evicted, oldest = self._clients.popitem(last=False)
+                self._dialing.pop(evicted, None)
                 closing = asyncio.create_task(oldest.close())
                 self._closing.add(closing)
                 closing.add_done_callback(self._closing.discard)
