@@ -121,6 +121,19 @@ def test_properties_come_in_the_schemas_order(tokenizer: Any) -> None:
     assert not accepts(constraint, tokenizer, '{"alpha": 2, "zeta": 1}')
 
 
+def test_a_recursive_schema_accepts_any_depth(tokenizer: Any) -> None:
+    schema = {
+        "$defs": {"node": {"type": "object", "properties": {
+            "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}},
+            "required": ["v", "kids"], "additionalProperties": False}},
+        "$ref": "#/$defs/node",
+    }  # fmt: skip
+    constraint = for_json_schema(schema, tokenizer)
+    deep = '{"v": 1, "kids": [{"v": 2, "kids": [{"v": 3, "kids": []}]}]}'
+    assert accepts(constraint, tokenizer, deep)
+    assert not accepts(constraint, tokenizer, '{"v": 1, "kids": [{"v": 2}]}')
+
+
 # -- response_format -----------------------------------------------------------------------
 
 
