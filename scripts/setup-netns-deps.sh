@@ -1,11 +1,14 @@
 #!/bin/sh
-# Installs what `make test-netns` needs beyond the Python environment: `iptables` (the NAT
-# router's MASQUERADE and filter rules) and `coturn` (the TURN server). Debian packages,
+# Installs what `make test-netns` and benchmarks/network_table.py need beyond the Python
+# environment: `iproute2` (`ip netns`, veth, `tc tbf`), `iptables` (the NAT router's
+# MASQUERADE and filter rules, the REDIRECT into the benchmarks' delaying relay) and
+# `coturn` (the TURN server). Debian packages,
 # installed only when missing; needs root (the netns tests need it anyway). Without root it
 # says so and exits 0, so that the tests themselves report the skip with its reason.
 set -eu
 
 missing=""
+{ command -v ip && command -v tc; } >/dev/null 2>&1 || missing="$missing iproute2"
 command -v iptables >/dev/null 2>&1 || missing="$missing iptables"
 command -v turnserver >/dev/null 2>&1 || missing="$missing coturn"
 
