@@ -1,8 +1,9 @@
 """The Responses API through the official `openai` SDK against the API on a real uvicorn
 server on 127.0.0.1 (the bundled SmolLM2 in process): text, the typed event stream, a
 conversation continued with `previous_response_id` after a restart of the app on the
-same data directory, `store: false`, refused requests, a disconnect mid-stream; and
-(slow) structured output, a function tool round trip and the conformance checks.
+same data directory, `store: false`, refused requests, a disconnect mid-stream,
+structured output, a streamed function call whose output continues the conversation;
+and (slow) the conformance checks.
 """
 
 from __future__ import annotations
@@ -22,12 +23,8 @@ import openai
 import pytest
 import uvicorn
 
-from stamen.api import schemas as s
 from stamen.api.app import create_app, static_engines
-from stamen.api.constrained import for_response_format
 from stamen.api.engine import LocalEngine
-from stamen.api.errors import APIError
-from stamen.api.serving import chat_job
 from stamen.api.state import FineTuningSettings, ServingSettings
 from stamen.conformance.openai import Suite
 from stamen.conformance.openai_responses import CHECKS
@@ -259,7 +256,7 @@ def test_a_disconnect_mid_stream_closes_the_chain(base_url: str, engine: LocalEn
     assert engine.chains_in_use == 0
 
 
-# -- structured output and tools (slow: grammar compilation and longer answers) ----------
+# -- structured output and tools --------------------------------------------------------
 
 CITY = {
     "type": "object",
@@ -281,91 +278,59 @@ WEATHER = {
 }
 
 
-def constrained_decoding_available(engine: LocalEngine) -> bool:
-    try:
-        for_response_format({"type": "json_object"}, engine.tokenizer)
-    except APIError:
-        return False
-    return True
-
-
-def tool_calling_available(engine: LocalEngine) -> bool:
-    chat = s.ChatCompletionRequest(
-        messages=[s.UserMessage("hi")], model=engine.model_id,
-        tools=[{"type": "function", "function": {"name": "f"}}],
-    )  # fmt: skip
-    try:
-        chat_job(chat, engine, max_n=1, default_max_tokens=1)
-    except APIError as error:
-        if error.param == "tools":
-            return False
-        raise
-    return True
-
-
-@pytest.mark.slow
 def test_text_format_json_schema(base_url: str, engine: LocalEngine) -> None:
     client = sdk(base_url)
     text: Any = {"format": {"type": "json_schema", "name": "city", "schema": CITY, "strict": True}}
-
-    def create() -> Any:
-        return client.responses.create(
-            model=engine.model_id, input="Name a large city of Japan as JSON.", text=text,
-            max_output_tokens=60, temperature=0,
-        )  # fmt: skip
-
-    if not constrained_decoding_available(engine):
-        status, body = _status(create)
-        assert (status, body["param"]) == (400, "text.format")
-        return
-    response = create()
+    response = client.responses.create(
+        model=engine.model_id, input="Name a large city of Japan as JSON.", text=text,
+        max_output_tokens=60, temperature=0,
+    )  # fmt: skip
     assert response.status == "completed" and response.text.format.type == "json_schema"
     jsonschema.validate(json.loads(response.output_text), CITY)
 
 
-@pytest.mark.slow
-def test_a_function_tool_round_trip(base_url: str, engine: LocalEngine) -> None:
+def test_a_function_call_streams_and_its_output_continues(
+    base_url: str, engine: LocalEngine
+) -> None:
     client = sdk(base_url)
-    ask: Any = {"model": engine.model_id, "tools": [WEATHER], "max_output_tokens": 60,
+    ask: Any = {"model": engine.model_id, "tools": [WEATHER], "max_output_tokens": 40,
                 "temperature": 0, "parallel_tool_calls": False}  # fmt: skip
-    if not tool_calling_available(engine):
-        status, body = _status(lambda: client.responses.create(input="Weather in Paris?", **ask))
-        assert (status, body["param"]) == (400, "tools")
-        return
-    response = client.responses.create(
-        input="What is the weather in Paris?", tool_choice="required", **ask
-    )
-    calls = [item for item in response.output if item.type == "function_call"]
-    assert response.status == "completed" and len(calls) == 1
-    call = calls[0]
-    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id
-    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
     with client.responses.stream(
         input="What is the weather in Paris?", tool_choice="required", **ask
     ) as stream:
-        kinds = [e.type for e in stream]
-        final = stream.get_final_response()
-    assert "response.function_call_arguments.delta" in kinds
-    assert kinds.index("response.function_call_arguments.done") < kinds.index(
-        "response.output_item.done"
-    )
-    assert final.output[-1].arguments == call.arguments
+        events = list(stream)
+        response = stream.get_final_response()
+    kinds = [e.type for e in events]
+    arguments = [e for e in events if e.type == "response.function_call_arguments.delta"]
+    assert arguments and kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        *["response.function_call_arguments.delta"] * len(arguments),
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    (call,) = response.output
+    assert call.type == "function_call" and call.status == "completed"
+    assert call.name == "get_weather" and call.id.startswith("fc_") and call.call_id
+    assert "".join(e.delta for e in arguments) == call.arguments == events[-3].arguments
+    jsonschema.validate(json.loads(call.arguments), WEATHER["parameters"])
+    assert client.responses.retrieve(response.id).output[0].arguments == call.arguments
+
+    result: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "22 C"}]
     answer = client.responses.create(
-        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "22 C, sunny"}],
-        previous_response_id=response.id, tool_choice="none", **ask,
+        input=result, previous_response_id=response.id, tool_choice="none",
+        **{**ask, "max_output_tokens": 8},
     )  # fmt: skip
-    assert answer.status in ("completed", "incomplete") and answer.output_text
+    assert [item.type for item in answer.output] == ["message"] and answer.output_text
     items = client.responses.input_items.list(answer.id).data
-    assert [i.type for i in items] == ["function_call_output"]
+    assert [(i.type, i.call_id) for i in items] == [("function_call_output", call.call_id)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "check"), CHECKS, ids=[name for name, _ in CHECKS])
 def test_conformance_checks_pass(base_url: str, engine: LocalEngine, name: str, check: Any) -> None:
-    if name == "responses_json_schema" and not constrained_decoding_available(engine):
-        pytest.skip("constrained decoding is not in this build")
-    if name == "responses_function_tool" and not tool_calling_available(engine):
-        pytest.skip("tool calling is not in this build")
     client = sdk(base_url)
     async_client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
     check(Suite(client, async_client, engine.model_id))
