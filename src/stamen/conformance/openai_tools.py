@@ -134,7 +134,8 @@ def check_parallel(suite: Suite) -> None:
 
 def _streamed_calls(chunks: list[Any]) -> tuple[str, list[tuple[str, str, str]], str | None]:
     """Content, (id, name, arguments) per call and the finish reason of a stream."""
-    content, calls, finish = "", [], None
+    content, finish = "", None
+    calls: list[list[str]] = []
     for chunk in chunks:
         for choice in chunk.choices:
             content += choice.delta.content or ""
