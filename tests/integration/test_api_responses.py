@@ -256,6 +256,31 @@ def test_a_disconnect_mid_stream_closes_the_chain(base_url: str, engine: LocalEn
     assert engine.chains_in_use == 0
 
 
+def test_a_disconnect_before_a_whole_response_closes_the_chain(
+    base_url: str, engine: LocalEngine
+) -> None:
+    body = {"model": engine.model_id, "input": "Write a very long story.",
+            "max_output_tokens": 4000}  # fmt: skip
+    payload = json.dumps(body).encode()
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        deadline = time.monotonic() + 60
+        while engine.chains_in_use == 0:
+            assert time.monotonic() < deadline, "the generation did not start"
+            time.sleep(0.05)
+    left = time.monotonic()
+    while engine.chains_in_use > 0:
+        assert time.monotonic() - left < 5, "the chain stayed open after the client left"
+        time.sleep(0.05)
+    metrics = httpx.get(f"{base_url}/metrics").text
+    assert 'endpoint="/v1/responses",status="499"' in metrics
+
+
 # -- structured output and tools --------------------------------------------------------
 
 CITY = {
