@@ -5,6 +5,10 @@ Streaming requests turn deltas into chunk dicts (encoded by `stamen.api.streamin
 the first chunk of each chat choice carries the role, a finishing chunk carries the
 finish reason, and with `stream_options.include_usage` every chunk has `usage: null`
 and a last chunk with `choices: []` carries the usage. One id for the whole stream.
+
+Tool calls: a message that called tools has `tool_calls` (content None when there was
+no text); in a stream, a call's first chunk has its index, id, type and name with empty
+arguments, the next ones its argument fragments (OpenAI's delta shape).
 """
 
 from __future__ import annotations

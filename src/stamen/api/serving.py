@@ -6,9 +6,15 @@
    gets `default_max_tokens` (a server setting, 1024 by default) and a completion
    OpenAI's 16, each clamped to the room the context leaves; the chain is opened for
    prompt + that many tokens, never for the whole context unasked.
+   With `tools` (`stamen.api.tools`), the tools are described in the prompt (by the
+   chat template when it renders tools in our call syntax, else by a generic system
+   section), earlier calls and results are rendered as turns the model can read, and
+   `Job.constraint` holds every choice to the tool-call grammar of its `tool_choice`.
 2. `generate` opens one chain per prompt (batch = n choices), runs `decode` and yields
    `ChoiceDelta`s: text released by the choice's `StopTracker`, the tokens' logprobs, and
-   a finish reason ("stop" for EOS or a stop sequence, "length" for max tokens).
+   a finish reason ("stop" for EOS or a stop sequence, "length" for max tokens). A choice
+   that may call tools has its text split by a `ToolCallParser` into content and
+   `ToolCallDelta`s, and ends with "tool_calls" when it called any.
 3. Leaving `generate` early (a disconnected client) closes the chain through the engine.
 
 Response objects are assembled by `stamen.api.responses`; this module knows nothing
@@ -211,6 +217,9 @@ def _conversation(messages: Sequence[s.Message], native: bool) -> list[dict[str,
             raise unsupported(f"messages[{index}].role", "The deprecated 'function' role")
         text = _message_text(message.content, f"messages[{index}].content")
         if isinstance(message, s.AssistantMessage):
+            if message.function_call:
+                raise unsupported(f"messages[{index}].function_call",
+                                  "The deprecated `function_call` (use `tool_calls`)")  # fmt: skip
             rendered.append(_assistant_entry(message, text, index, native, names))
         elif isinstance(message, s.ToolMessage):
             entry = _tool_entry(message, text, index, native, names)
