@@ -99,3 +99,44 @@ def test_a_template_that_renders_tools_gets_them_and_the_calls(tokenizer: Any) -
     assert '<tool_call>get_weather{"city": "Paris"}</tool_call>' in text
     assert "<|im_start|>tool\n25 C<|im_end|>" in text
     assert not tools.native_template(tokenizer)  # the shared tokenizer is untouched
+
+
+def job(**fields: Any) -> Any:
+    from stamen.api.serving import chat_job
+
+    request = msgspec.convert(
+        {"model": "m", "messages": FOLLOW_UP[:1], "tools": [WEATHER], **fields},
+        s.ChatCompletionRequest,
+    )
+    return chat_job(request, load_engine_once(), max_n=4, default_max_tokens=16)
+
+
+def odd_tool(name: str, strict: bool, city: dict[str, Any]) -> dict[str, Any]:
+    parameters = {"type": "object", "properties": {"city": city}}
+    return {"type": "function", "function": {"name": name, "parameters": parameters,
+            "strict": strict}}  # fmt: skip
+
+
+def test_a_schema_llguidance_refuses_is_a_400_naming_its_tool() -> None:
+    with pytest.raises(APIError) as caught:
+        job(tools=[WEATHER, odd_tool("f", False, {"type": "nonsense"})])
+    assert caught.value.param == "tools[1].function.parameters"
+    assert "Invalid schema for function 'f'" in caught.value.message
+
+
+def test_strict_holds_a_schema_to_the_letter_and_lenient_leaves_out_what_it_cannot() -> None:
+    unknown_format = {"type": "string", "format": "postal-address"}
+    assert job(tools=[WEATHER, odd_tool("f", False, unknown_format)]).tools is not None
+    with pytest.raises(APIError) as caught:
+        job(tools=[WEATHER, odd_tool("f", True, unknown_format)])
+    assert caught.value.param == "tools[1].function.parameters"
+
+
+def test_tools_with_a_json_format_are_refused_unless_tool_choice_is_none() -> None:
+    json_format = {"type": "json_object"}
+    with pytest.raises(APIError) as caught:
+        job(response_format=json_format)
+    assert caught.value.param == "response_format"
+    none = job(response_format=json_format, tool_choice="none")
+    assert none.tools is None and none.constraint is not None  # the format applies
+    assert job().constraint is not None and job(tool_choice="none").constraint is None
