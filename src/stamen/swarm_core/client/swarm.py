@@ -171,6 +171,14 @@ class RpcHopSession(HopSession):
     def forwarding(self) -> bool:
         return self.relay_target is not None
 
+    def can_relay_to(self, next_session: HopSession) -> bool:
+        if self.relay_target is None or not isinstance(next_session, RpcHopSession):
+            return False
+        target = next_session.relay_target
+        return target is not None and bool(
+            _schemes(self.relay_target.addresses) & _schemes(target.addresses)
+        )
+
     async def step(
         self,
         hidden: Tensor,
@@ -298,6 +306,11 @@ class RpcHopSession(HopSession):
         finally:
             with contextlib.suppress(*_HOST_FAILURES):
                 await self._stack.aclose()
+
+
+def _schemes(addresses: Sequence[str]) -> set[str]:
+    """The transports a host listens on (a host dials with the one it listens on)."""
+    return {address.partition("://")[0] for address in addresses}
 
 
 def _relay_target_of(session: HopSession | None) -> NextHop | None:

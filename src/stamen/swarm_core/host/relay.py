@@ -15,7 +15,9 @@ its output to the next host, then answers the client with the same output.
   named previous hop can never write into it.
 - `NextHops` is the sending end: one pooled, authenticated connection per next peer
   (dialed once, with the key the client's `NextHop` names, which must hash to its peer
-  id), at most `max_peers` of them, the least recently used closed first. A relay that
+  id), at most `max_peers` of them, the least recently used closed first, each with one
+  relay stream kept open (`RelayStep` in, `RelayAccepted` or a typed refusal out; a
+  refusal keeps the stream). A relay that
   fails returns its reason as text, which the host puts in its answer to the client at
   once (`StepResult.forward_error`), so the client can drive the rest of the step itself.
 
@@ -38,13 +40,15 @@ from stamen.swarm_core.protocol.codecs import Codec
 from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
     RemoteBusy,
+    RemoteError,
     RemoteNotFound,
     RemoteTooLarge,
     RpcError,
 )
 from stamen.swarm_core.protocol.identity import peer_id_from_public_key
-from stamen.swarm_core.protocol.rpc import RpcClient
+from stamen.swarm_core.protocol.rpc import RpcClient, RpcStream
 from stamen.swarm_core.protocol.wire import (
+    Decoded,
     Hello,
     NextHop,
     RelayAccepted,
@@ -202,6 +206,50 @@ class RelayInbox:
         box.held.append(item)
 
 
+@dataclass
+class _Link:
+    """One next peer: its connection, and one relay stream kept open on it (a stream per
+    relay would cost a stream's opening and closing on every step)."""
+
+    rpc: RpcClient
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stream: RpcStream | None = None
+    stack: contextlib.AsyncExitStack | None = None
+
+    async def relay(
+        self, message: RelayStep, hidden: Tensor, codec: Codec, timeout_s: float
+    ) -> Decoded:
+        """One `RelayStep` and its answer on the link's stream, opened if need be. A
+        refusal (`RemoteError`) leaves the stream open; any other failure drops it."""
+        async with self.lock:
+            if self.stream is None:
+                stack = contextlib.AsyncExitStack()
+                self.stream = await stack.enter_async_context(
+                    self.rpc.open_stream(timeout_s=timeout_s)
+                )
+                self.stack = stack
+            try:
+                return await self.stream.call(
+                    message, {"hidden": hidden}, codec=codec, timeout_s=timeout_s
+                )
+            except RemoteError:
+                raise
+            except BaseException:
+                await self.drop()
+                raise
+
+    async def drop(self) -> None:
+        stream, stack, self.stream, self.stack = self.stream, self.stack, None, None
+        if stream is not None:
+            stream.reset()
+        if stack is not None:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+
+
+_RELAY_FAILURES = (RpcError, TransportError, WireError, TimeoutError, OSError)
+
+
 class NextHops:
     """Pooled connections to next hops, and the relay of one step's output (docstring)."""
 
@@ -210,9 +258,9 @@ class NextHops:
         self._hello = hello
         self.limits = limits or RelayLimits()
         self.sent = 0  # relays the next host accepted
-        self._clients: OrderedDict[str, RpcClient] = OrderedDict()
+        self._links: OrderedDict[str, _Link] = OrderedDict()
         self._dialing: dict[str, asyncio.Lock] = {}
-        self._closing: set[asyncio.Task[None]] = set()  # evicted connections, closing
+        self._closing: set[asyncio.Task[None]] = set()  # evicted links, closing
 
     async def relay(
         self, next_hop: NextHop, start_position: int, hidden: Tensor, codec: Codec
@@ -221,40 +269,55 @@ class NextHops:
         if peer_id_from_public_key(next_hop.public_key) != next_hop.peer_id:
             return f"the key named for {next_hop.peer_id[:12]} is not that peer's"
         message = RelayStep(session_id=next_hop.session_id, start_position=start_position)
+        hidden = hidden.contiguous()
+        timeout_s = self.limits.relay_timeout_s
         try:
-            rpc = await self._client(next_hop)
-            reply = await rpc.call(
-                message,
-                {"hidden": hidden.contiguous()},
-                codec=codec,
-                timeout_s=self.limits.relay_timeout_s,
-            )
-        except (RpcError, TransportError, WireError, TimeoutError, OSError) as error:
+            link = await self._link(next_hop)
+            try:
+                reply = await link.relay(message, hidden, codec, timeout_s)
+            except RemoteError:
+                raise
+            except _RELAY_FAILURES:
+                if link.rpc.connection.is_closed:
+                    raise
+                # The connection is up: the stream may have lapsed while idle. Once more.
+                reply = await link.relay(message, hidden, codec, timeout_s)
+        except _RELAY_FAILURES as error:
             return f"relay to {next_hop.peer_id[:12]} failed: {type(error).__name__}: {error}"
         if not isinstance(reply.message, RelayAccepted):
             return f"{next_hop.peer_id[:12]} answered {type(reply.message).__name__}"
         self.sent += 1
         return None
 
-    async def _client(self, next_hop: NextHop) -> RpcClient:
+    async def _link(self, next_hop: NextHop) -> _Link:
         peer_id = next_hop.peer_id
         lock = self._dialing.setdefault(peer_id, asyncio.Lock())
         async with lock:  # dial each peer once, however many sessions relay to it
-            rpc = self._clients.get(peer_id)
-            if rpc is not None and not rpc.connection.is_closed:
-                self._clients.move_to_end(peer_id)
-                return rpc
-            if rpc is not None:
-                del self._clients[peer_id]
-            rpc = await self._dial(next_hop)
-            self._clients[peer_id] = rpc
-            while len(self._clients) > self.limits.max_peers:
-                evicted, oldest = self._clients.popitem(last=False)
+            link = self._links.get(peer_id)
+            if link is not None and not link.rpc.connection.is_closed:
+                self._links.move_to_end(peer_id)
+                return link
+            if link is not None:
+                del self._links[peer_id]
+                self._close_later(link)
+            link = _Link(await self._dial(next_hop))
+            self._links[peer_id] = link
+            while len(self._links) > self.limits.max_peers:
+                evicted, oldest = self._links.popitem(last=False)
                 self._dialing.pop(evicted, None)
-                closing = asyncio.create_task(oldest.close())
-                self._closing.add(closing)
-                closing.add_done_callback(self._closing.discard)
-            return rpc
+                self._close_later(oldest)
+            return link
+
+    def _close_later(self, link: _Link) -> None:
+        closing = asyncio.create_task(self._close(link))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(link: _Link) -> None:
+        await link.drop()
+        with contextlib.suppress(Exception):
+            await link.rpc.close()
 
     async def _dial(self, next_hop: NextHop) -> RpcClient:
         errors: list[str] = []
@@ -267,13 +330,12 @@ class NextHops:
                     expected_public_key=next_hop.public_key,
                     timeout_s=self.limits.connect_timeout_s,
                 )
-            except (RpcError, TransportError, WireError, TimeoutError, OSError, ValueError) as e:
+            except (*_RELAY_FAILURES, ValueError) as e:
                 errors.append(f"{address[:80]}: {type(e).__name__}: {e}")
         raise ConnectError("; ".join(errors) or "no address")
 
     async def aclose(self) -> None:
-        clients, self._clients = list(self._clients.values()), OrderedDict()
-        for rpc in clients:
-            with contextlib.suppress(Exception):
-                await rpc.close()
+        links, self._links = list(self._links.values()), OrderedDict()
+        for link in links:
+            await self._close(link)
         await asyncio.gather(*self._closing, return_exceptions=True)

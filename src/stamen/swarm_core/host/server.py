@@ -7,8 +7,9 @@
    by block, progress logged), quantizes it if asked, and measures its decode throughput;
 3. listens on its transport and serves `Info`, `OpenSession` (one stream per inference
    session, taking `Step` and, for forwarded steps, `AwaitStep`), `RelayStep` (another
-   host's output for one of our sessions, `host.relay`), `Forward` and `Backward`, translating runtime refusals into typed remote
-   errors (with the runtime's `retry_after_s` hint; `too_large` for a forward / backward
+   host's output for one of our sessions, `host.relay`), `Forward` and `Backward`,
+   translating runtime refusals into typed remote errors (with the runtime's
+   `retry_after_s` hint; `too_large` for a forward / backward
    over `max_request_tokens`). A step refused as busy or timed out in the queue never
    ran: it is answered with an `ErrorReply` and the session stream stays open, so the
    client may send the same step again. Steps, forwards and backwards take the deep
@@ -346,7 +347,7 @@ class Host:
         server = RpcServer(HelloReply.local(self.settings.public_name, capabilities))
         server.add_unary(Info, self._info)
         server.add_stream(OpenSession, self._session)
-        server.add_unary(RelayStep, self._relay)
+        server.add_stream(RelayStep, self._relays)
         server.add_unary(Forward, self._forward)
         server.add_unary(Backward, self._backward)
         return server
@@ -513,12 +514,24 @@ class Host:
             logger.info("forwarding a step: %s", forward_error)
         return forward_error
 
-    async def _relay(self, request: Decoded, context: CallContext) -> Reply:
-        """Another host's output for one of our sessions (`host.relay.RelayInbox`)."""
-        message = request.message
-        assert isinstance(message, RelayStep)
+    async def _relays(
+        self, first: Decoded, requests: AsyncIterator[Decoded], context: CallContext
+    ) -> AsyncGenerator[Reply]:
+        """Another host's outputs for our sessions, one `RelayStep` after another on one
+        stream (`host.relay`); a refusal is answered and the stream goes on."""
         sender = peer_id_from_public_key(context.remote_public_key)
-        return self._inbox().deliver(sender, message, request.tensors["hidden"])
+        decoded: Decoded | None = first
+        while decoded is not None:
+            message = decoded.message
+            if not isinstance(message, RelayStep):
+                raise RemoteBadRequest(f"unexpected {type(message).__name__} in a relay stream")
+            reply: Reply
+            try:
+                reply = self._inbox().deliver(sender, message, decoded.tensors["hidden"])
+            except RemoteError as refusal:
+                reply = _retry_later(refusal)
+            yield reply
+            decoded = await _next_request(requests)
 
     async def _forward(self, request: Decoded, context: CallContext) -> Reply:
         message = request.message
