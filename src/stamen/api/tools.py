@@ -13,10 +13,14 @@ described the tools to it:
    the answer is calls from its first token. Each call's JSON is `{"name", "arguments"}`
    with the name one of the tools (or the named one) and the arguments valid against
    that tool's `parameters`; with `parallel_tool_calls` false there is one call at most.
-   JSON separators are fixed (`", "`, `": "`), so a small model cannot loop on spaces.
+   JSON separators are fixed (`", "`, `": "`), so a small model cannot loop on spaces;
+   object schemas that list `properties` get `additionalProperties: false` unless they
+   say otherwise (`closed`); a tool with `strict: true` is compiled to the letter (a
+   keyword llguidance cannot enforce is a 400), others leniently (such keywords left out).
 3. `system_section` is the generic prompt format for chat templates that do not render
-   tools themselves; `history` turns earlier tool calls and tool results into messages
-   that such a template can show (`native_template` says which path a tokenizer takes).
+   tools themselves; `call_text` and `response_text` show earlier calls and their
+   results to such a template (`past_calls` checks them); `native_template` says which
+   path a tokenizer takes.
 4. `ToolCallParser` splits one choice's streamed text into content and `ToolCallDelta`s:
    a call's id and name as soon as its name is complete, then its arguments in
    fragments; the markup never reaches the content.
