@@ -230,7 +230,17 @@ def conversation(text: str) -> list[dict[str, str]]:
 
 
 def test_openai_conformance_suite_passes_over_the_swarm(stack: Stack) -> None:
-    results = run_suite(f"{stack.base_url}/v1", MODEL_ID)
+    # The core section here; every section runs in-process in test_api_server, and over
+    # the swarm in the slow test below.
+    results = run_suite(f"{stack.base_url}/v1", MODEL_ID, sections=("core",))
+    assert all(r.passed for r in results), format_table(results)
+
+
+@pytest.mark.slow
+def test_structured_tools_and_responses_conformance_over_the_swarm(stack: Stack) -> None:
+    results = run_suite(
+        f"{stack.base_url}/v1", MODEL_ID, sections=("structured", "tools", "responses")
+    )
     assert all(r.passed for r in results), format_table(results)
 
 

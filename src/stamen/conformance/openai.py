@@ -1,15 +1,23 @@
 """OpenAI API contract suite, run with the official `openai` SDK against any server.
 
     python -m stamen.conformance.openai --base-url http://127.0.0.1:8000/v1 --model M [--api-key K]
-        [--fine-tuning]
+        [--section core --section tools ...] [--fine-tuning]
 
 Each check talks to the server through the SDK (sync and async clients, streaming and
-not) and asserts what a user of the SDK relies on: response shapes, parameters honoured
-(stop, n, seed, logprobs, logit_bias, max tokens, prompt forms, echo), stream chunk
-sequences, and errors (404 unknown model, 400 invalid or unsupported parameters). With
-`--fine-tuning` it also runs the files and fine-tuning jobs cases
-(`openai_fine_tuning`), which train small jobs on the server. It prints a pass/fail table; `main` exits non-zero if any check failed. `run_suite` returns
-the results for use from tests.
+not) and asserts what a user of the SDK relies on. The sections:
+
+- `core`: response shapes, parameters honoured (stop, n, seed, logprobs, logit_bias, max
+  tokens, prompt forms, echo), stream chunk sequences, and errors (404 unknown model, 400
+  invalid or unsupported parameters);
+- `structured`: `response_format` json_object and json_schema (`openai_structured`);
+- `tools`: tool calling, auto / required / named / parallel, streamed deltas and a
+  follow-up turn (`openai_tools`);
+- `responses`: the Responses API, events, conversations, the store (`openai_responses`).
+
+Every section runs by default. With `--fine-tuning` it also runs the files and fine-tuning
+jobs cases (`openai_fine_tuning`), which train small jobs on the server. It prints a
+pass/fail table; `main` exits non-zero if any check failed. `run_suite` returns the
+results for use from tests.
 
 The suite assumes a small chat model with a context shorter than 10^6 tokens; it needs
 no knowledge of how the server runs the model.
@@ -269,28 +277,56 @@ CHECKS: list[Callable[[Suite], None]] = [
 ]
 
 
+Check = Callable[[Suite], None]
+SECTIONS = ("core", "structured", "tools", "responses")
+
+
+def section_checks(section: str) -> list[tuple[str, Check]]:
+    """The named checks of one section (see the module docstring), imported on demand."""
+    if section == "core":
+        return [(check.__name__.removeprefix("check_"), check) for check in CHECKS]
+    if section == "structured":
+        from stamen.conformance.openai_structured import CHECKS as STRUCTURED
+
+        return list(STRUCTURED)
+    if section == "tools":
+        from stamen.conformance.openai_tools import CHECKS as TOOLS
+
+        return list(TOOLS)
+    if section == "responses":
+        from stamen.conformance.openai_responses import CHECKS as RESPONSES
+
+        return list(RESPONSES)
+    if section == "fine_tuning":
+        from stamen.conformance.openai_fine_tuning import CHECKS as FINE_TUNING
+
+        return [(check.__name__.removeprefix("check_"), check) for check in FINE_TUNING]
+    raise ValueError(f"unknown section {section!r}: one of {SECTIONS} or 'fine_tuning'")
+
+
 def run_suite(
     base_url: str,
     model: str,
     api_key: str = "none",
     timeout_s: float = 120,
     *,
+    sections: tuple[str, ...] = SECTIONS,
     fine_tuning: bool = False,
     only_fine_tuning: bool = False,
     fine_tuning_extra: dict[str, Any] | None = None,
 ) -> list[Result]:
+    """Run `sections` (plus the fine-tuning cases with `fine_tuning`; nothing else with
+    `only_fine_tuning`) and return one `Result` per check."""
+    chosen = ["fine_tuning"] if only_fine_tuning else [*sections]
+    if fine_tuning and not only_fine_tuning:
+        chosen.append("fine_tuning")
+    checks = [named for section in chosen for named in section_checks(section)]
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
     aclient = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s,
                                  max_retries=0)  # fmt: skip
     suite = Suite(client, aclient, model, fine_tuning_extra)
-    checks = [] if only_fine_tuning else list(CHECKS)
-    if fine_tuning or only_fine_tuning:
-        from stamen.conformance.openai_fine_tuning import CHECKS as FINE_TUNING_CHECKS
-
-        checks += FINE_TUNING_CHECKS
     results = []
-    for check in checks:
-        name = check.__name__.removeprefix("check_")
+    for name, check in checks:
         try:
             check(suite)
         except CheckFailed as error:
@@ -321,13 +357,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default="none")
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument(
+        "--section",
+        action="append",
+        choices=SECTIONS,
+        help="run only this section (repeatable; default: all of them)",
+    )
+    parser.add_argument(
         "--fine-tuning",
         action="store_true",
         help="also run the files and fine-tuning jobs cases (they train small jobs)",
     )
     args = parser.parse_args(argv)
     results = run_suite(
-        args.base_url, args.model, args.api_key, args.timeout_s, fine_tuning=args.fine_tuning
+        args.base_url,
+        args.model,
+        args.api_key,
+        args.timeout_s,
+        sections=tuple(args.section or SECTIONS),
+        fine_tuning=args.fine_tuning,
     )
     print(format_table(results))
     return 0 if all(r.passed for r in results) else 1
