@@ -178,6 +178,11 @@ def test_a_call_cut_by_max_tokens_keeps_what_came() -> None:
     assert (content, calls) == ('Hi <tool_call>{"na', [])  # no name yet: not a call
 
 
+def test_a_name_with_a_bad_escape_is_kept_as_written() -> None:
+    _, calls, _ = parse(['<tool_call>{"name": "f\\q", "arguments": {}}</tool_call>'])
+    assert [(c["name"], c["arguments"]) for c in calls] == [("f\\q", "{}")]
+
+
 def test_text_after_calls_is_content_and_blank_lines_are_dropped() -> None:
     content, calls, _ = parse([TWO_CALLS, "\n  Done, see", " above."])
     assert content == "Let me look.Done, see above." and len(calls) == 2

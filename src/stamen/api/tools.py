@@ -456,7 +456,10 @@ class ToolCallParser:
                 self._buffer, self._state = self._buffer[1:], "text"
                 return True
             return False
-        name = json.loads(f'"{match.group(1)}"')
+        try:
+            name = json.loads(f'"{match.group(1)}"')
+        except ValueError:  # a bad escape (only unconstrained text can have one)
+            name = match.group(1)
         out.add_call(ToolCallDelta(self.calls, id=new_call_id(), name=name))
         self.calls += 1
         self._buffer, self._state = self._buffer[match.end() :], "arguments"
