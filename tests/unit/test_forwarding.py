@@ -31,7 +31,7 @@ from stamen.models.loading import Span
 from stamen.models.registry import get_adapter
 from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.client.pool import HostConnections
-from stamen.swarm_core.client.remote import HostInfo, SpanClient
+from stamen.swarm_core.client.remote import HopError, HostInfo, SpanClient
 from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
 from stamen.swarm_core.host.relay import RelayLimits
 from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
@@ -269,14 +269,20 @@ async def test_a_host_refuses_relays_it_was_not_told_to_expect() -> None:
             out = await session.step(x, 0)
             assert out.shape == x.shape
             # Named as the previous hop, the stranger's relay at the wrong position or
-            # length is refused; the right one runs the step.
+            # length is refused, and fails the client's step at once (the client then
+            # drives it); the right one runs the step.
             stranger_id = peer_id_of(stranger.credentials)
+            for start, tokens in ((5, 1), (2, 2)):
+                waiting = asyncio.create_task(
+                    session.await_step(2, 1, stranger_id, None, None, None)
+                )
+                await asyncio.sleep(0.1)
+                with pytest.raises(RemoteBadRequest, match="announced"):
+                    await _relay(rpc, session_id, start, torch.zeros(1, tokens, C))
+                with pytest.raises(HopError, match="announced"):
+                    await asyncio.wait_for(waiting, 5)
             waiting = asyncio.create_task(session.await_step(2, 1, stranger_id, None, None, None))
             await asyncio.sleep(0.1)
-            with pytest.raises(RemoteBadRequest, match="announced"):
-                await _relay(rpc, session_id, 5, torch.zeros(1, 1, C))
-            with pytest.raises(RemoteBadRequest, match="announced"):
-                await _relay(rpc, session_id, 2, torch.zeros(1, 2, C))
             assert isinstance(await _relay(rpc, session_id, 2, torch.ones(1, 1, C)), RelayAccepted)
             result = await asyncio.wait_for(waiting, 5)
             assert result.hidden.shape == (1, 1, C) and result.forward_error is None

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -48,7 +48,6 @@ from stamen.swarm_core.protocol.errors import (
 from stamen.swarm_core.protocol.identity import peer_id_from_public_key
 from stamen.swarm_core.protocol.rpc import RpcClient, RpcStream
 from stamen.swarm_core.protocol.wire import (
-    Decoded,
     Hello,
     NextHop,
     RelayAccepted,
@@ -160,10 +159,15 @@ class RelayInbox:
                     f"{sender[:12]} is not the previous hop the client named for this step"
                 )
             if not self._matches(expected, sender, request.start_position, hidden):
-                raise RemoteBadRequest(
+                refusal = RemoteBadRequest(
                     f"relayed step at {request.start_position} x {hidden.shape[1]} tokens; the "
                     f"client announced {expected.start_position} x {expected.num_tokens}"
                 )
+                # The named previous hop sent what the client did not announce: the step it
+                # awaits fails now, so that the client drives it instead of waiting.
+                expected.arrived.set_exception(refusal)
+                box.expected = None
+                raise refusal
             self._hand_over(box, hidden)
             return RelayAccepted()
         self._hold(box, _Held(sender, request.start_position, hidden))
@@ -209,39 +213,71 @@ class RelayInbox:
 @dataclass
 class _Link:
     """One next peer: its connection, and one relay stream kept open on it (a stream per
-    relay would cost a stream's opening and closing on every step)."""
+    relay would cost a stream's opening and closing on every step). Relays are sent
+    without waiting for their answers, which a reader task collects in order: the
+    sending host answers its client while the next host already computes."""
 
     rpc: RpcClient
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     stream: RpcStream | None = None
     stack: contextlib.AsyncExitStack | None = None
+    reader: asyncio.Task[None] | None = None
+    answers: deque[asyncio.Future[object]] = field(default_factory=deque)
 
-    async def relay(
+    async def send(
         self, message: RelayStep, hidden: Tensor, codec: Codec, timeout_s: float
-    ) -> Decoded:
-        """One `RelayStep` and its answer on the link's stream, opened if need be. A
-        refusal (`RemoteError`) leaves the stream open; any other failure drops it."""
+    ) -> asyncio.Future[object]:
+        """Send one `RelayStep` on the link's stream (opened if need be); the future gets
+        its answer (`RelayAccepted`, or the refusal or failure as an exception)."""
         async with self.lock:
             if self.stream is None:
                 stack = contextlib.AsyncExitStack()
-                self.stream = await stack.enter_async_context(
-                    self.rpc.open_stream(timeout_s=timeout_s)
-                )
-                self.stack = stack
+                stream = await stack.enter_async_context(self.rpc.open_stream(timeout_s=timeout_s))
+                self.stream, self.stack = stream, stack
+                self.reader = asyncio.create_task(self._read(stream))
+            answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            self.answers.append(answer)
             try:
-                return await self.stream.call(
+                await self.stream.send(
                     message, {"hidden": hidden}, codec=codec, timeout_s=timeout_s
                 )
-            except RemoteError:
-                raise
             except BaseException:
                 await self.drop()
                 raise
+            return answer
+
+    async def _read(self, stream: RpcStream) -> None:
+        try:
+            while True:
+                try:
+                    result: object = (await stream.recv(timeout_s=86400.0)).message
+                except RemoteError as refusal:  # answered; the stream goes on
+                    result = refusal
+                if self.answers:
+                    self.answers.popleft().set_result(result)
+        except BaseException as error:  # the stream ended: nothing more will be answered
+            self._fail_pending(error)
+            if self.stream is stream:
+                self.stream = None
+                stream.reset()
+            if isinstance(error, asyncio.CancelledError):
+                raise
+
+    def _fail_pending(self, error: BaseException) -> None:
+        answers, self.answers = self.answers, deque()
+        for answer in answers:
+            if not answer.done():
+                answer.set_result(error)
 
     async def drop(self) -> None:
         stream, stack, self.stream, self.stack = self.stream, self.stack, None, None
+        reader, self.reader = self.reader, None
         if stream is not None:
             stream.reset()
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+        self._fail_pending(ConnectionResetError("relay stream dropped"))
         if stack is not None:
             with contextlib.suppress(Exception):
                 await stack.aclose()
@@ -260,7 +296,7 @@ class NextHops:
         self.sent = 0  # relays the next host accepted
         self._links: OrderedDict[str, _Link] = OrderedDict()
         self._dialing: dict[str, asyncio.Lock] = {}
-        self._closing: set[asyncio.Task[None]] = set()  # evicted links, closing
+        self._closing: set[asyncio.Task[None]] = set()  # evicted links, closing; watches
 
     async def relay(
         self, next_hop: NextHop, start_position: int, hidden: Tensor, codec: Codec
@@ -274,20 +310,29 @@ class NextHops:
         try:
             link = await self._link(next_hop)
             try:
-                reply = await link.relay(message, hidden, codec, timeout_s)
-            except RemoteError:
-                raise
+                answer = await link.send(message, hidden, codec, timeout_s)
             except _RELAY_FAILURES:
                 if link.rpc.connection.is_closed:
                     raise
                 # The connection is up: the stream may have lapsed while idle. Once more.
-                reply = await link.relay(message, hidden, codec, timeout_s)
+                answer = await link.send(message, hidden, codec, timeout_s)
         except _RELAY_FAILURES as error:
             return f"relay to {next_hop.peer_id[:12]} failed: {type(error).__name__}: {error}"
-        if not isinstance(reply.message, RelayAccepted):
-            return f"{next_hop.peer_id[:12]} answered {type(reply.message).__name__}"
         self.sent += 1
+        watch = asyncio.create_task(self._watch(next_hop.peer_id, answer))
+        self._closing.add(watch)
+        watch.add_done_callback(self._closing.discard)
         return None
+
+    async def _watch(self, peer_id: str, answer: asyncio.Future[object]) -> None:
+        """Log a relay the next host refused or never answered. The client learns of it
+        from that host (which fails the step it awaits) or from losing it."""
+        try:
+            result = await asyncio.wait_for(answer, self.limits.relay_timeout_s)
+        except TimeoutError:
+            result = TimeoutError("no answer")
+        if not isinstance(result, RelayAccepted):
+            logger.info("relay to %s not taken: %r", peer_id[:12], result)
 
     async def _link(self, next_hop: NextHop) -> _Link:
         peer_id = next_hop.peer_id

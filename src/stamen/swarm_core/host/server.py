@@ -425,7 +425,11 @@ class Host:
                     case AwaitStep(session_id=step_session) as awaited:
                         _check_session(step_session, session_id)
                         reader = asyncio.create_task(_next_request(requests))
-                        hidden = await self._await_input(session_id, awaited, reader)
+                        try:
+                            hidden = await self._await_input(session_id, awaited, reader)
+                        except RemoteBadRequest as refusal:
+                            yield _retry_later(refusal)
+                            continue
                         if hidden is None:
                             yield ErrorReply(
                                 code=RemoteTimeout.code,
@@ -459,7 +463,8 @@ class Host:
         reader: asyncio.Task[Decoded | None],
     ) -> torch.Tensor | None:
         """The relayed input the client announced, or None when the stream's next message
-        (the client moved on) or the wait's timeout comes first."""
+        (the client moved on) or the wait's timeout comes first. Raises the refusal of a
+        relay from the named previous hop that did not match the announcement."""
         inbox = self._inbox()
         arrived = inbox.expect(
             session_id, awaited.start_position, awaited.num_tokens, awaited.previous_peer_id
@@ -469,7 +474,7 @@ class Host:
             waiters, timeout=inbox.limits.wait_s, return_when=asyncio.FIRST_COMPLETED
         )
         if arrived.done() and not arrived.cancelled():
-            return arrived.result()
+            return arrived.result()  # or the relay's refusal, raised
         inbox.cancel(session_id)
         return None
 
