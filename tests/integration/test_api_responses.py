@@ -357,5 +357,8 @@ def test_a_function_call_streams_and_its_output_continues(
 @pytest.mark.parametrize(("name", "check"), CHECKS, ids=[name for name, _ in CHECKS])
 def test_conformance_checks_pass(base_url: str, engine: LocalEngine, name: str, check: Any) -> None:
     client = sdk(base_url)
-    async_client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+
+    def async_client() -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="none", max_retries=0)
+
     check(Suite(client, async_client, engine.model_id))

@@ -34,7 +34,9 @@ def suite() -> Iterator[Suite]:
     _wait_until(lambda: server.started, 60, "uvicorn to start")
     base_url = f"http://127.0.0.1:{port}/v1"
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=120, max_retries=0)
-    yield Suite(client, openai.AsyncOpenAI(base_url=base_url, api_key="none"), engine.model_id)
+    yield Suite(
+        client, lambda: openai.AsyncOpenAI(base_url=base_url, api_key="none"), engine.model_id
+    )
     client.close()
     server.should_exit = True
     thread.join(timeout=30)

@@ -57,7 +57,7 @@ class Result:
 @dataclass
 class Suite:
     client: Any  # openai.OpenAI: used dynamically, responses checked at run time
-    aclient: Any  # openai.AsyncOpenAI
+    new_async_client: Callable[[], Any]  # a fresh openai.AsyncOpenAI per event loop
     model: str
     # extra fields sent with every fine-tuning job (`extra_body`), e.g. a prefix length
     fine_tuning_extra: dict[str, Any] | None = None
@@ -137,10 +137,14 @@ def check_stream_usage(suite: Suite) -> None:
 
 def check_async(suite: Suite) -> None:
     async def run() -> tuple[str, str]:
-        plain = await suite.aclient.chat.completions.create(
+        async with suite.new_async_client() as aclient:
+            return await ask(aclient)
+
+    async def ask(aclient: Any) -> tuple[str, str]:
+        plain = await aclient.chat.completions.create(
             model=suite.model, messages=PROMPT, temperature=0, max_tokens=8
         )
-        stream = await suite.aclient.chat.completions.create(
+        stream = await aclient.chat.completions.create(
             model=suite.model, messages=PROMPT, temperature=0, max_tokens=8, stream=True
         )
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
@@ -202,7 +206,19 @@ def check_roles_and_parts(suite: Suite) -> None:
         {"role": "developer", "content": [{"type": "text", "text": "Answer in one word."}]},
         {"role": "user", "content": [{"type": "text", "text": "Sky color?"}]},
         {"role": "assistant", "content": "Blue."},
-        {"role": "tool", "content": "ok", "tool_call_id": "call_1"},
+        {"role": "user", "content": "Look it up."},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": '{"q": "sky"}'},
+                }
+            ],
+        },  # fmt: skip
+        {"role": "tool", "content": "blue", "tool_call_id": "call_1"},
         {"role": "user", "content": "And grass?"},
     ]
     response = suite.chat(messages=messages, temperature=0, max_tokens=4)
@@ -242,9 +258,9 @@ def check_errors(suite: Suite) -> None:
     chat: Any = suite.client.chat.completions.create
     suite.expect_status(404, lambda: chat(model="no-such-model", messages=PROMPT), "model")
     suite.expect_status(400, lambda: chat(model=suite.model, messages=[]), "messages")
-    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    tool = {"type": "retrieval"}
     suite.expect_status(
-        400, lambda: chat(model=suite.model, messages=PROMPT, tools=[tool]), "tools"
+        400, lambda: chat(model=suite.model, messages=PROMPT, tools=[tool]), "tools[0].type"
     )
     suite.expect_status(400, lambda: chat(model=suite.model, messages=PROMPT, n=10_000), "n")
     suite.expect_status(400, lambda: chat(model=suite.model, messages=PROMPT, max_tokens=10**6))
@@ -322,9 +338,13 @@ def run_suite(
         chosen.append("fine_tuning")
     checks = [named for section in chosen for named in section_checks(section)]
     client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
-    aclient = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s,
-                                 max_retries=0)  # fmt: skip
-    suite = Suite(client, aclient, model, fine_tuning_extra)
+
+    def new_async_client() -> Any:
+        return openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0
+        )
+
+    suite = Suite(client, new_async_client, model, fine_tuning_extra)
     results = []
     for name, check in checks:
         try:

@@ -92,9 +92,10 @@ def check_stream_events(suite: Suite) -> None:
 
 def check_async_create(suite: Suite) -> None:
     async def run() -> Any:
-        return await suite.aclient.responses.create(
-            model=suite.model, input=QUESTION, max_output_tokens=8, temperature=0
-        )
+        async with suite.new_async_client() as aclient:
+            return await aclient.responses.create(
+                model=suite.model, input=QUESTION, max_output_tokens=8, temperature=0
+            )
 
     response = asyncio.run(run())
     expect(response.output_text == _create(suite, max_output_tokens=8).output_text, "async text")
