@@ -210,6 +210,8 @@ def main() -> int:
     print(f"{'':>28}{'unconstrained':>16}{'json_schema':>16}{'ratio':>10}")
     print(f"{'tokens/s (median)':>28}{rate_free:>16.1f}{rate_mask:>16.1f}"
           f"{rate_mask / rate_free:>9.3f}x")  # fmt: skip
+    ratios = sorted(m.rate / f.rate for m, f in zip(with_mask, without, strict=True))
+    print(f"{'round ratios':>28}  {' '.join(f'{r:.3f}' for r in ratios)}")
     print(f"{'mask compute us/token':>28}{'mean':>16}{'p99':>16}")
     print(f"{'':>28}{statistics.mean(mask_s) * 1e6:>16.0f}{percentile(mask_s, 0.99) * 1e6:>16.0f}")
     print(f"{'mask wait us/token':>28}{statistics.mean(wait_s) * 1e6:>16.0f}"

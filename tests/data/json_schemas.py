@@ -6,7 +6,9 @@ formats and patterns, numbers and integers with bounds, required and optional fi
 nullable types. Every string has a maxLength (or a bounded format or pattern), every
 array a maxItems, every float a multipleOf and every object `additionalProperties:
 false`, so that no output of a small model can run past the token limit: a test that
-sees an output cut must fail, not skip.
+sees an output cut must fail, not skip. The `time` and `date-time` formats need a
+maxLength of their own: RFC 3339 allows any number of digits of a second, and SmolLM2,
+given the room, writes hundreds of them.
 """
 
 from __future__ import annotations
@@ -72,8 +74,8 @@ SCHEMAS: list[tuple[str, str, dict[str, Any]]] = [
      obj({"order_id": integer(1, 99999), "items": array(obj({"sku": text(12), "qty": integer(1, 99)}), 1, 3)})),
     ("matrix", "A 2x2 matrix of small integers.", obj({"rows": array(array(integer(0, 9), 2, 2), 2, 2)})),
     ("date", "When did the Apollo 11 land? Give the date.", obj({"event": text(30), "date": {"type": "string", "format": "date"}})),
-    ("date_time", "Give a meeting time.", obj({"title": text(), "starts": {"type": "string", "format": "date-time"}})),
-    ("time", "What time is lunch?", obj({"lunch": {"type": "string", "format": "time"}})),
+    ("date_time", "Give a meeting time.", obj({"title": text(), "starts": {"type": "string", "format": "date-time", "maxLength": 32}})),
+    ("time", "What time is lunch?", obj({"lunch": {"type": "string", "format": "time", "maxLength": 20}})),
     ("email", "Give a contact email.", obj({"name": text(), "email": {"type": "string", "format": "email", "maxLength": 40}})),
     ("uuid", "Give a record with an id.", obj({"id": {"type": "string", "format": "uuid"}, "label": text()})),
     ("ipv4", "Give a server address.", obj({"host": text(), "ip": {"type": "string", "format": "ipv4"}})),
@@ -127,7 +129,7 @@ SCHEMAS: list[tuple[str, str, dict[str, Any]]] = [
           "date": {"type": "string", "format": "date"}, "seats": integer(1, 9),
           "class": {"enum": ["economy", "business"]}})),
     ("event_log", "Write a log entry.",
-     obj({"level": {"enum": ["info", "warn", "error"]}, "at": {"type": "string", "format": "date-time"}, "message": text(40)})),
+     obj({"level": {"enum": ["info", "warn", "error"]}, "at": {"type": "string", "format": "date-time", "maxLength": 32}, "message": text(40)})),
     ("top_level_array", "List two animals as a JSON array.", array(text(12), 2, 2)),
     ("top_level_enum", "Pick a primary color.", {"enum": ["red", "green", "blue"]}),
     ("top_level_integer", "How many legs does a spider have?", integer(0, 100)),

@@ -164,11 +164,11 @@ def ll_tokenizer(tokenizer: Any) -> llguidance.LLTokenizer:
 def compile_grammar(grammar: str, tokenizer: Any) -> Constraint:
     """`grammar` (llguidance's text: Lark, or the JSON that `grammar_from_*` returns)
     compiled for `tokenizer`, from the cache when it was compiled before."""
-    key = (id(tokenizer), grammar)
-    cached: Constraint | None = _grammars.get(key)
-    if cached is not None:
-        return cached
     ll = ll_tokenizer(tokenizer)
+    key = (id(ll), grammar)
+    cached: Constraint | None = _grammars.get(key)
+    if cached is not None and cached.tokenizer is ll:  # an id is unique while ll lives
+        return cached
     started = time.perf_counter()
     template = llguidance.LLMatcher(ll, grammar, log_level=0)
     if template.is_error():
