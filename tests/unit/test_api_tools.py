@@ -35,6 +35,16 @@ def request(**fields: Any) -> s.ChatCompletionRequest:
     return s.ChatCompletionRequest(messages=[s.UserMessage("hi")], model="m", **fields)
 
 
+def test_tools_larger_than_the_limit_are_refused() -> None:
+    big = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(400)}}
+    many = [
+        {"type": "function", "function": {"name": f"f{n}", "parameters": big}} for n in range(128)
+    ]
+    assert len(json.dumps(many)) > tools.MAX_TOOLS_BYTES
+    assert refused(tools=many).param == "tools"
+    assert tools.parse_tools(request(tools=many[:10])) is not None
+
+
 def refused(**fields: Any) -> APIError:
     with pytest.raises(APIError) as caught:
         tools.parse_tools(request(**fields))
@@ -124,9 +134,12 @@ def parse(pieces: list[str]) -> tuple[str, list[dict[str, str]], list[Any]]:
     results = [parser.feed(piece) for piece in pieces] + [parser.close()]
     calls: list[dict[str, str]] = []
     deltas = [delta for result in results for delta in result.calls]
+    for result in results:  # one entry per call in a delta (OpenAI's chunk shape)
+        indexes = [delta.index for delta in result.calls]
+        assert len(indexes) == len(set(indexes))
     for delta in deltas:
         if delta.id is not None:
-            assert delta.index == len(calls) and delta.arguments == ""
+            assert delta.index == len(calls)
             calls.append({"id": delta.id, "name": delta.name or "", "arguments": ""})
         calls[delta.index]["arguments"] += delta.arguments
     return "".join(r.text for r in results), calls, deltas
@@ -161,7 +174,7 @@ def test_parser_streams_arguments_before_the_call_ends() -> None:
     parser = ToolCallParser()
     assert parser.feed("<tool_").text == ""  # held: may be the start of a call
     head = parser.feed('call>{"name": "f", "arguments": {"q": "ab')
-    assert [(d.name, d.arguments) for d in head.calls] == [("f", ""), (None, '{"q": "ab')]
+    assert [(d.name, d.arguments) for d in head.calls] == [("f", '{"q": "ab')]
     assert parser.feed('c"}').calls[0].arguments == 'c"}'
     assert parser.feed("}</tool_call>").calls == []
 
@@ -171,11 +184,20 @@ def test_text_that_only_looks_like_markup_is_content() -> None:
     assert (content, calls) == ("Use a <tooltip> or <b>bold</b>.", [])
 
 
-def test_a_call_cut_by_max_tokens_keeps_what_came() -> None:
+def test_a_call_cut_by_max_tokens_keeps_its_arguments_and_drops_its_markup() -> None:
     _, calls, _ = parse(['<tool_call>{"name": "f", "arguments": {"q": "ab'])
     assert [(c["name"], c["arguments"]) for c in calls] == [("f", '{"q": "ab')]
-    content, calls, _ = parse(['Hi <tool_call>{"na'])
-    assert (content, calls) == ('Hi <tool_call>{"na', [])  # no name yet: not a call
+    # Cut before the name is whole, or inside `<tool_call>` itself: never content.
+    assert parse(['Hi <tool_call>{"na']) == ("Hi ", [], [])
+    assert parse(["<tool_call>", '{"name": "'])[:2] == ("", [])
+    assert parse(["Hi ", "<tool", "_call"])[:2] == ("Hi ", [])
+
+
+def test_the_first_fragment_of_a_call_rides_on_its_id_entry() -> None:
+    parser = ToolCallParser()
+    parsed = parser.feed('<tool_call>{"name": "f", "arguments": {"q": 1}}</tool_call>')
+    assert [(d.index, d.name, d.arguments) for d in parsed.calls] == [(0, "f", '{"q": 1}')]
+    assert parsed.calls[0].id is not None
 
 
 def test_a_name_with_a_bad_escape_is_kept_as_written() -> None:

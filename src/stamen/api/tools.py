@@ -43,6 +43,9 @@ from stamen.api.errors import invalid_request, unsupported
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
 MAX_TOOLS = 128  # OpenAI's limit
+# The tools' JSON, all together: their grammar is compiled per request, in time that
+# grows with the schemas; 128 large tools come to about 100 KB.
+MAX_TOOLS_BYTES = 256 * 1024
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 # Compact, fixed separators: a constrained small model otherwise may emit whitespace forever.
 _JSON_STYLE: dict[str, Any] = {
@@ -194,6 +197,11 @@ def parse_tools(request: s.ChatCompletionRequest) -> ToolPlan | None:
     if len(raw) > MAX_TOOLS:
         raise invalid_request(
             f"Invalid 'tools': at most {MAX_TOOLS} tools are allowed.", param="tools"
+        )
+    if raw and len(json.dumps(raw)) > MAX_TOOLS_BYTES:
+        raise invalid_request(
+            f"Invalid 'tools': the tools' definitions exceed {MAX_TOOLS_BYTES} bytes of JSON.",
+            param="tools",
         )
     tools = tuple(_function_tool(tool, f"tools[{index}]") for index, tool in enumerate(raw))
     names = {tool.name for tool in tools}
@@ -374,9 +382,11 @@ class Parsed:
     calls: list[ToolCallDelta] = field(default_factory=list)
 
     def add_call(self, delta: ToolCallDelta) -> None:
+        # One entry per call in a delta: a fragment joins the call's entry before it
+        # (the id-bearing one included), as OpenAI's stream sends one entry per index.
         last = self.calls[-1] if self.calls else None
-        if last is not None and last.index == delta.index and last.id is None and delta.id is None:
-            self.calls[-1].arguments += delta.arguments
+        if last is not None and last.index == delta.index and delta.id is None:
+            last.arguments += delta.arguments
         else:
             self.calls.append(delta)
 
@@ -406,16 +416,22 @@ class ToolCallParser:
             pass
         return out
 
+    @property
+    def in_call(self) -> bool:
+        """Whether the text so far ends inside a call (opened, not yet closed)."""
+        return self._state != "text"
+
     def close(self) -> Parsed:
         """At the end of the choice: release held-back text; an unfinished call ends as
-        it stands (its name known: its arguments as far as they came)."""
+        it stands (its name known: its arguments as far as they came).
+
+        A held `<tool_call` prefix or a call cut before its name is complete is dropped,
+        never released as content: with tools on, calls are written under the grammar,
+        so such text is the opening of a call that `max_tokens` cut, not prose."""
         out = Parsed()
-        if self._state == "text" and not (
-            self._trim and CALL_OPEN.startswith(self._buffer.strip())
-        ):
+        held = self._buffer.strip()
+        if self._state == "text" and not (held and CALL_OPEN.startswith(held)):
             out.text = self._content(self._buffer)
-        elif self._state == "head":
-            out.text = self._content(CALL_OPEN + self._buffer)
         self._buffer = ""
         return out
 
