@@ -322,8 +322,12 @@ class ConstrainedRows:
     The sampling loop calls `advance(tokens)` as soon as it has chosen a step's tokens;
     consuming them and computing the next masks then runs in a worker thread (llguidance
     releases the GIL) while the hidden states travel through the swarm, and
-    `disallowed()` at the next step only picks the result up. A row whose grammar is
+    `logit_mask()` at the next step only picks the result up. A row whose grammar is
     complete, or that has ended (EOS, or stopped by the caller), allows EOS only.
+
+    The mask is handed over as an additive float tensor (0 or -inf per token), built in
+    the worker: the loop then pays one addition (about 0.1 ms for 49k tokens here),
+    where `masked_fill` with a fresh bool mask measured 13 ms per step on this CPU.
 
     `mask_s` is the worker's time per step (consume + mask + unpack, all rows),
     `wait_s` the time the loop waited for it (zero when the mask was ready in time).
@@ -348,14 +352,14 @@ class ConstrainedRows:
         self.wait_s: list[float] = []
         self._bitmask = constraint.initial_mask.repeat(batch_size, 1)  # (B, W) int32
         self._pending: Future[torch.Tensor] | None = _worker.submit(self._unpack)
-        self._current = torch.zeros(batch_size, vocab_size, dtype=torch.bool)
+        self._current = torch.zeros(batch_size, vocab_size)
 
     def advance(self, tokens: Sequence[int], stopped: Sequence[bool]) -> None:
         """Tokens chosen for every row (pads for ended rows); `stopped` rows end here."""
         self._pending = _worker.submit(self._step, list(tokens), list(stopped))
 
-    def disallowed(self) -> torch.Tensor:
-        """(B, V) bool: True for the tokens that no row may take next."""
+    def logit_mask(self) -> torch.Tensor:
+        """(B, V) float32 to add to the logits: 0 where a row may go next, -inf elsewhere."""
         if self._pending is not None:
             started = time.perf_counter()
             self._current = self._pending.result()
@@ -382,7 +386,7 @@ class ConstrainedRows:
         return out
 
     def _unpack(self) -> torch.Tensor:
-        """The bitmask as (B, V) disallowed flags, with EOS as the rows' state says."""
+        """The bitmask as an additive (B, V) mask, with EOS as the rows' state says."""
         words = self._bitmask.numpy().view(np.uint8)
         bits = np.unpackbits(words, axis=1, bitorder="little")[:, : self.vocab_size]
         if bits.shape[1] < self.vocab_size:  # the model's vocabulary is larger: the rest never
@@ -395,4 +399,4 @@ class ConstrainedRows:
                 bits[row, eos] = 1
             elif eos:
                 bits[row, eos] = bits[row, ll_eos] if ll_eos < bits.shape[1] else 0
-        return torch.from_numpy(bits == 0)
+        return torch.from_numpy(np.where(bits == 0, np.float32(-np.inf), np.float32(0)))

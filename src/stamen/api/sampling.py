@@ -117,13 +117,13 @@ class GrammarMask(LogitsProcessor):
         self.rows = rows
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        disallowed = self.rows.disallowed()  # (B, V)
-        if disallowed.shape[1] < scores.shape[1]:  # logits wider than the tokenizer
-            extra = scores.shape[1] - disallowed.shape[1]
-            disallowed = torch.nn.functional.pad(disallowed, (0, extra), value=True)
-        if disallowed.device != scores.device:
-            disallowed = disallowed.to(scores.device, non_blocking=True)
-        return scores.masked_fill(disallowed, float("-inf"))
+        mask = self.rows.logit_mask()  # (B, V): 0 or -inf
+        if mask.shape[1] < scores.shape[1]:  # logits wider than the tokenizer
+            extra = scores.shape[1] - mask.shape[1]
+            mask = torch.nn.functional.pad(mask, (0, extra), value=float("-inf"))
+        if mask.device != scores.device or mask.dtype != scores.dtype:
+            mask = mask.to(scores.device, scores.dtype, non_blocking=True)
+        return scores + mask
 
 
 class GrammarAdvance(StoppingCriteria):
