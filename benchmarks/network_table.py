@@ -189,7 +189,8 @@ def render(results: list[NetworkResult], shapes: Shapes, header: str) -> str:
                 for on, off in zip(measured_by_mode["on"], measured_by_mode["off"], strict=True)
             ]
             lines.append(f"| {result.profile.label} | on / off | " + " | ".join(ratios) + " |")
-    lines += ["", _bulk_table(results, shapes), "", _emulation_table(results), ""]
+    bulk = _bulk_table(results, shapes)
+    lines += ["", *([bulk, ""] if bulk else []), _emulation_table(results), ""]
     lines += [_compute_line(result, shapes) for result in results]
     lines += _token_checks(results)
     lines += ["", *_goals(results, shapes)]
