@@ -59,6 +59,7 @@ def _our_namespaces() -> list[str]:
     return [line.split()[0] for line in listing.stdout.splitlines() if line.startswith(NAME_PREFIX)]
 
 
+@pytest.mark.slow  # ~4 minutes on two shared cores: three hosts load and serve SmolLM2
 def test_swarm_on_an_emulated_network(tmp_path: Path, smollm2_gguf: Path) -> None:
     args = parser().parse_args(ARGS)
     shapes = Shapes(args.prefix_lengths, args.decode_steps, args.batches, args.forward_tokens)
