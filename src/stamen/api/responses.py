@@ -7,8 +7,9 @@ finish reason, and with `stream_options.include_usage` every chunk has `usage: n
 and a last chunk with `choices: []` carries the usage. One id for the whole stream.
 
 Tool calls: a message that called tools has `tool_calls` (content None when there was
-no text); in a stream, a call's first chunk has its index, id, type and name with empty
-arguments, the next ones its argument fragments (OpenAI's delta shape).
+no text, and then no `logprobs.content` either: logprobs cover content tokens only); in
+a stream, a call's first entry has its index, id, type, name and the arguments so far,
+later ones argument fragments, one entry per call in a chunk (OpenAI's delta shape).
 """
 
 from __future__ import annotations
@@ -96,6 +97,13 @@ def _chat_logprobs(entries: Sequence[TokenLogprob]) -> s.ChoiceLogprobs:
     )
 
 
+def _message_logprobs(choice: _Choice) -> s.ChoiceLogprobs:
+    """A message's logprobs: of its content's tokens, null when it has no content."""
+    if choice.tool_calls and not choice.text:
+        return s.ChoiceLogprobs(content=None)
+    return _chat_logprobs(choice.logprobs)
+
+
 def _completion_logprobs(entries: Sequence[TokenLogprob], offset: int) -> s.CompletionLogprobs:
     offsets = []
     for entry in entries:
@@ -119,7 +127,7 @@ async def chat_completion(
             s.ChatChoice(
                 finish_reason=c.finish_reason,
                 index=i,
-                logprobs=_chat_logprobs(c.logprobs) if job.params.logprobs else None,
+                logprobs=_message_logprobs(c) if job.params.logprobs else None,
                 message=c.message(),
             )
             for i, c in enumerate(choices)
@@ -175,8 +183,8 @@ class _ChunkMaker:
 
 
 def _call_chunk(delta: ToolCallDelta) -> dict[str, Any]:
-    """OpenAI's stream shape of a tool call: id, type and name with empty arguments on
-    the call's first chunk, argument fragments on the next ones."""
+    """OpenAI's stream shape of a tool call: id, type, name and the first arguments on
+    the call's first entry, argument fragments on the next ones."""
     if delta.id is None:
         return {"index": delta.index, "function": {"arguments": delta.arguments}}
     function = {"name": delta.name, "arguments": delta.arguments}

@@ -26,6 +26,7 @@ through `sse_stream`, whole completions through `unless_abandoned`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -114,7 +115,10 @@ async def create_chat_completion(request: AnyRequest, api: Api) -> Response[Any]
     body = s.decode_request(await request.body(), s.ChatCompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
-    job = chat_job(
+    # Preparation renders the prompt and compiles grammars (up to a second for many
+    # tools): in a worker thread, so other streams keep flowing meanwhile.
+    job = await asyncio.to_thread(
+        chat_job,
         body,
         engine,
         max_n=api.settings.max_n,
@@ -142,7 +146,7 @@ async def create_completion(request: AnyRequest, api: Api) -> Response[Any]:
     body = s.decode_request(await request.body(), s.CompletionRequest)
     engine = api.engine(body.model)
     check_ready(engine, api.settings.retry_after_s)
-    jobs = completion_jobs(body, engine, max_n=api.settings.max_n)
+    jobs = await asyncio.to_thread(completion_jobs, body, engine, max_n=api.settings.max_n)
     release = api.admit()
     echo = bool(body.echo)
     if body.stream:

@@ -441,8 +441,11 @@ async def generate(
         stopped=stopped,
         constraint=job.constraint,
     )
-    trackers = [StopTracker(tokenizer, params.stop) for _ in range(B)]
-    parsers = [ToolCallParser() if job.tools is not None else None for _ in range(B)]
+    # With tools, stop sequences are looked for in the content only (`_ToolRow`), never
+    # inside a call's markup or JSON, which the grammar holds until it is closed.
+    token_stops = params.stop if job.tools is None else []
+    trackers = [StopTracker(tokenizer, token_stops) for _ in range(B)]
+    rows = [_ToolRow(params.stop) if job.tools is not None else None for _ in range(B)]
     counts = [0] * B
     finished = [False] * B
     started = last = time.perf_counter()
@@ -460,11 +463,11 @@ async def generate(
                 if delta.finish_reason is None and counts[row] >= params.max_new_tokens:
                     delta.text += trackers[row].flush()
                     delta.finish_reason = "length"
+                _parse(rows[row], delta)
                 if delta.finish_reason is not None:
                     finished[row] = True
                     stopped.stopped[row] = True
                     delta.completion_tokens = counts[row]
-                _parse(parsers[row], delta)
                 if delta.text or delta.logprobs or delta.finish_reason or delta.tool_calls:
                     yield delta
             if all(finished):
@@ -474,23 +477,78 @@ async def generate(
             delta = ChoiceDelta(
                 job.first_index + row, trackers[row].flush(), [], "length", counts[row]
             )
-            _parse(parsers[row], delta)
+            _parse(rows[row], delta)
             yield delta
 
 
-def _parse(parser: ToolCallParser | None, delta: ChoiceDelta) -> None:
-    """Split the delta's text into content and tool calls (a choice that may call tools);
-    a choice that ends after calling tools ends with "tool_calls"."""
-    if parser is None:
+class _ContentStop:
+    """Stop sequences in a choice's content: text released in pieces that never hold
+    (part of) a stop sequence, across pieces. Work per piece is O(longest stop)."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self._stop = [s for s in stop if s]
+        self._held = ""
+        self.stopped = False
+
+    def add(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + text
+        cut = min((i for s in self._stop if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self._held = True, ""
+            return text[:cut]
+        keep = max((_prefix_suffix(text, s) for s in self._stop), default=0)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+def _prefix_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `marker`."""
+    for size in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:size]):
+            return size
+    return 0
+
+
+class _ToolRow:
+    """One choice that may call tools: its text split into content and calls, stop
+    sequences matched in the content, and logprobs kept for content tokens only (those
+    of tokens held back are kept until their text is released or becomes a call)."""
+
+    def __init__(self, stop: Sequence[str]) -> None:
+        self.parser = ToolCallParser()
+        self.stop = _ContentStop(stop)
+        self.logprobs: list[TokenLogprob] = []
+
+
+def _parse(row: _ToolRow | None, delta: ChoiceDelta) -> None:
+    """Split the delta's text into content and tool calls (a choice that may call tools).
+
+    A stop sequence in the content ends the choice with "stop"; a choice ends with
+    "tool_calls" only when it called tools and every call closed (one cut by
+    `max_tokens` ends "length")."""
+    if row is None:
         return
+    parser = row.parser
     parsed = parser.feed(delta.text)
-    delta.text, delta.tool_calls = parsed.text, list(parsed.calls)
-    if delta.finish_reason is None:
-        return
-    rest = parser.close()
-    delta.text += rest.text
-    delta.tool_calls += rest.calls
-    if delta.finish_reason == "stop" and parser.calls:
+    delta.text, delta.tool_calls = row.stop.add(parsed.text), list(parsed.calls)
+    if row.stop.stopped and delta.finish_reason is None:
+        delta.finish_reason = "stop"
+    if delta.finish_reason is not None and not row.stop.stopped:
+        delta.text += row.stop.add(parser.close().text) + row.stop.flush()
+    row.logprobs += delta.logprobs
+    if delta.text:
+        delta.logprobs, row.logprobs = row.logprobs, []
+    else:
+        delta.logprobs = []
+        if parser.in_call or delta.tool_calls:
+            row.logprobs = []
+    if delta.finish_reason == "stop" and parser.calls and not parser.in_call:
         delta.finish_reason = "tool_calls"
 
 
