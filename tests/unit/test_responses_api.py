@@ -4,6 +4,8 @@ fields, and stored responses in SQLite (a version-1 database migrated in place).
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import msgspec
 import pytest
 
 from stamen.api import schemas as s
+from stamen.api import serving, tools
 from stamen.api.errors import APIError, invalid_request
 from stamen.api.responses_schemas import (
     FunctionCallItem,
@@ -27,9 +30,10 @@ from stamen.api.responses_translate import (
     chat_request,
     in_responses_terms,
     input_items,
+    message_items,
     refuse_unsupported,
 )
-from stamen.api.store import MIGRATIONS, Database, MissingResponse, UnknownCursor
+from stamen.api.store import MIGRATIONS, Database, MissingResponse, StoreTooNew, UnknownCursor
 
 
 def request(**fields: Any) -> ResponsesRequest:
@@ -193,6 +197,61 @@ def test_chat_errors_are_renamed_to_this_requests_fields() -> None:
     assert in_responses_terms(invalid_request("x", param="seed")).param == "seed"
 
 
+def responses_error(body: ResponsesRequest, items: list[Any], check: Any) -> APIError:
+    """The error `check` raises on the chat form of `body`, in Responses terms (as the
+    route reports it)."""
+    chat = chat_request(body, items)
+    with pytest.raises(APIError) as raised:
+        check(chat)
+    return in_responses_terms(raised.value, message_items(body.instructions, items))
+
+
+@pytest.mark.parametrize(
+    ("tool", "choice", "param"),
+    [
+        ({"name": "bad name"}, None, "tools[0].name"),
+        ({"name": "f", "parameters": {"type": "array"}}, None, "tools[0].parameters"),
+        ({"name": "f"}, {"type": "function", "name": "g"}, "tool_choice.name"),
+    ],
+)
+def test_tool_errors_name_the_responses_fields(
+    tool: dict[str, Any], choice: Any, param: str
+) -> None:
+    body = request(tools=[{"type": "function", **tool}], tool_choice=choice)
+    error = responses_error(body, [], tools.parse_tools)
+    assert error.param == param and "function" not in error.message.split("'")[1]
+
+
+def test_an_orphan_call_output_names_its_input_item() -> None:
+    history = input_items("earlier turn")
+    new = input_items([{"role": "user", "content": "hi"},
+                       {"type": "function_call_output", "call_id": "c9", "output": "x"}])  # fmt: skip
+    body = request(instructions="Be brief.")
+    items = [*history, *new]
+    chat = chat_request(body, items)
+    with pytest.raises(APIError) as raised:
+        serving._conversation(chat.messages, native=False)
+    origins = message_items(body.instructions, items)
+    inputs = [None if n is None or n < len(history) else n - len(history) for n in origins]
+    error = in_responses_terms(raised.value, inputs)
+    assert error.param == "input[1].call_id" and "'input[1].call_id'" in error.message
+
+
+def test_a_text_format_schema_error_names_text_format() -> None:
+    chat_error = invalid_request(
+        "Invalid schema for response_format 'n': bad.", param="response_format.json_schema.schema"
+    )
+    assert in_responses_terms(chat_error).param == "text.format.schema"
+
+
+def test_an_unknown_tool_choice_string_is_an_invalid_value() -> None:
+    body = request(tools=[{"type": "function", "name": "f"}], tool_choice="sometimes")
+    with pytest.raises(APIError) as raised:
+        chat_request(body, [])
+    assert raised.value.status_code == 400 and raised.value.param == "tool_choice"
+    assert raised.value.code == "invalid_value"
+
+
 # -- the store -----------------------------------------------------------------------------
 
 
@@ -229,6 +288,56 @@ def test_a_version_1_database_gains_the_responses_tables_and_keeps_its_rows(
         assert reopened.get_response("resp_1") == response("resp_1")
     finally:
         reopened.close()
+
+
+def _migrate_by_hand(connection: sqlite3.Connection) -> None:
+    for number, script in enumerate(MIGRATIONS, start=1):
+        for statement in script.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        connection.execute("INSERT INTO schema_version VALUES (?)", (number,))
+
+
+def test_a_store_opened_while_another_process_migrates_waits_for_it(tmp_path: Path) -> None:
+    path = tmp_path / "stamen.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    other.execute("BEGIN IMMEDIATE")  # the other process has read version 0 and migrates
+    _migrate_by_hand(other)
+    opened: list[Any] = []
+
+    def open_store() -> None:
+        try:
+            opened.append(Database(path))
+        except Exception as error:
+            opened.append(error)
+
+    thread = threading.Thread(target=open_store)
+    thread.start()
+    time.sleep(0.3)  # this one reads the version meanwhile, unless it waits for the lock
+    other.execute("COMMIT")
+    thread.join(timeout=30)
+    (database,) = opened
+    assert isinstance(database, Database), database
+    try:
+        assert database._db.execute("SELECT version FROM schema_version").fetchall() == [
+            (1,),
+            (2,),
+        ]
+    finally:
+        database.close()
+        other.close()
+
+
+def test_a_store_newer_than_this_server_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "stamen.sqlite3"
+    Database(path).close()
+    newer = sqlite3.connect(path, isolation_level=None)
+    newer.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS) + 1,))
+    newer.close()
+    with pytest.raises(StoreTooNew, match="newer than this server"):
+        Database(path)
 
 
 def test_chains_pages_and_deletes(tmp_path: Path) -> None:

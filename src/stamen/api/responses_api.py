@@ -20,6 +20,7 @@ response is not stored.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any, Literal
 
@@ -43,6 +44,7 @@ from stamen.api.responses_translate import (
     function_tools,
     in_responses_terms,
     input_items,
+    message_items,
     new_item_id,
     refuse_unsupported,
 )
@@ -138,14 +140,18 @@ async def create_response(request: AnyRequest, api: Api, store: Stored) -> Respo
     chat = chat_request(body, history + new_items)
     check_ready(engine, api.settings.retry_after_s)
     try:
-        job = chat_job(
+        # Off the event loop: compiling the tools' grammar can take a second.
+        job = await asyncio.to_thread(
+            chat_job,
             chat,
             engine,
             max_n=api.settings.max_n,
             default_max_tokens=api.settings.default_max_tokens,
         )
     except APIError as error:
-        raise in_responses_terms(error) from None
+        origins = message_items(body.instructions, history + new_items)
+        inputs = [None if n is None or n < len(history) else n - len(history) for n in origins]
+        raise in_responses_terms(error, inputs) from None
     response = _initial(body, engine.model_id)
 
     async def save(finished: ResponseObject) -> None:

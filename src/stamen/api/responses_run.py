@@ -12,8 +12,8 @@ response reads the events and keeps the last snapshot). It yields, each with its
                    function_call_arguments.done, output_item.done
     response.completed  (response.incomplete when max_output_tokens ended it)
 
-An item opens when its first text or call fragment arrives and every item closes when
-generation ends. A response that produced nothing still has one (empty) message, so
+An item opens when its first text or call fragment arrives; a message closes when a call
+follows it, every other item when generation ends. A response that produced nothing still has one (empty) message, so
 `output_text` is "" rather than absent. Before the final event the finished response is
 handed to `save` (the store, unless `store: false`), so a client that retrieves it on
 `response.completed` finds it. `streamed_events` ends a stream whose generation failed
@@ -69,6 +69,7 @@ class ResponseRun:
         self._sequence = 0
         self._message: MessageItem | None = None
         self._calls: dict[int, FunctionCallItem] = {}  # by the call's index in the choice
+        self._closed = 0  # items of `response.output` before this one are closed
 
     def _event(self, kind: str, **fields: Any) -> Event:
         event = {"type": kind, "sequence_number": self._sequence, **fields}
@@ -114,6 +115,7 @@ class ResponseRun:
         events = []
         call = self._calls.get(delta.index)
         if call is None:
+            events += self._close_open_message()
             call_id = delta.id or new_item_id("call")
             call = FunctionCallItem(new_item_id("fc"), call_id, delta.name or "", "", "in_progress")
             self._calls[delta.index] = call
@@ -138,29 +140,44 @@ class ResponseRun:
 
     # -- closing -------------------------------------------------------------------------
 
+    def _close_open_message(self) -> list[Event]:
+        """A message followed by a call is done: its events end before the call's begin."""
+        if self._message is None:
+            return []
+        self._message = None
+        return self._close("completed")
+
     def _close(self, status: str) -> list[Event]:
+        """Close every item not closed yet, in output order."""
         if not self.response.output:
             self._open_message()
         events = []
-        for index, item in enumerate(self.response.output):
-            item.status = "incomplete" if status == "incomplete" else "completed"
-            if isinstance(item, MessageItem):
-                part = msgspec.to_builtins(item.content[0])
-                events += [
-                    self._event("response.output_text.done", item_id=item.id, output_index=index,
-                                content_index=0, text=part["text"], logprobs=[]),
-                    self._event("response.content_part.done", item_id=item.id, output_index=index,
-                                content_index=0, part=part),
-                ]  # fmt: skip
-            elif isinstance(item, FunctionCallItem):
-                events.append(
-                    self._event("response.function_call_arguments.done", item_id=item.id,
-                                output_index=index, arguments=item.arguments)
-                )  # fmt: skip
+        for index in range(self._closed, len(self.response.output)):
+            events += self._close_item(index, status)
+        self._closed = len(self.response.output)
+        return events
+
+    def _close_item(self, index: int, status: str) -> list[Event]:
+        item = self.response.output[index]
+        item.status = "incomplete" if status == "incomplete" else "completed"
+        events = []
+        if isinstance(item, MessageItem):
+            part = msgspec.to_builtins(item.content[0])
+            events += [
+                self._event("response.output_text.done", item_id=item.id, output_index=index,
+                            content_index=0, text=part["text"], logprobs=[]),
+                self._event("response.content_part.done", item_id=item.id, output_index=index,
+                            content_index=0, part=part),
+            ]  # fmt: skip
+        elif isinstance(item, FunctionCallItem):
             events.append(
-                self._event("response.output_item.done", output_index=index,
-                            item=msgspec.to_builtins(item))
+                self._event("response.function_call_arguments.done", item_id=item.id,
+                            output_index=index, arguments=item.arguments)
             )  # fmt: skip
+        events.append(
+            self._event("response.output_item.done", output_index=index,
+                        item=msgspec.to_builtins(item))
+        )  # fmt: skip
         return events
 
     def _finish(self, finish_reason: str, completion_tokens: int) -> None:

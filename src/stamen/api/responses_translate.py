@@ -16,6 +16,7 @@ This module knows nothing about HTTP, SQLite or decoding.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -213,11 +214,25 @@ def _text(parts: Iterable[ContentPart]) -> str:
 def chat_messages(instructions: str | None, items: Sequence[Item]) -> list[s.Message]:
     """The conversation as chat messages: a model's text and the function calls that
     follow it make one assistant message; each call's output a `tool` message."""
+    return _conversation(instructions, items)[0]
+
+
+def message_items(instructions: str | None, items: Sequence[Item]) -> list[int | None]:
+    """For each message of `chat_messages`, the index in `items` of the item it begins
+    with (None for the instructions): to name an input item in a chat error."""
+    return _conversation(instructions, items)[1]
+
+
+def _conversation(
+    instructions: str | None, items: Sequence[Item]
+) -> tuple[list[s.Message], list[int | None]]:
     messages: list[s.Message] = []
+    origins: list[int | None] = []
     if instructions:
         messages.append(s.SystemMessage(instructions))
+        origins.append(None)
     previous: Item | None = None
-    for item in items:
+    for number, item in enumerate(items):
         if isinstance(item, FunctionCallItem):
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}  # fmt: skip
@@ -239,8 +254,10 @@ def chat_messages(instructions: str | None, items: Sequence[Item]) -> list[s.Mes
             messages.append(s.SystemMessage(_text(item.content)))
         else:
             messages.append(s.DeveloperMessage(_text(item.content)))
+        if len(messages) > len(origins):  # the item began a message (a call may join one)
+            origins.append(number)
         previous = item
-    return messages
+    return messages, origins
 
 
 def function_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -278,6 +295,13 @@ def _chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, An
         if not isinstance(name, str):
             raise invalid_request("Invalid 'tool_choice.name'.", param="tool_choice.name")
         return {"type": "function", "function": {"name": name}}
+    if isinstance(choice, str):
+        raise invalid_request(
+            f"Invalid value for 'tool_choice': {choice!r}; supported values are: 'none', "
+            "'auto', 'required' or a function.",
+            param="tool_choice",
+            code="invalid_value",
+        )
     kind = choice.get("type") if isinstance(choice, dict) else choice
     raise unsupported("tool_choice", f"`tool_choice` {kind!r}")
 
@@ -327,19 +351,41 @@ def chat_request(body: ResponsesRequest, items: Sequence[Item]) -> s.ChatComplet
 
 _CHAT_NAMES = (
     ("max_completion_tokens", "max_output_tokens"),
+    # `text.format` is flat: the chat format's `json_schema` fields are its own.
+    ("response_format.json_schema", "text.format"),
     ("response_format", "text.format"),
-    ("messages", "input"),
+    ("tool_choice.function", "tool_choice"),
 )
+# A chat tool's fields sit under `function`; a Responses tool's at the top.
+_TOOL_FIELD = re.compile(r"(tools\[\d+\])\.function(?=\.)")
+_MESSAGE = re.compile(r"messages\[(\d+)\](\.tool_call_id)?")
 
 
-def in_responses_terms(error: APIError) -> APIError:
-    """The same error, naming the Responses fields where it named chat fields."""
+def in_responses_terms(error: APIError, message_inputs: Sequence[int | None] = ()) -> APIError:
+    """The same error, naming the Responses fields where it named chat fields.
+
+    `message_inputs` gives, per chat message, the index of the `input` item it came from
+    (None for instructions and earlier responses, named as `input` alone)."""
     message, param = error.message, error.param
     for chat, ours in _CHAT_NAMES:
         message = message.replace(chat, ours)
         if param is not None and param.startswith(chat):
-            # a message's index is not the input item's (instructions, earlier turns)
-            param = ours if chat == "messages" else ours + param[len(chat) :]
+            param = ours + param[len(chat) :]
+    message = _TOOL_FIELD.sub(r"\1", message)
+    if param is not None:
+        param = _TOOL_FIELD.sub(r"\1", param)
+
+    def item(match: re.Match[str]) -> str:
+        number = int(match.group(1))
+        found = message_inputs[number] if number < len(message_inputs) else None
+        if found is None:
+            return "input"
+        return f"input[{found}]" + (".call_id" if match.group(2) else "")
+
+    message = _MESSAGE.sub(item, message).replace("messages", "input")
+    if param is not None and param.startswith("messages"):
+        found = _MESSAGE.match(param)
+        param = item(found) if found else "input"
     return APIError(
         error.status_code, message, type=error.type, param=param, code=error.code,
         headers=error.headers,

@@ -78,6 +78,18 @@ MIGRATIONS = [
 ]
 
 
+class StoreTooNew(RuntimeError):
+    """The database was written by a newer server: its schema is one this code does not
+    know, so reading or writing it could lose data."""
+
+    def __init__(self, path: Path, version: int) -> None:
+        super().__init__(
+            f"The store {path} has schema version {version}, newer than this server's "
+            f"{len(MIGRATIONS)}: run a newer stamen, or point it at another data directory."
+        )
+        self.version = version
+
+
 class UnknownCursor(Exception):
     """`after` names no item of the list."""
 
@@ -129,6 +141,7 @@ class Database:
     """Synchronous SQLite access; one thread only (`Store`'s)."""
 
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable at checkpoints, never corrupt
@@ -138,14 +151,26 @@ class Database:
         self._db.close()
 
     def _migrate(self) -> None:
-        self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-        row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
-        version = row[0] or 0
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            logger.info("migrating the store to schema version %d", number)
-            self._db.executescript(
-                f"BEGIN; {script}; INSERT INTO schema_version VALUES ({number}); COMMIT;"
-            )
+        """Bring the schema up to date in one write transaction: the version is read under
+        the lock, so of two processes opening one directory only the first migrates (the
+        second waits, then finds the work done). A newer schema than ours is refused."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = self._db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            version = row[0] or 0
+            if version > len(MIGRATIONS):
+                raise StoreTooNew(self._path, version)
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                logger.info("migrating the store to schema version %d", number)
+                for statement in script.split(";"):  # DDL only: no ';' inside a statement
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     # -- listing --------------------------------------------------------------------------
 
