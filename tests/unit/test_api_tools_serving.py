@@ -82,7 +82,8 @@ async def test_each_stream_chunk_has_one_entry_per_call(engine: LocalEngine) -> 
     ]
     assert any(entries) and all(len(e) == len(set(e)) for e in entries)
     first = next(e for e in chunks if e["choices"][0]["delta"].get("tool_calls"))
-    assert first["choices"][0]["delta"]["tool_calls"][0]["id"].startswith("call_")
+    (head,) = first["choices"][0]["delta"]["tool_calls"]
+    assert head["id"].startswith("call_") and head["function"]["arguments"] == ""
 
 
 async def test_compiling_many_tools_leaves_the_event_loop_free(engine: LocalEngine) -> None:

@@ -8,8 +8,8 @@ and a last chunk with `choices: []` carries the usage. One id for the whole stre
 
 Tool calls: a message that called tools has `tool_calls` (content None when there was
 no text, and then no `logprobs.content` either: logprobs cover content tokens only); in
-a stream, a call's first entry has its index, id, type, name and the arguments so far,
-later ones argument fragments, one entry per call in a chunk (OpenAI's delta shape).
+a stream, a call's first entry has its index, id, type and name with empty arguments, later ones
+its argument fragments, one entry per chunk (OpenAI's delta shape).
 """
 
 from __future__ import annotations
@@ -182,13 +182,16 @@ class _ChunkMaker:
         return chunk
 
 
-def _call_chunk(delta: ToolCallDelta) -> dict[str, Any]:
-    """OpenAI's stream shape of a tool call: id, type, name and the first arguments on
-    the call's first entry, argument fragments on the next ones."""
+def _call_entries(delta: ToolCallDelta) -> list[dict[str, Any]]:
+    """OpenAI's stream shape of a tool call: id, type and name with empty arguments on
+    the call's first entry, argument fragments on the next ones (each sent in a chunk of
+    its own, so that no chunk holds two entries of one call)."""
+    fragment = {"index": delta.index, "function": {"arguments": delta.arguments}}
     if delta.id is None:
-        return {"index": delta.index, "function": {"arguments": delta.arguments}}
-    function = {"name": delta.name, "arguments": delta.arguments}
-    return {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+        return [fragment]
+    function = {"name": delta.name, "arguments": ""}
+    head = {"index": delta.index, "id": delta.id, "type": "function", "function": function}
+    return [head, fragment] if delta.arguments else [head]
 
 
 async def chat_chunks(
@@ -207,10 +210,9 @@ async def chat_chunks(
             content = {"content": delta.text}
             yield make([{"index": delta.index, "delta": content, "logprobs": logprobs,
                          "finish_reason": None}])  # fmt: skip
-        if delta.tool_calls:
-            calls = {"tool_calls": [_call_chunk(call) for call in delta.tool_calls]}
-            yield make([{"index": delta.index, "delta": calls, "logprobs": None,
-                         "finish_reason": None}])  # fmt: skip
+        for entry in (e for call in delta.tool_calls for e in _call_entries(call)):
+            yield make([{"index": delta.index, "delta": {"tool_calls": [entry]},
+                         "logprobs": None, "finish_reason": None}])  # fmt: skip
         if delta.finish_reason is not None:
             completion_tokens += delta.completion_tokens
             yield make([{"index": delta.index, "delta": {}, "logprobs": None,
