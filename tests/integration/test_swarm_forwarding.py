@@ -99,8 +99,10 @@ def test_greedy_generation_is_forwarded_host_to_host(
     assert stats.fallbacks == 0 and stats.client_driven == 0
 
 
-async def _relay(rpc: RpcClient, session_id: str, start: int, hidden: torch.Tensor) -> object:
-    message = RelayStep(session_id=SessionId(session_id), start_position=start)
+async def _relay(
+    rpc: RpcClient, session_id: str, start: int, hidden: torch.Tensor, nonce: int = 5
+) -> object:
+    message = RelayStep(session_id=SessionId(session_id), start_position=start, nonce=nonce)
     return (await rpc.call(message, {"hidden": hidden}, timeout_s=30)).message
 
 
@@ -138,7 +140,11 @@ async def test_a_host_refuses_relays_from_peers_the_client_did_not_name(
             named = peer_id_of(Credentials.generate())
             await stream.send(
                 AwaitStep(
-                    session_id=session_id, start_position=0, num_tokens=1, previous_peer_id=named
+                    session_id=session_id,
+                    start_position=0,
+                    num_tokens=1,
+                    previous_peer_id=named,
+                    nonce=5,
                 )
             )
             await asyncio.sleep(0.2)
@@ -158,9 +164,10 @@ async def test_a_host_refuses_relays_from_peers_the_client_did_not_name(
                     start_position=2,
                     num_tokens=1,
                     previous_peer_id=peer_id_of(stranger.credentials),
+                    nonce=6,
                 )
             )
-            relayed = await _relay(peer, session_id, 2, torch.randn(1, 1, HIDDEN_SIZE))
+            relayed = await _relay(peer, session_id, 2, torch.randn(1, 1, HIDDEN_SIZE), nonce=6)
             assert isinstance(relayed, RelayAccepted)
             result = await stream.recv()
             assert isinstance(result.message, StepResult) and result.message.position == 3

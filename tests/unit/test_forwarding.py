@@ -33,9 +33,10 @@ from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.client.pool import HostConnections
 from stamen.swarm_core.client.remote import HopError, HostInfo, SpanClient
 from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
-from stamen.swarm_core.host.relay import RelayLimits
+from stamen.swarm_core.host.relay import NextHops, RelayInbox, RelayLimits, _Link
 from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
 from stamen.swarm_core.host.server import Host, HostSettings
+from stamen.swarm_core.protocol.codecs import Codec
 from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
     RemoteBusy,
@@ -219,8 +220,10 @@ async def test_an_unreachable_next_hop_is_reported_and_the_step_completes() -> N
 # -- a hostile peer relaying into a host ------------------------------------------------
 
 
-async def _relay(rpc: RpcClient, session_id: str, start: int, hidden: torch.Tensor) -> object:
-    message = RelayStep(session_id=SessionId(session_id), start_position=start)
+async def _relay(
+    rpc: RpcClient, session_id: str, start: int, hidden: torch.Tensor, nonce: int = 7
+) -> object:
+    message = RelayStep(session_id=SessionId(session_id), start_position=start, nonce=nonce)
     reply = await rpc.call(message, {"hidden": hidden}, timeout_s=5)
     return reply.message
 
@@ -257,7 +260,9 @@ async def test_a_host_refuses_relays_it_was_not_told_to_expect() -> None:
             # The client names another peer as the previous hop: the stranger's held input
             # is not used, and its relays are refused while the step waits.
             named = peer_id_of(Credentials.generate())
-            waiting = asyncio.create_task(session.await_step(0, 1, named, None, None, None))
+            waiting = asyncio.create_task(
+                session.await_step(0, 1, named, None, None, None, nonce=7, next_nonce=0)
+            )
             await asyncio.sleep(0.1)
             with pytest.raises(RemoteBadRequest, match="not the previous hop"):
                 await _relay(rpc, session_id, 0, torch.zeros(1, 1, C))
@@ -272,18 +277,24 @@ async def test_a_host_refuses_relays_it_was_not_told_to_expect() -> None:
             # length is refused, and fails the client's step at once (the client then
             # drives it); the right one runs the step.
             stranger_id = peer_id_of(stranger.credentials)
-            for start, tokens in ((5, 1), (2, 2)):
+            for nonce, (start, tokens) in enumerate(((5, 1), (2, 2)), start=10):
                 waiting = asyncio.create_task(
-                    session.await_step(2, 1, stranger_id, None, None, None)
+                    session.await_step(
+                        2, 1, stranger_id, None, None, None, nonce=nonce, next_nonce=0
+                    )
                 )
                 await asyncio.sleep(0.1)
                 with pytest.raises(RemoteBadRequest, match="announced"):
-                    await _relay(rpc, session_id, start, torch.zeros(1, tokens, C))
+                    await _relay(rpc, session_id, start, torch.zeros(1, tokens, C), nonce=nonce)
                 with pytest.raises(HopError, match="announced"):
                     await asyncio.wait_for(waiting, 5)
-            waiting = asyncio.create_task(session.await_step(2, 1, stranger_id, None, None, None))
+            waiting = asyncio.create_task(
+                session.await_step(2, 1, stranger_id, None, None, None, nonce=8, next_nonce=0)
+            )
             await asyncio.sleep(0.1)
-            assert isinstance(await _relay(rpc, session_id, 2, torch.ones(1, 1, C)), RelayAccepted)
+            assert isinstance(
+                await _relay(rpc, session_id, 2, torch.ones(1, 1, C), nonce=8), RelayAccepted
+            )
             result = await asyncio.wait_for(waiting, 5)
             assert result.hidden.shape == (1, 1, C) and result.forward_error is None
             await session.close()
@@ -325,10 +336,14 @@ def test_forwarding_messages_round_trip() -> None:
     frames = encode_message(step, {"hidden": torch.zeros(1, 2, 4)})
     assert decode_message(frames).message == step
     awaited = AwaitStep(
-        session_id=SessionId("s"), start_position=4, num_tokens=1, previous_peer_id=hop.peer_id
+        session_id=SessionId("s"),
+        start_position=4,
+        num_tokens=1,
+        previous_peer_id=hop.peer_id,
+        nonce=(1 << 63) - 1,
     )
     assert decode_message(encode_message(awaited)).message == awaited
-    relay = RelayStep(session_id=SessionId("s"), start_position=4)
+    relay = RelayStep(session_id=SessionId("s"), start_position=4, nonce=3)
     assert decode_message(encode_message(relay, {"hidden": torch.zeros(1, 1, 4)})).message == relay
 
 
@@ -341,6 +356,8 @@ def test_forwarding_messages_round_trip() -> None:
         {"addresses": ("x" * 600,)},
         {"addresses": tuple(f"tcp://h:{i}" for i in range(9))},
         {"session_id": ""},
+        {"nonce": 1 << 63},
+        {"nonce": -1},
     ],
 )
 def test_a_bad_next_hop_is_malformed(bad: dict[str, object]) -> None:
@@ -356,10 +373,100 @@ def test_a_bad_next_hop_is_malformed(bad: dict[str, object]) -> None:
 def test_await_step_carries_no_hidden_states_and_needs_tokens() -> None:
     peer = peer_id_of(Credentials.generate())
     awaited = AwaitStep(
-        session_id=SessionId("s"), start_position=0, num_tokens=1, previous_peer_id=peer
+        session_id=SessionId("s"), start_position=0, num_tokens=1, previous_peer_id=peer, nonce=1
     )
     with pytest.raises(ValueError, match="unexpected tensor"):
         encode_message(awaited, {"hidden": torch.zeros(1, 1, 2)})
     raw = msgspec.to_builtins(awaited) | {"num_tokens": 0}
     with pytest.raises(MalformedMessage):
         decode_message([msgspec.msgpack.encode({"message": raw, "tensors": []})])
+
+
+class _ScriptedStream:
+    """A relay stream whose answers the test hands over one by one."""
+
+    def __init__(self) -> None:
+        self.answers: asyncio.Queue[object] = asyncio.Queue()
+        self.was_reset = False
+
+    async def send(self, *args: object, **kwargs: object) -> None:
+        return None
+
+    async def recv(self, timeout_s: float | None = None) -> object:
+        message = await self.answers.get()
+        return type("Answer", (), {"message": message})()
+
+    def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_late_answer_after_a_relay_timeout_keeps_the_shared_stream() -> None:
+    stream = _ScriptedStream()
+    link = _Link(rpc=None)  # type: ignore[arg-type]  # the stream is already open
+    link.stream = stream  # type: ignore[assignment]
+    link.reader = asyncio.create_task(link._read(stream))  # type: ignore[arg-type]
+    hops = NextHops(MemoryTransport(Credentials.generate()), Hello.local(), RelayLimits())
+    hops.limits = RelayLimits(relay_timeout_s=0.05)
+    message = RelayStep(session_id=SessionId("a"), start_position=0, nonce=1)
+    first = await link.send(message, torch.zeros(1, 1, C), None, 1.0)  # type: ignore[arg-type]
+    await hops._watch("p" * 40, first)  # gives up on the answer
+    second = await link.send(message, torch.zeros(1, 1, C), None, 1.0)  # type: ignore[arg-type]
+    stream.answers.put_nowait(RelayAccepted())  # the first relay's late answer
+    stream.answers.put_nowait(RelayAccepted())
+    assert isinstance(await asyncio.wait_for(second, 1.0), RelayAccepted)
+    assert not stream.was_reset and link.stream is stream
+    link.reader.cancel()
+    await asyncio.gather(link.reader, return_exceptions=True)
+
+
+# -- the inbox and the pool, alone ------------------------------------------------------
+
+PREVIOUS = "p" + "a" * 32
+
+
+async def test_a_stale_relay_is_never_fed_into_a_later_step_at_its_position() -> None:
+    inbox = RelayInbox(hidden_size=C)
+    session_id = SessionId("s")
+    inbox.open(session_id, batch_size=1, max_length=64)
+    # A step at 5 is given up on; its relay comes late, and is held.
+    inbox.expect(session_id, 5, 1, PREVIOUS, nonce=1)
+    inbox.cancel(session_id)
+    stale = torch.full((1, 1, C), 1.0)
+    inbox.deliver(PREVIOUS, RelayStep(session_id=session_id, start_position=5, nonce=1), stale)
+    # The client rolls back to 5 and forwards another token: the new step waits for its own.
+    arrived = inbox.expect(session_id, 5, 1, PREVIOUS, nonce=2)
+    assert not arrived.done()
+    fresh = torch.full((1, 1, C), 2.0)
+    inbox.deliver(PREVIOUS, RelayStep(session_id=session_id, start_position=5, nonce=2), fresh)
+    assert torch.equal(await asyncio.wait_for(arrived, 1.0), fresh)
+
+
+async def test_the_step_of_a_refused_relay_fails_at_once() -> None:
+    inbox = RelayInbox(hidden_size=C, limits=RelayLimits(max_held_bytes=1024))
+    session_id = SessionId("s")
+    inbox.open(session_id, batch_size=1, max_length=64)
+    big = torch.zeros(1, 8, C)
+    with pytest.raises(RemoteTooLarge):
+        inbox.deliver(PREVIOUS, RelayStep(session_id=session_id, start_position=0, nonce=9), big)
+    other = inbox.expect(session_id, 0, 8, PREVIOUS, nonce=10)  # another step: still waits
+    assert not other.done()
+    arrived = inbox.expect(session_id, 0, 8, PREVIOUS, nonce=9)
+    with pytest.raises(RemoteBadRequest, match="refused"):
+        await asyncio.wait_for(arrived, 1.0)
+
+
+async def test_a_failed_dial_keeps_no_lock_and_tells_the_client_no_detail() -> None:
+    hub = MemoryHub()
+    async with serving(hub, 0, 1) as served:
+        hops = served.host.next_hops
+        target = Credentials.generate()
+        next_hop = NextHop(
+            peer_id=peer_id_of(target),
+            public_key=target.public_key,
+            session_id=SessionId("s"),
+            addresses=("memory://nowhere", "memory://elsewhere"),
+            nonce=1,
+        )
+        error = await served.host._relay_to(next_hop, 0, torch.zeros(1, 1, C), Codec.NONE)
+        assert error is not None and "nowhere" not in error and "elsewhere" not in error
+        assert not hops._dialing and not hops._links

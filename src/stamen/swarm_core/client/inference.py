@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -248,7 +249,6 @@ class InferenceSession:
         # Pairs of hosts (by peer id) where the first could not reach the second: steps
         # through both go client-driven for the rest of the session.
         self._no_relay: set[tuple[str, str]] = set()
-        self._relay_failed = False
         self._position = 0
         self._hidden_size: int | None = None if prompts is None else prompts.shape[3]
         self._failure: SessionFailedError | None = None
@@ -370,14 +370,13 @@ class InferenceSession:
         if not self._forwardable():
             self.stats.client_driven += 1
             return await self._run_chain(hidden, position, padding_mask, attempts)
-        done = await self._run_forwarded(hidden, position, padding_mask)
+        done, relay_failed = await self._run_forwarded(hidden, position, padding_mask)
         if len(done) == len(hops):
             self.stats.forwarded += 1
             return done[-1]
         self.stats.fallbacks += 1
-        if self._relay_failed:  # hop len(done)-1 is up but could not reach the next one
+        if relay_failed:  # hop len(done)-1 is up, but its output did not reach the next one
             self._no_relay.add((hops[len(done) - 1].route.peer_id, hops[len(done)].route.peer_id))
-            self._relay_failed = False
         start = hidden if not done else done[-1]
         return await self._run_chain(start, position, padding_mask, attempts, index=len(done))
 
@@ -393,11 +392,14 @@ class InferenceSession:
 
     async def _run_forwarded(
         self, hidden: Tensor, position: int, padding_mask: Tensor | None
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], bool]:
         """One step host to host; the outputs of the leading hops that answered (each
-        recorded in its hop's history), all of them when nothing went wrong."""
+        recorded in its hop's history), all of them when nothing went wrong, and whether
+        the last of them failed to hand its output on (`_collect`)."""
         hops = self._hops
         T = hidden.shape[1]
+        # nonces[i] names hop i's relay to hop i + 1 for this step only (`NextHop.nonce`).
+        nonces = [secrets.randbits(63) for _ in hops]
         calls: list[asyncio.Task[Forwarded]] = [
             # Later hops first, so that their authorizations tend to be there first.
             asyncio.create_task(
@@ -408,6 +410,8 @@ class InferenceSession:
                     padding_mask,
                     self._prompts_for(hop.route, position),
                     hops[i + 1].session if i + 1 < len(hops) else None,
+                    nonce=nonces[i - 1],
+                    next_nonce=nonces[i],
                 )
             )
             for i, hop in enumerate(hops)
@@ -423,11 +427,12 @@ class InferenceSession:
                     padding_mask,
                     self._prompts_for(first.route, position),
                     hops[1].session,
+                    next_nonce=nonces[0],
                 )
             ),
         )
         try:
-            answered = await self._collect(calls, hidden.shape)
+            answered, relay_failed = await self._collect(calls, hidden.shape)
         finally:
             for call in calls:
                 call.cancel()  # a hop whose input never comes: its session settles it
@@ -435,35 +440,35 @@ class InferenceSession:
         outputs = [out.to(hidden.dtype) for out in answered]
         for hop, hop_input in zip(hops[: len(outputs)], [hidden, *outputs]):
             hop.history.append(_Entry(position, hop_input, padding_mask))  # hop i's input
-        return outputs
+        return outputs, relay_failed
 
     async def _collect(
         self, calls: Sequence[asyncio.Task[Forwarded]], shape: torch.Size
-    ) -> list[Tensor]:
-        """The outputs of the leading hops that answered within `step_timeout_s`, up to
-        the first hop that failed, answered badly, or could not hand its output on."""
+    ) -> tuple[list[Tensor], bool]:
+        """The outputs of the leading hops that answered in time, up to the first hop
+        that failed, answered badly, or could not hand its output on; and whether the
+        relay after the last of them failed (that hop said so in `forward_error`, or said
+        nothing of it but the next hop failed or timed out without its input: a relay
+        lost or refused on the way). Hop i has until `(i + 1) * step_timeout_s` after the
+        start, as much as the client-driven chain gives the first i + 1 hops."""
         outputs: list[Tensor] = []
-        try:
-            async with asyncio.timeout(self.step_timeout_s):
-                for call, hop in zip(calls, self._hops):
-                    try:
-                        out, forward_error = await asyncio.shield(call)
-                    except (HopError, TimeoutError) as error:
-                        logger.info("forwarded step: %s: %r", hop.route.peer_id, error)
-                        break
-                    if out.shape != shape:
-                        logger.info("forwarded step: %s replied %s", hop.route.peer_id, out.shape)
-                        break
-                    outputs.append(out)
-                    if forward_error is not None:
-                        logger.info("forwarded step: %s: %s", hop.route.peer_id, forward_error)
-                        self._relay_failed = True
-                        break
-        except TimeoutError:
-            logger.info(
-                "forwarded step: hop %d did not answer in %g s", len(outputs), self.step_timeout_s
-            )
-        return outputs
+        loop = asyncio.get_running_loop()
+        start_s = loop.time()
+        for i, (call, hop) in enumerate(zip(calls, self._hops)):
+            try:
+                async with asyncio.timeout_at(start_s + (i + 1) * self.step_timeout_s):
+                    out, forward_error = await asyncio.shield(call)
+            except (HopError, TimeoutError) as error:
+                logger.info("forwarded step: hop %d (%s): %r", i, hop.route.peer_id, error)
+                return outputs, i > 0  # hop i - 1 relayed without complaint
+            if out.shape != shape:
+                logger.info("forwarded step: %s replied %s", hop.route.peer_id, out.shape)
+                return outputs, False
+            outputs.append(out)
+            if forward_error is not None:
+                logger.info("forwarded step: %s: %s", hop.route.peer_id, forward_error)
+                return outputs, True
+        return outputs, False
 
     async def _run_chain(
         self,

@@ -169,8 +169,11 @@ class HopSession(ABC):
         padding_mask: Tensor | None,
         prompts: Tensor | None,
         next_session: HopSession | None,
+        *,
+        next_nonce: int,
     ) -> Forwarded:
-        """`step`, the host also relaying its output to `next_session`. Raises `HopError`."""
+        """`step`, the host also relaying its output to `next_session`, naming the relay
+        `next_nonce` (drawn at random for each step). Raises `HopError`."""
         raise NotImplementedError("this session does not forward steps")
 
     async def await_step(
@@ -181,9 +184,13 @@ class HopSession(ABC):
         padding_mask: Tensor | None,
         prompts: Tensor | None,
         next_session: HopSession | None,
+        *,
+        nonce: int,
+        next_nonce: int,
     ) -> Forwarded:
         """A step whose `num_tokens` inputs from `start_position` come from the host
-        `previous_peer_id`; relayed on to `next_session` if given. Raises `HopError`."""
+        `previous_peer_id`, in the relay named `nonce` (the previous hop's `next_nonce`);
+        relayed on to `next_session` if given, named `next_nonce`. Raises `HopError`."""
         raise NotImplementedError("this session does not forward steps")
 
     @abstractmethod

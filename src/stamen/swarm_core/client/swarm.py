@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import torch
 from torch import Tensor
 
@@ -148,7 +149,9 @@ class RpcHopSession(HopSession):
     `relay_target` is where other hosts relay this session's forwarded input (None when
     the host or the client settings do not forward). A forwarded call given up while its
     reply was still due leaves that reply `_owed`: the host answers it as soon as it sees
-    our next message, so the next call reads and drops it before its own reply.
+    our next message, so the next call reads and drops it before its own reply. A call
+    given up while its request was being sent resets the stream: the session is then
+    lost (`HopError` on every later call), never out of step with its replies.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class RpcHopSession(HopSession):
         self.relay_target = relay_target
         self._closed = False
         self._owed = 0  # replies to abandoned forwarded calls, still to be read
+        self._broken = False  # a request was cut off while being sent: the stream is reset
 
     @property
     def forwarding(self) -> bool:
@@ -209,11 +213,13 @@ class RpcHopSession(HopSession):
         padding_mask: Tensor | None,
         prompts: Tensor | None,
         next_session: HopSession | None,
+        *,
+        next_nonce: int,
     ) -> Forwarded:
         message = Step(
             session_id=self.session_id,
             start_position=start_position,
-            next_hop=_relay_target_of(next_session),
+            next_hop=_relay_target_of(next_session, next_nonce),
         )
         tensors = _request_tensors(hidden, prompts, padding_mask)
         return await self._forwarded(message, tensors, hidden.shape, hidden.dtype)
@@ -226,13 +232,17 @@ class RpcHopSession(HopSession):
         padding_mask: Tensor | None,
         prompts: Tensor | None,
         next_session: HopSession | None,
+        *,
+        nonce: int,
+        next_nonce: int,
     ) -> Forwarded:
         message = AwaitStep(
             session_id=self.session_id,
             start_position=start_position,
             num_tokens=num_tokens,
             previous_peer_id=previous_peer_id,
-            next_hop=_relay_target_of(next_session),
+            nonce=nonce,
+            next_hop=_relay_target_of(next_session, next_nonce),
         )
         tensors = {}
         if prompts is not None:
@@ -281,9 +291,18 @@ class RpcHopSession(HopSession):
         calls come first (the host answers them as soon as it sees `message`) and are
         dropped; a `track`ed call abandoned after its request went out owes its own
         reply (forwarded steps: the caller may give up on one and go on)."""
+        if self._broken:
+            raise ConnectionResetError(f"the session on {self._peer_id[:12]} was cut off")
         if not self._owed and not track:
             return await self._stream.call(message, tensors, timeout_s=timeout_s)
-        await self._stream.send(message, tensors, timeout_s=timeout_s)
+        try:
+            await self._stream.send(message, tensors, timeout_s=timeout_s)
+        except BaseException:
+            # Whether the host got the request, and so owes a reply, is unknown: no later
+            # reply on this stream could be trusted to answer its own request.
+            self._broken = True
+            self._stream.reset()
+            raise
         try:
             while self._owed:
                 with contextlib.suppress(RemoteError):
@@ -313,12 +332,12 @@ def _schemes(addresses: Sequence[str]) -> set[str]:
     return {address.partition("://")[0] for address in addresses}
 
 
-def _relay_target_of(session: HopSession | None) -> NextHop | None:
+def _relay_target_of(session: HopSession | None, nonce: int) -> NextHop | None:
     if session is None:
         return None
     if not isinstance(session, RpcHopSession) or session.relay_target is None:
         raise ValueError("the next hop does not take forwarded steps")
-    return session.relay_target
+    return msgspec.structs.replace(session.relay_target, nonce=nonce)
 
 
 class RpcSpanClient(SpanClient):

@@ -78,6 +78,7 @@ class RelayLimits:
 class _Held:
     sender: str
     start_position: int
+    nonce: int
     hidden: Tensor
     received_s: float = field(default_factory=time.monotonic)
 
@@ -91,7 +92,20 @@ class _Expected:
     start_position: int
     num_tokens: int
     previous_peer_id: str
+    nonce: int
     arrived: asyncio.Future[Tensor]
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """A relay this host refused, kept a while so that the `AwaitStep` for it fails at
+    once instead of waiting `wait_s` for input that will not come."""
+
+    sender: str
+    start_position: int
+    nonce: int
+    reason: str
+    refused_s: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -100,6 +114,7 @@ class _Mailbox:
     max_length: int
     expected: _Expected | None = None
     held: list[_Held] = field(default_factory=list)
+    refused: deque[_Refused] = field(default_factory=lambda: deque(maxlen=8))
 
 
 class RelayInbox:
@@ -120,19 +135,38 @@ class RelayInbox:
             box.expected.arrived.cancel()
 
     def expect(
-        self, session_id: SessionId, start_position: int, num_tokens: int, previous_peer_id: str
+        self,
+        session_id: SessionId,
+        start_position: int,
+        num_tokens: int,
+        previous_peer_id: str,
+        nonce: int,
     ) -> asyncio.Future[Tensor]:
-        """The input the client announced (`AwaitStep`): done at once when it is held."""
+        """The input the client announced (`AwaitStep`): done at once when it is held,
+        failed at once when this host refused it a moment ago."""
         box = self._box(session_id)
         self.cancel(session_id)
         arrived: asyncio.Future[Tensor] = asyncio.get_running_loop().create_future()
-        box.expected = _Expected(start_position, num_tokens, previous_peer_id, arrived)
+        expected = _Expected(start_position, num_tokens, previous_peer_id, nonce, arrived)
+        box.expected = expected
         held, box.held = box.held, []  # anything else held is stale or not from that peer
         now_s = time.monotonic()
         for item in held:
             fresh = now_s - item.received_s <= self.limits.hold_s
-            if fresh and self._matches(box.expected, item.sender, item.start_position, item.hidden):
-                self._hand_over(box, item.hidden)
+            if fresh and self._matches(expected, item.sender, item.start_position, item.hidden):
+                if item.nonce == nonce:
+                    self._hand_over(box, item.hidden)
+                    break
+        for refused in box.refused:
+            if now_s - refused.refused_s <= self.limits.hold_s and (
+                refused.sender,
+                refused.start_position,
+                refused.nonce,
+            ) == (previous_peer_id, start_position, nonce):
+                arrived.set_exception(
+                    RemoteBadRequest(f"the relayed input was refused: {refused.reason}")
+                )
+                box.expected = None
                 break
         return arrived
 
@@ -144,8 +178,20 @@ class RelayInbox:
             box.expected = None
 
     def deliver(self, sender: str, request: RelayStep, hidden: Tensor) -> RelayAccepted:
-        """Take a `RelayStep` from `sender`; raises the typed refusal otherwise."""
+        """Take a `RelayStep` from `sender`; raises the typed refusal otherwise (and
+        remembers it for a while, for the `AwaitStep` of that step)."""
         box = self._box(request.session_id)
+        try:
+            return self._deliver(box, sender, request, hidden)
+        except RemoteError as refusal:
+            box.refused.append(
+                _Refused(sender, request.start_position, request.nonce, refusal.message[:200])
+            )
+            raise
+
+    def _deliver(
+        self, box: _Mailbox, sender: str, request: RelayStep, hidden: Tensor
+    ) -> RelayAccepted:
         hidden = check_hidden(hidden, hidden_size=self.hidden_size, batch_size=box.batch_size)
         if request.start_position + hidden.shape[1] > box.max_length:
             raise RemoteTooLarge(
@@ -153,7 +199,7 @@ class RelayInbox:
                 f"session's max_length {box.max_length}"
             )
         expected = box.expected
-        if expected is not None and not expected.arrived.done():
+        if expected is not None and not expected.arrived.done() and expected.nonce == request.nonce:
             if expected.previous_peer_id != sender:
                 raise RemoteBadRequest(
                     f"{sender[:12]} is not the previous hop the client named for this step"
@@ -170,7 +216,9 @@ class RelayInbox:
                 raise refusal
             self._hand_over(box, hidden)
             return RelayAccepted()
-        self._hold(box, _Held(sender, request.start_position, hidden))
+        # Not the awaited step (a later one that came first, or a stale one): held, and
+        # only ever handed to the `AwaitStep` with its nonce.
+        self._hold(box, _Held(sender, request.start_position, request.nonce, hidden))
         return RelayAccepted()
 
     def _box(self, session_id: SessionId) -> _Mailbox:
@@ -254,12 +302,17 @@ class _Link:
                 except RemoteError as refusal:  # answered; the stream goes on
                     result = refusal
                 if self.answers:
-                    self.answers.popleft().set_result(result)
+                    answer = self.answers.popleft()  # its answer, even if no one waits now
+                    if not answer.done():
+                        answer.set_result(result)
         except BaseException as error:  # the stream ended: nothing more will be answered
             self._fail_pending(error)
             if self.stream is stream:
-                self.stream = None
+                stack, self.stream, self.stack = self.stack, None, None
                 stream.reset()
+                if stack is not None:  # give the stream's slot back
+                    with contextlib.suppress(Exception):
+                        await stack.aclose()
             if isinstance(error, asyncio.CancelledError):
                 raise
 
@@ -304,7 +357,9 @@ class NextHops:
         """Send `hidden` to `next_hop`'s session; None when it was accepted, else why not."""
         if peer_id_from_public_key(next_hop.public_key) != next_hop.peer_id:
             return f"the key named for {next_hop.peer_id[:12]} is not that peer's"
-        message = RelayStep(session_id=next_hop.session_id, start_position=start_position)
+        message = RelayStep(
+            session_id=next_hop.session_id, start_position=start_position, nonce=next_hop.nonce
+        )
         hidden = hidden.contiguous()
         timeout_s = self.limits.relay_timeout_s
         try:
@@ -327,10 +382,10 @@ class NextHops:
     async def _watch(self, peer_id: str, answer: asyncio.Future[object]) -> None:
         """Log a relay the next host refused or never answered. The client learns of it
         from that host (which fails the step it awaits) or from losing it."""
-        try:
-            result = await asyncio.wait_for(answer, self.limits.relay_timeout_s)
-        except TimeoutError:
-            result = TimeoutError("no answer")
+        # Not `wait_for`: cancelling the answer on timeout would make its late arrival
+        # look like the end of the stream that other sessions' relays share.
+        await asyncio.wait({answer}, timeout=self.limits.relay_timeout_s)
+        result = answer.result() if answer.done() else TimeoutError("no answer")
         if not isinstance(result, RelayAccepted):
             logger.info("relay to %s not taken: %r", peer_id[:12], result)
 
@@ -345,11 +400,25 @@ class NextHops:
             if link is not None:
                 del self._links[peer_id]
                 self._close_later(link)
-            link = _Link(await self._dial(next_hop))
+            try:
+                rpc = await self._dial(next_hop)
+            except BaseException:
+                if peer_id not in self._links and self._dialing.get(peer_id) is lock:
+                    del self._dialing[peer_id]  # no link: no lock kept for it either
+                raise
+            racer = self._links.get(peer_id)  # dialed under a lock dropped by an eviction
+            if racer is not None and not racer.rpc.connection.is_closed:
+                self._close_later(_Link(rpc))
+                return racer
+            link = _Link(rpc)
             self._links[peer_id] = link
+            if racer is not None:
+                self._close_later(racer)
             while len(self._links) > self.limits.max_peers:
                 evicted, oldest = self._links.popitem(last=False)
-                self._dialing.pop(evicted, None)
+                evicted_lock = self._dialing.get(evicted)
+                if evicted_lock is not None and not evicted_lock.locked():
+                    del self._dialing[evicted]
                 self._close_later(oldest)
             return link
 

@@ -467,7 +467,11 @@ class Host:
         relay from the named previous hop that did not match the announcement."""
         inbox = self._inbox()
         arrived = inbox.expect(
-            session_id, awaited.start_position, awaited.num_tokens, awaited.previous_peer_id
+            session_id,
+            awaited.start_position,
+            awaited.num_tokens,
+            awaited.previous_peer_id,
+            awaited.nonce,
         )
         waiters: set[asyncio.Future[Any]] = {arrived, reader}
         await asyncio.wait(
@@ -515,9 +519,12 @@ class Host:
         if next_hop.peer_id == self.peer_id:
             return "the next hop named is this host"
         forward_error = await self.next_hops.relay(next_hop, start_position, out, codec)
-        if forward_error is not None:
-            logger.info("forwarding a step: %s", forward_error)
-        return forward_error
+        if forward_error is None:
+            return None
+        # The detail stays in the log: per address, it would tell a client which of the
+        # addresses it named answer (a port scanner run from this host).
+        logger.info("forwarding a step: %s", forward_error)
+        return "could not relay to the next hop"
 
     async def _relays(
         self, first: Decoded, requests: AsyncIterator[Decoded], context: CallContext

@@ -88,6 +88,11 @@ _PeerIdText = Annotated[str, msgspec.Meta(pattern=r"^p[a-z2-7]{32}$")]  # identi
 _PublicKey = Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]  # ed25519
 _Address = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
 _NumTokens = Annotated[int, msgspec.Meta(ge=1, le=1 << 24)]
+# Names one forwarded step: drawn at random by the client for each step, copied by the
+# previous host from its `NextHop` into its `RelayStep`, and matched by the next host
+# against the client's `AwaitStep`, so a relay of an abandoned step (or from a third
+# party, who cannot guess it) is never fed into another step at the same position.
+_StepNonce = Annotated[int, msgspec.Meta(ge=0, le=(1 << 63) - 1)]  # int64 (msgspec)
 
 
 class WireError(Exception):
@@ -233,12 +238,14 @@ class NextHop(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Where a host sends a step's output on: the next host's identity (its peer id and
     the ed25519 key it must prove on the connection), the session the client opened
     there, and the addresses of its record (the first the sender's transport can dial
-    is used)."""
+    is used). `nonce` names the step (`_StepNonce`): the sender copies it into its
+    `RelayStep`."""
 
     peer_id: _PeerIdText
     public_key: _PublicKey
     session_id: _SessionId
     addresses: Annotated[tuple[_Address, ...], msgspec.Meta(min_length=1, max_length=8)]
+    nonce: _StepNonce = 0
 
 
 class Step(_Message, frozen=True, tag="step", forbid_unknown_fields=True, omit_defaults=True):
@@ -275,6 +282,7 @@ class AwaitStep(_Message, frozen=True, tag="await_step", forbid_unknown_fields=T
     start_position: _Position
     num_tokens: _NumTokens
     previous_peer_id: _PeerIdText
+    nonce: _StepNonce  # the `NextHop.nonce` the client gave the previous hop for this step
     next_hop: NextHop | None = None
 
 
@@ -296,6 +304,7 @@ class RelayStep(_Message, frozen=True, tag="relay_step", forbid_unknown_fields=T
     TENSORS: ClassVar[Mapping[str, TensorSlot]] = {"hidden": _HIDDEN}
     session_id: _SessionId
     start_position: _Position
+    nonce: _StepNonce  # copied from the sender's `NextHop`
 
 
 class RelayAccepted(_Message, frozen=True, tag="relay_accepted"):
