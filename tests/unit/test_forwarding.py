@@ -32,7 +32,7 @@ from stamen.models.registry import get_adapter
 from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.client.pool import HostConnections
 from stamen.swarm_core.client.remote import HopError, HostInfo, SpanClient
-from stamen.swarm_core.client.swarm import ClientSettings, RpcSpanClient, host_info
+from stamen.swarm_core.client.swarm import ClientSettings, RpcHopSession, RpcSpanClient, host_info
 from stamen.swarm_core.host.relay import NextHops, RelayInbox, RelayLimits, _Link
 from stamen.swarm_core.host.runtime import RuntimeLimits, SpanRuntime
 from stamen.swarm_core.host.server import Host, HostSettings
@@ -49,6 +49,7 @@ from stamen.swarm_core.protocol.rpc import RpcClient
 from stamen.swarm_core.protocol.wire import (
     FORWARDING,
     AwaitStep,
+    Decoded,
     Hello,
     MalformedMessage,
     NextHop,
@@ -56,6 +57,7 @@ from stamen.swarm_core.protocol.wire import (
     RelayStep,
     SessionId,
     Step,
+    StepResult,
     decode_message,
     encode_message,
 )
@@ -470,3 +472,46 @@ async def test_a_failed_dial_keeps_no_lock_and_tells_the_client_no_detail() -> N
         error = await served.host._relay_to(next_hop, 0, torch.zeros(1, 1, C), Codec.NONE)
         assert error is not None and "nowhere" not in error and "elsewhere" not in error
         assert not hops._dialing and not hops._links
+
+
+class _StalledStream:
+    """A session stream whose first send stalls (a full window), and whose replies are
+    queued by the test."""
+
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[object] = asyncio.Queue()
+        self.sends = 0
+        self.was_reset = False
+
+    async def send(self, *args: object, **kwargs: object) -> None:
+        self.sends += 1
+        if self.sends == 1:
+            await asyncio.Event().wait()
+
+    async def recv(self, timeout_s: float | None = None) -> object:
+        return await self.replies.get()
+
+    def reset(self) -> None:
+        self.was_reset = True
+
+
+async def test_a_step_cut_off_while_sent_loses_the_session_not_a_reply() -> None:
+    stream = _StalledStream()
+    session = RpcHopSession(
+        PREVIOUS,
+        contextlib.AsyncExitStack(),
+        stream,  # type: ignore[arg-type]
+        SessionId("s"),
+        relay_target=None,
+    )
+    x = torch.zeros(1, 1, C)
+    cut = asyncio.create_task(session.step_and_forward(x, 0, None, None, None, next_nonce=1))
+    await asyncio.sleep(0.05)
+    cut.cancel()
+    await asyncio.gather(cut, return_exceptions=True)
+    # Had the host got the request, its reply would come first: no call may take it.
+    stale = StepResult(session_id=SessionId("s"), position=1)
+    stream.replies.put_nowait(Decoded(stale, {"hidden": torch.ones(1, 1, C)}))
+    with pytest.raises(HopError):
+        await asyncio.wait_for(session.step_and_forward(x, 0, None, None, None, next_nonce=2), 1.0)
+    assert stream.was_reset
