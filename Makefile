@@ -23,7 +23,7 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m 'slow and not netns and not gpu and not browser'
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
