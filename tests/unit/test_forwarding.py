@@ -457,7 +457,7 @@ async def test_the_step_of_a_refused_relay_fails_at_once() -> None:
         await asyncio.wait_for(arrived, 1.0)
 
 
-async def test_a_failed_dial_keeps_no_lock_and_tells_the_client_no_detail() -> None:
+async def test_a_failed_dial_keeps_no_lock_tells_the_client_no_detail_and_ends_dialing() -> None:
     hub = MemoryHub()
     async with serving(hub, 0, 1) as served:
         hops = served.host.next_hops
@@ -469,9 +469,34 @@ async def test_a_failed_dial_keeps_no_lock_and_tells_the_client_no_detail() -> N
             addresses=("memory://nowhere", "memory://elsewhere"),
             nonce=1,
         )
-        error = await served.host._relay_to(next_hop, 0, torch.zeros(1, 1, C), Codec.NONE)
+        session_id = SessionId("mine")
+        hidden = torch.zeros(1, 1, C)
+        error = await served.host._relay_to(next_hop, 0, hidden, Codec.NONE, for_session=session_id)
         assert error is not None and "nowhere" not in error and "elsewhere" not in error
         assert not hops._dialing and not hops._links
+        # That session may not have the host dial that peer again, at any address; another
+        # session may, and each session only a few new peers.
+        other = msgspec.structs.replace(next_hop, addresses=("memory://third",))
+        error = await hops.relay(other, 0, hidden, Codec.NONE, for_session=session_id)
+        assert error is not None and "one failed" in error
+        error = await hops.relay(other, 0, hidden, Codec.NONE, for_session=SessionId("b"))
+        assert error is not None and "third" in error  # dialed, and logged in detail
+        for _ in range(hops.limits.max_dials_per_session - 1):  # one is spent above
+            stranger = Credentials.generate()
+            fresh = msgspec.structs.replace(
+                other, peer_id=peer_id_of(stranger), public_key=stranger.public_key
+            )
+            assert "no more" not in str(
+                await hops.relay(fresh, 0, hidden, Codec.NONE, for_session=session_id)
+            )
+        stranger = Credentials.generate()
+        fresh = msgspec.structs.replace(
+            other, peer_id=peer_id_of(stranger), public_key=stranger.public_key
+        )
+        error = await hops.relay(fresh, 0, hidden, Codec.NONE, for_session=session_id)
+        assert error is not None and "no more dials for this session" in error
+        hops.forget(session_id)
+        assert not any(key[0] == session_id for key in hops._failed_dials)
 
 
 class _StalledStream:

@@ -18,8 +18,20 @@ its output to the next host, then answers the client with the same output.
   id), at most `max_peers` of them, the least recently used closed first, each with one
   relay stream kept open (`RelayStep` in, `RelayAccepted` or a typed refusal out; a
   refusal keeps the stream). A relay that
-  fails returns its reason as text, which the host puts in its answer to the client at
-  once (`StepResult.forward_error`), so the client can drive the rest of the step itself.
+  fails returns its reason as text, which the host logs; its answer to the client says
+  only that the relay failed (`StepResult.forward_error`), at once, so the client can
+  drive the rest of the step itself.
+
+What a client can make a host do with `NextHop`: dial a peer it names, at addresses it
+names. The host tries at most `max_dial_addresses` of them, at most
+`max_dials_per_session` new connections per session and none again to a peer it failed
+to reach for that session, and the
+connection must prove the named key; the client learns nothing per address. What
+remains: a client with many sessions can still have the host make that many connection
+attempts, and fill the pool with its own peers (evicting links others use, which are
+dialed again when needed). The host does not check the addresses against its own view
+of the swarm's records: it has none at hand when it relays (its discovery handle only
+answers lookups, which would cost a DHT query per new peer).
 
 This module knows nothing about how steps are computed or about routing.
 """
@@ -72,6 +84,8 @@ class RelayLimits:
     max_peers: int = 32  # pooled connections to next hops
     connect_timeout_s: float = 5.0
     relay_timeout_s: float = 10.0  # one `RelayStep`, until the next host accepts it
+    max_dials_per_session: int = 4  # new connections one client session may have us dial
+    max_dial_addresses: int = 2  # of a `NextHop`'s addresses, the ones tried
 
 
 @dataclass
@@ -350,13 +364,48 @@ class NextHops:
         self._links: OrderedDict[str, _Link] = OrderedDict()
         self._dialing: dict[str, asyncio.Lock] = {}
         self._closing: set[asyncio.Task[None]] = set()  # evicted links, closing; watches
+        self._dials: dict[SessionId, int] = {}  # new connections each session had us make
+        self._failed_dials: set[tuple[SessionId, str]] = set()  # (session, unreachable peer)
+
+    def forget(self, session_id: SessionId) -> None:
+        """The session closed: its dial budget goes with it."""
+        self._dials.pop(session_id, None)
+        self._failed_dials = {key for key in self._failed_dials if key[0] != session_id}
+
+    def _spend_dial(self, peer_id: str, session_id: SessionId) -> str | None:
+        """Why `session_id` may not have this host dial `peer_id`, or None (a pooled
+        link costs nothing). A few dials per session, and none again to a peer that could
+        not be reached for it: a client cannot use this host to probe many addresses, and
+        one whose next hop is unreachable is told so at once (it then drives that pair
+        itself)."""
+        link = self._links.get(peer_id)
+        if link is not None and not link.rpc.connection.is_closed:
+            return None
+        if (session_id, peer_id) in self._failed_dials:
+            return f"no more dials to {peer_id[:12]} for this session: one failed"
+        dials = self._dials.get(session_id, 0)
+        if dials >= self.limits.max_dials_per_session:
+            return f"no more dials for this session: {dials} made"
+        self._dials[session_id] = dials + 1
+        return None
 
     async def relay(
-        self, next_hop: NextHop, start_position: int, hidden: Tensor, codec: Codec
+        self,
+        next_hop: NextHop,
+        start_position: int,
+        hidden: Tensor,
+        codec: Codec,
+        *,
+        for_session: SessionId,
     ) -> str | None:
-        """Send `hidden` to `next_hop`'s session; None when it was accepted, else why not."""
+        """Send `hidden` to `next_hop`'s session; None when it was accepted, else why not
+        (for the log: it names addresses). `for_session` is this host's session whose
+        client named `next_hop`: it pays for any new connection (`_spend_dial`)."""
         if peer_id_from_public_key(next_hop.public_key) != next_hop.peer_id:
             return f"the key named for {next_hop.peer_id[:12]} is not that peer's"
+        refusal = self._spend_dial(next_hop.peer_id, for_session)
+        if refusal is not None:
+            return refusal
         message = RelayStep(
             session_id=next_hop.session_id, start_position=start_position, nonce=next_hop.nonce
         )
@@ -372,6 +421,8 @@ class NextHops:
                 # The connection is up: the stream may have lapsed while idle. Once more.
                 answer = await link.send(message, hidden, codec, timeout_s)
         except _RELAY_FAILURES as error:
+            if isinstance(error, ConnectError):
+                self._failed_dials.add((for_session, next_hop.peer_id))
             return f"relay to {next_hop.peer_id[:12]} failed: {type(error).__name__}: {error}"
         self.sent += 1
         watch = asyncio.create_task(self._watch(next_hop.peer_id, answer))
@@ -435,7 +486,7 @@ class NextHops:
 
     async def _dial(self, next_hop: NextHop) -> RpcClient:
         errors: list[str] = []
-        for address in next_hop.addresses:
+        for address in next_hop.addresses[: self.limits.max_dial_addresses]:
             try:
                 return await RpcClient.connect(
                     self._transport,

@@ -445,6 +445,7 @@ class Host:
                         raise RemoteBadRequest(f"unexpected {type(other).__name__} in a session")
         finally:
             inbox.close(session_id)
+            self.next_hops.forget(session_id)
             if reader is not None:
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
@@ -505,7 +506,9 @@ class Host:
             return _retry_later(refusal)  # the session is as it was
         forward_error = None
         if step.next_hop is not None:
-            forward_error = await self._relay_to(step.next_hop, step.start_position, out, codec)
+            forward_error = await self._relay_to(
+                step.next_hop, step.start_position, out, codec, for_session=session_id
+            )
         position = step.start_position + hidden.shape[1]
         return Outgoing(
             StepResult(session_id=session_id, position=position, forward_error=forward_error),
@@ -514,11 +517,19 @@ class Host:
         )
 
     async def _relay_to(
-        self, next_hop: NextHop, start_position: int, out: torch.Tensor, codec: Codec
+        self,
+        next_hop: NextHop,
+        start_position: int,
+        out: torch.Tensor,
+        codec: Codec,
+        *,
+        for_session: SessionId,
     ) -> str | None:
         if next_hop.peer_id == self.peer_id:
             return "the next hop named is this host"
-        forward_error = await self.next_hops.relay(next_hop, start_position, out, codec)
+        forward_error = await self.next_hops.relay(
+            next_hop, start_position, out, codec, for_session=for_session
+        )
         if forward_error is None:
             return None
         # The detail stays in the log: per address, it would tell a client which of the
