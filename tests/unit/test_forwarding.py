@@ -204,6 +204,23 @@ async def test_a_middle_host_that_vanishes_costs_a_fallback_not_a_token() -> Non
     assert session.stats.fallbacks == 1 and session.stats.forwarded == 6
 
 
+async def test_a_relay_lost_on_the_way_makes_that_pair_client_driven() -> None:
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, _):
+        expected, _ = await generate_hidden(view, steps=2)
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, served):
+        # The middle host says its relays went out, but none arrives: the last host
+        # answers its `AwaitStep` `timeout`, while the middle one reported no error.
+        async def lost(*args: object, **kwargs: object) -> None:
+            return None
+
+        served[1].host.next_hops.relay = lost  # type: ignore[method-assign]
+        served[2].host.inbox = RelayInbox(C, RelayLimits(wait_s=0.3))
+        out, session = await generate_hidden(view, steps=2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # One step pays for the lost relay; the rest do not wait for it again.
+    assert session.stats.fallbacks == 1 and session.stats.client_driven == 2
+
+
 async def test_an_unreachable_next_hop_is_reported_and_the_step_completes() -> None:
     async with chain((0, 1), (1, 2), (2, 3)) as (view, _):
         expected, _ = await generate_hidden(view, steps=1)
