@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import pytest
@@ -219,6 +220,26 @@ async def test_a_relay_lost_on_the_way_makes_that_pair_client_driven() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     # One step pays for the lost relay; the rest do not wait for it again.
     assert session.stats.fallbacks == 1 and session.stats.client_driven == 2
+
+
+async def test_each_hop_of_a_forwarded_step_has_its_own_step_timeout() -> None:
+    async with chain((0, 1), (1, 2), (2, 3)) as (view, served):
+        runtime = served[2].host.runtime
+        assert runtime is not None
+        compute = runtime.step
+
+        async def slow(*args: Any, **kwargs: Any) -> torch.Tensor:
+            await asyncio.sleep(1.3)  # past one step timeout, well within three
+            return await compute(*args, **kwargs)
+
+        runtime.step = slow  # type: ignore[method-assign]
+        x = torch.randn(2, 5, C)
+        async with InferenceSession(
+            view, 0, 3, max_length=32, batch_size=2, step_timeout_s=1.0, failover_timeout_s=5.0
+        ) as session:
+            await session.step(x[:, :4])
+            await session.step(x[:, 4:])
+    assert session.stats.forwarded == 2 and session.stats.fallbacks == 0
 
 
 async def test_an_unreachable_next_hop_is_reported_and_the_step_completes() -> None:
