@@ -23,10 +23,10 @@ its output to the next host, then answers the client with the same output.
   drive the rest of the step itself.
 
 What a client can make a host do with `NextHop`: dial a peer it names, at addresses it
-names. The host tries at most `max_dial_addresses` of them, at most
+names. The host tries at most `max_dial_addresses` of them, makes at most
 `max_dials_per_session` new connections per session and none again to a peer it failed
-to reach for that session, and the
-connection must prove the named key; the client learns nothing per address. What
+to reach for that session, and the connection must prove the named key; the client
+learns nothing per address. What
 remains: a client with many sessions can still have the host make that many connection
 attempts, and fill the pool with its own peers (evicting links others use, which are
 dialed again when needed). The host does not check the addresses against its own view
@@ -85,7 +85,7 @@ class RelayLimits:
     connect_timeout_s: float = 5.0
     relay_timeout_s: float = 10.0  # one `RelayStep`, until the next host accepts it
     max_dials_per_session: int = 4  # new connections one client session may have us dial
-    max_dial_addresses: int = 2  # of a `NextHop`'s addresses, the ones tried
+    max_dial_addresses: int = 4  # of a `NextHop`'s addresses, the first ones are tried
 
 
 @dataclass
