@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stamen.api import schemas as s
-from stamen.api import tools
+from stamen.api import serving, tools
 from stamen.api.errors import APIError
 from stamen.api.tools import ToolCallParser, ToolPlan
 
@@ -279,3 +279,34 @@ def test_generic_prompt_lists_every_function_with_its_schema() -> None:
         assert described[:-1] in section
     assert json.dumps(WEATHER["function"]["parameters"]) in section
     assert "<tool_call>" in section and "</tool_call>" in section
+
+
+# -- a choice's content and calls, as generation reports them -------------------------------
+
+
+def run_row(pieces: list[str], stop: list[str]) -> tuple[str, str, str | None]:
+    """Content, the calls' arguments and the finish reason of a choice whose tokens
+    decode to `pieces` (the last one ending the choice with EOS, unless a stop came)."""
+    row = serving._ToolRow(stop)
+    content, arguments, finish = "", "", None
+    for number, piece in enumerate(pieces):
+        last = number == len(pieces) - 1
+        delta = serving.ChoiceDelta(0, piece, finish_reason="stop" if last else None)
+        serving._parse(row, delta)
+        content += delta.text
+        arguments += "".join(call.arguments for call in delta.tool_calls)
+        if delta.finish_reason is not None:
+            return content, arguments, delta.finish_reason
+    return content, arguments, finish
+
+
+def test_stop_sequences_end_the_content_but_never_cut_a_call() -> None:
+    call = ['<tool_call>{"name": "f", "arguments": {"city": "Pa', 'ris"}}</tool_call>']
+    assert run_row(call, stop=["Par"]) == ("", '{"city": "Paris"}', "tool_calls")
+    assert run_row(["Hel", "lo wor", "ld", "!"], stop=["lo w"]) == ("Hel", "", "stop")
+    assert run_row(["Hi", " there"], stop=["lo w"]) == ("Hi there", "", "stop")
+
+
+def test_a_call_left_open_does_not_end_with_tool_calls() -> None:
+    cut = ['<tool_call>{"name": "f", "arguments": {"city": "Pa']
+    assert run_row(cut, stop=[]) == ("", '{"city": "Pa', "stop")

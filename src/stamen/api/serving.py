@@ -14,7 +14,9 @@
    `ChoiceDelta`s: text released by the choice's `StopTracker`, the tokens' logprobs, and
    a finish reason ("stop" for EOS or a stop sequence, "length" for max tokens). A choice
    that may call tools has its text split by a `ToolCallParser` into content and
-   `ToolCallDelta`s, and ends with "tool_calls" when it called any.
+   `ToolCallDelta`s; its stop sequences are matched in the content only (never inside
+   a call), its logprobs cover content tokens only, and it ends with "tool_calls" when
+   it called tools and every call closed.
 3. Leaving `generate` early (a disconnected client) closes the chain through the engine.
 
 Response objects are assembled by `stamen.api.responses`; this module knows nothing
