@@ -434,6 +434,8 @@ class _ScriptedStream:
 
     async def recv(self, timeout_s: float | None = None) -> object:
         message = await self.answers.get()
+        if isinstance(message, BaseException):
+            raise message
         return type("Answer", (), {"message": message})()
 
     def reset(self) -> None:
@@ -578,3 +580,19 @@ async def test_a_step_cut_off_while_sent_loses_the_session_not_a_reply() -> None
     with pytest.raises(HopError):
         await asyncio.wait_for(session.step_and_forward(x, 0, None, None, None, next_nonce=2), 1.0)
     assert stream.was_reset
+
+
+async def test_a_relay_stream_that_ends_gives_its_slot_back() -> None:
+    stream = _ScriptedStream()
+    link = _Link(rpc=None)  # type: ignore[arg-type]  # the stream is already open
+    released: list[bool] = []
+    link.stack = contextlib.AsyncExitStack()
+    link.stack.callback(released.append, True)
+    link.stream = stream  # type: ignore[assignment]
+    pending = asyncio.get_running_loop().create_future()
+    link.answers.append(pending)
+    link.reader = asyncio.create_task(link._read(stream))  # type: ignore[arg-type]
+    stream.answers.put_nowait(ConnectionResetError("gone"))  # recv raises it: the end
+    await asyncio.wait_for(link.reader, 1.0)
+    assert isinstance(pending.result(), ConnectionResetError)
+    assert released == [True] and link.stream is None and link.stack is None
