@@ -7,31 +7,33 @@ its output to the next host, then answers the client with the same output.
 
 - `RelayInbox` is the receiving end. A relayed input is taken only for a session open on
   this host, and handed to that session's step only when the client's `AwaitStep` for
-  that position names the sending peer as the previous hop and the tensor has the shape
-  the session and the `AwaitStep` imply. Input that arrives before the client's
-  `AwaitStep` is held for a while (`RelayLimits`: a few messages and bytes per session,
-  dropped after `hold_s`); whatever does not fit is refused with a typed error. The
-  client is the only authority on who may feed a session, so a peer that is not the
-  named previous hop can never write into it.
+  that position names the sending peer as the previous hop, carries the same nonce (63
+  random bits the client chose for this step and hop pair, which the sending host copies
+  from its `NextHop`), and the tensor has the shape the session and the `AwaitStep`
+  imply. Input that arrives before the client's `AwaitStep` is held for a while
+  (`RelayLimits`: a few messages and bytes per session, dropped after `hold_s`); whatever
+  does not fit is refused with a typed error, and remembered for as long, so that its
+  `AwaitStep` fails at once. The client is the only authority on who may feed a session,
+  so a peer that is not the named previous hop can never write into it.
 - `NextHops` is the sending end: one pooled, authenticated connection per next peer
   (dialed once, with the key the client's `NextHop` names, which must hash to its peer
   id), at most `max_peers` of them, the least recently used closed first, each with one
   relay stream kept open (`RelayStep` in, `RelayAccepted` or a typed refusal out; a
-  refusal keeps the stream). A relay that
-  fails returns its reason as text, which the host logs; its answer to the client says
-  only that the relay failed (`StepResult.forward_error`), at once, so the client can
-  drive the rest of the step itself.
+  refusal keeps the stream). A relay that fails returns its reason as text, which the
+  host logs; its answer to the client says only that the relay failed
+  (`StepResult.forward_error`), at once, so the client can drive the rest of the step
+  itself.
 
 What a client can make a host do with `NextHop`: dial a peer it names, at addresses it
 names. The host tries at most `max_dial_addresses` of them, makes at most
 `max_dials_per_session` new connections per session and none again to a peer it failed
 to reach for that session, and the connection must prove the named key; the client
-learns nothing per address. What
-remains: a client with many sessions can still have the host make that many connection
-attempts, and fill the pool with its own peers (evicting links others use, which are
-dialed again when needed). The host does not check the addresses against its own view
-of the swarm's records: it has none at hand when it relays (its discovery handle only
-answers lookups, which would cost a DHT query per new peer).
+learns nothing per address. What remains: a client with many sessions can still have
+the host make that many connection attempts, and fill the pool with its own peers
+(evicting links others use, which are dialed again when needed). The host does not
+check the addresses against its own view of the swarm's records: it has none at hand
+when it relays (its discovery handle only answers lookups, which would cost a DHT query
+per new peer).
 
 This module knows nothing about how steps are computed or about routing.
 """
