@@ -355,12 +355,29 @@ def parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--model", type=Path, help="GGUF or HF directory (default: bundled SmolLM2)")
     p.add_argument("--num-blocks", type=int, default=30, help="the model's blocks, split over 3")
-    p.add_argument("--networks", type=_networks, default=["1g", "100m", "100m-100ms"])
+    p.add_argument(
+        "--networks",
+        type=_networks,
+        default=["1g", "100m", "100m-100ms"],
+        help="comma-separated network keys (listed below; default: Petals' three)",
+    )
     p.add_argument("--modes", type=_modes, default=["off", "on"], help="forwarding off,on")
-    p.add_argument("--prefix-lengths", type=_positive_ints, default=[128, 2048])
-    p.add_argument("--decode-steps", type=int, default=16)
-    p.add_argument("--batches", type=_positive_ints, default=[1, 64])
-    p.add_argument("--forward-tokens", type=int, default=128)
+    p.add_argument(
+        "--prefix-lengths",
+        type=_positive_ints,
+        default=[128, 2048],
+        help="prefixes of the single-batch decode rows, comma-separated",
+    )
+    p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per round")
+    p.add_argument(
+        "--batches",
+        type=_positive_ints,
+        default=[1, 64],
+        help="batch sizes of the parallel forward rows, comma-separated",
+    )
+    p.add_argument(
+        "--forward-tokens", type=int, default=128, help="sequence length of a parallel forward"
+    )
     p.add_argument("--rounds", type=int, default=3, help="rounds of each figure, alternated")
     p.add_argument("--large-rounds", type=int, default=1, help="rounds of prefills > 2048 tokens")
     p.add_argument("--bulk", action="store_true", help="also the stateless Forward path")
