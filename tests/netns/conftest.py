@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from benchmarks.network.topology import TopologyError
+from benchmarks.network.topology import command as _command
 
 from tests.integration.conftest import LOG_TAIL_LINES, ManagedProcess
 
@@ -55,17 +57,6 @@ COMMAND_TIMEOUT_S = 15.0
 
 
 _active: list[NatTopology] = []  # built and not yet torn down, for failure reports
-
-
-class TopologyError(RuntimeError):
-    """A command that builds or probes the topology failed."""
-
-
-def _command(*argv: str, timeout_s: float = COMMAND_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
-    if result.returncode != 0:
-        raise TopologyError(f"{' '.join(argv)} exited {result.returncode}: {result.stderr.strip()}")
-    return result
 
 
 def netns_unavailable_reason() -> str | None:
