@@ -335,3 +335,22 @@ def smollm2_model(
 def smollm2_expected(smollm2_reference: Any, smollm2_prompt: torch.Tensor) -> torch.Tensor:
     """transformers' greedy continuation of `smollm2_prompt`, NEW_TOKENS long."""
     return reference_greedy(smollm2_reference, smollm2_prompt, NEW_TOKENS)
+
+
+class KillAfter:
+    """A streamer that SIGKILLs `victim()`'s process once `tokens` new tokens came out."""
+
+    def __init__(self, tokens: int, victim: Any) -> None:
+        self.tokens = tokens
+        self.victim = victim
+        self.seen = -1  # the first `put` is the prompt
+        self.killed: HostProcess | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.seen += 1
+        if self.seen == self.tokens and self.killed is None:
+            self.killed = self.victim()
+            self.killed.kill()
+
+    def end(self) -> None:
+        pass

@@ -51,31 +51,12 @@ from stamen.swarm_core.protocol.wire import (
 from stamen.transports.base import Credentials
 from stamen.transports.tcp import TcpTransport
 from stamen.transports.webrtc_config import WebRTCConfig
-from tests.integration.conftest import NEW_TOKENS, HostProcess, SwarmProcesses
+from tests.integration.conftest import NEW_TOKENS, KillAfter, SwarmProcesses
 
 HIDDEN_SIZE = 576  # SmolLM2-135M
 
 LOOPBACK = ("--webrtc-host-address", "127.0.0.1")
 THIRDS = ("0:10", "10:20", "20:30")
-
-
-class _KillAfter:
-    """A streamer that SIGKILLs `victim()`'s process once `tokens` new tokens came out."""
-
-    def __init__(self, tokens: int, victim: Any) -> None:
-        self.tokens = tokens
-        self.victim = victim
-        self.seen = -1  # the first `put` is the prompt
-        self.killed: HostProcess | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.seen += 1
-        if self.seen == self.tokens and self.killed is None:
-            self.killed = self.victim()
-            self.killed.kill()
-
-    def end(self) -> None:
-        pass
 
 
 def generate(
@@ -232,7 +213,7 @@ def test_a_middle_host_killed_mid_generation_changes_no_token(
             model._loop.run(model.swarm.wait_for_coverage(30.0))
             with model.inference_session(smollm2_prompt.shape[1] + NEW_TOKENS) as session:
                 middle = session.route[1].peer_id
-                streamer = _KillAfter(5, lambda: thirds_swarm.host_of(middle))
+                streamer = KillAfter(5, lambda: thirds_swarm.host_of(middle))
                 out = model.generate(
                     smollm2_prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
                 )

@@ -21,7 +21,7 @@ from stamen.swarm_core.protocol.records import HostState
 from tests.integration.conftest import (
     NEW_TOKENS,
     FavouringView,
-    HostProcess,
+    KillAfter,
     SwarmProcesses,
     independent_client,
     refresh,
@@ -161,25 +161,6 @@ def test_a_host_that_shuts_down_disappears_from_routing(
     assert leaving_id not in {hop.peer_id for hop in route}
 
 
-class _KillAfter:
-    """A streamer that SIGKILLs `victim()`'s process once `tokens` new tokens came out."""
-
-    def __init__(self, tokens: int, victim: Any) -> None:
-        self.tokens = tokens
-        self.victim = victim
-        self.seen = -1  # the first `put` is the prompt
-        self.killed: HostProcess | None = None
-
-    def put(self, value: torch.Tensor) -> None:
-        self.seen += 1
-        if self.seen == self.tokens and self.killed is None:
-            self.killed = self.victim()
-            self.killed.kill()
-
-    def end(self) -> None:
-        pass
-
-
 def test_a_host_killed_mid_generation_changes_no_token(
     swarm: SwarmProcesses,
     model: DistributedModelForCausalLM,
@@ -200,7 +181,7 @@ def test_a_host_killed_mid_generation_changes_no_token(
         max_length = smollm2_prompt.shape[1] + NEW_TOKENS
         with client.inference_session(max_length) as session:
             assert [hop.peer_id for hop in session.route] == [spare_id]
-            streamer = _KillAfter(5, lambda: spare)
+            streamer = KillAfter(5, lambda: spare)
             out = client.generate(
                 smollm2_prompt, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=streamer
             )
