@@ -27,7 +27,7 @@ from stamen.api.app import create_app, static_engines
 from stamen.api.engine import LocalEngine
 from stamen.api.state import FineTuningSettings, ServingSettings
 from stamen.conformance.openai import Suite
-from stamen.conformance.openai_responses import CHECKS
+from stamen.conformance.openai_responses import CHECKS, CITY_SCHEMA, WEATHER_TOOL
 from tests.unit.test_api_app import load_engine_once
 
 QUESTION = "What is the capital of France?"
@@ -283,24 +283,7 @@ def test_a_disconnect_before_a_whole_response_closes_the_chain(
 
 # -- structured output and tools --------------------------------------------------------
 
-CITY = {
-    "type": "object",
-    "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
-    "required": ["city", "country"],
-    "additionalProperties": False,
-}
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The current weather of a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {"city": {"type": "string"}},
-        "required": ["city"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
+CITY, WEATHER = CITY_SCHEMA, WEATHER_TOOL  # the conformance cases' schema and tool
 
 
 def test_text_format_json_schema(base_url: str, engine: LocalEngine) -> None:
