@@ -176,8 +176,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--hosts", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="alternated rounds of each mode")
+    parser.add_argument("--hosts", type=int, default=2, help="hosts of the local swarm")
     parser.add_argument("--n", type=int, default=1, help="choices per request (batch rows)")
     parser.add_argument("--local", action="store_true", help="LocalEngine instead of a swarm")
     args = parser.parse_args()
