@@ -108,6 +108,7 @@ def test_answers_validate_against_the_schema(local: tuple[openai.OpenAI, str], n
     assert not problems(name, schema, answers)
 
 
+@pytest.mark.slow  # the schemas above and the 400s below are the default run's share
 @pytest.mark.parametrize(("check_name", "check"), CHECKS, ids=[c[0] for c in CHECKS])
 def test_structured_conformance_checks(local: tuple[openai.OpenAI, str], check_name: str, check: Any) -> None:  # fmt: skip
     client, model = local
