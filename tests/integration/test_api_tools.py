@@ -4,42 +4,30 @@ uvicorn server on 127.0.0.1 (SmolLM2, greedy): the conformance cases of
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
-import uvicorn
 
-from stamen.api.app import create_app, static_engines
-from stamen.api.state import ServingSettings
 from stamen.conformance import openai_tools
 from stamen.conformance.openai import Suite
-from tests.integration.test_api_server import _free_port, _wait_until
+from tests.integration.test_api_server import served  # noqa: F401  (the fixture)
 from tests.unit.test_api_app import load_engine_once
 
 DEFAULT_RUN = {"tools_required", "tools_stream", "tools_errors"}  # the rest: slow
 
 
 @pytest.fixture(scope="module")
-def suite() -> Iterator[Suite]:
-    engine = load_engine_once()
-    app = create_app(ServingSettings(), static_engines(engine))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    _wait_until(lambda: server.started, 60, "uvicorn to start")
-    base_url = f"http://127.0.0.1:{port}/v1"
+def suite(served: tuple[str, Any]) -> Iterator[Suite]:  # noqa: F811
+    root, engine = served
+    base_url = f"{root}/v1"
     client = openai.OpenAI(base_url=base_url, api_key="none", timeout=120, max_retries=0)
     yield Suite(
         client, lambda: openai.AsyncOpenAI(base_url=base_url, api_key="none"), engine.model_id
     )
     client.close()
-    server.should_exit = True
-    thread.join(timeout=30)
 
 
 def _cases() -> list[Any]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import pytest
 from benchmarks.network.topology import TopologyError
 from benchmarks.network.topology import command as _command
+from benchmarks.network.topology import delete_namespace as _delete_namespace
 
 from tests.integration.conftest import LOG_TAIL_LINES, ManagedProcess
 
@@ -82,19 +83,6 @@ def _delete_stale_namespaces() -> None:
         match = _STALE.match(line)
         if match and not Path(f"/proc/{match.group(2)}").exists():
             _delete_namespace(line.split()[0])
-
-
-def _delete_namespace(name: str) -> None:
-    # Processes left in it (children of ours that outlived their parent) go first.
-    pids = subprocess.run(
-        ["ip", "netns", "pids", name], capture_output=True, text=True, check=False
-    ).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
 
 
 @dataclass
