@@ -19,6 +19,11 @@ for every architecture; a block writes the keys and values of its `T` new tokens
 `context` (a `StepContext`) is computed once per step for the whole span: positions for
 rotary embeddings, key positions for ALiBi, and the attention mask for left-padded batches.
 
+Hosts batch many sessions over one shared pool instead (`stamen.models.paged`): there the
+cache is a `PagedKV` (one block's view of pages shared by all sessions) and the context a
+`PagedStep`, built on the device without host syncs, in which every row has its own
+position. Blocks do not tell the two apart: only `common.attend` does.
+
 This module knows nothing about networking, sessions or where checkpoints live.
 """
 
@@ -145,11 +150,52 @@ class StepContext:
         return cls(offset, key_positions[:, offset:], key_positions, mask)
 
 
+@dataclass(frozen=True)
+class PagedKV:
+    """One block's keys and values in a host's page pool (`stamen.models.paged.KVPool`).
+
+    Slot `s` of a sequence lives in page `table[s // page_tokens]`, at `s % page_tokens`.
+    """
+
+    key: Tensor  # (num_pages, page_tokens, H_kv, D)
+    value: Tensor  # (num_pages, page_tokens, H_kv, D)
+
+
+@dataclass(frozen=True)
+class PagedStep:
+    """The context of one step over a page pool: every row at its own position.
+
+    Built by `stamen.models.paged.paged_step` from device tensors only, so that a decode
+    step has static shapes and can be captured in a CUDA graph. `S = n_p * page_tokens`
+    slots are attended per row (the pages in `read_pages`); the mask hides the slots a row
+    has not written, left padding, and the null page.
+    """
+
+    positions: Tensor  # (B, T) long: position id of each new token, counting real tokens
+    key_positions: Tensor  # (B, S) long: position id of each attended slot (ALiBi)
+    attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend
+    write_pages: Tensor  # (B, T) long: the pool page each new token is written to
+    write_slots: Tensor  # (B, T) long: its slot inside that page
+    read_pages: Tensor  # (B, n_p) long: the pages attended, in slot order
+
+    @property
+    def num_new_tokens(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.key_positions.shape[1]
+
+
+AnyCache = KVCache | PagedKV
+AnyContext = StepContext | PagedStep
+
+
 class Block(nn.Module, ABC):
     """One transformer block: `(hidden, cache, context) -> hidden`."""
 
     @abstractmethod
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         """`hidden` is `(B, T, C)`. With `cache=None` the block attends over the T new tokens
         only (a stateless forward, `context.offset` must be 0)."""
 

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stamen.models.base import (
+    AnyCache,
+    AnyContext,
     Block,
     BlockAdapter,
     ClientHead,
-    KVCache,
     KVShape,
-    StepContext,
     UnsupportedModelError,
 )
 from stamen.models.common import (
@@ -79,7 +79,7 @@ class BloomBlock(Block):
         )
         self.residual_after_norm = bool(config.apply_residual_connection_post_layernorm)
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         normed = self.input_layernorm(hidden)
         residual = normed if self.residual_after_norm else hidden
         hidden = residual + self.self_attention(normed, cache, context)

@@ -24,10 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stamen.models.base import (
+    AnyCache,
+    AnyContext,
     CheckpointError,
-    KVCache,
     ModelError,
-    StepContext,
+    PagedKV,
+    PagedStep,
     UnsupportedModelError,
 )
 
@@ -244,9 +246,9 @@ class AlibiBias:
         self.slopes = _PerDevice(alibi_slopes(num_heads))  # (H,) float32
         self.scale = scale
         self.bfloat16_slopes = bfloat16_slopes
-        self._last: tuple[StepContext, torch.dtype, Tensor] | None = None
+        self._last: tuple[AnyContext, torch.dtype, Tensor] | None = None
 
-    def __call__(self, context: StepContext, dtype: torch.dtype) -> Tensor:
+    def __call__(self, context: AnyContext, dtype: torch.dtype) -> Tensor:
         """(B, H, T or 1, S) float bias, -inf where a query may not attend."""
         last = self._last
         if last is not None and last[0] is context and last[1] == dtype:
@@ -282,8 +284,8 @@ def attend(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    cache: KVCache | None,
-    context: StepContext,
+    cache: AnyCache | None,
+    context: AnyContext,
     *,
     bias: Tensor | None = None,
 ) -> Tensor:
@@ -291,8 +293,14 @@ def attend(
 
     q: (B, H, T, D); k, v: (B, H_kv, T, D); bias: additive float mask (B, H, T|1, S) that
     already includes masking (ALiBi), else the context's boolean mask is used.
-    Returns (B, H, T, D).
+    Returns (B, H, T, D). A `PagedKV` cache with its `PagedStep` goes to `attend_paged`.
     """
+    if isinstance(context, PagedStep):
+        if not isinstance(cache, PagedKV):
+            raise StepShapeError("a PagedStep needs a PagedKV cache")
+        return attend_paged(q, k, v, cache, context, bias=bias)
+    if isinstance(cache, PagedKV):
+        raise StepShapeError("a PagedKV cache needs a PagedStep context")
     T, offset = q.shape[2], context.offset
     if cache is not None:
         end = offset + T
@@ -318,6 +326,53 @@ def attend(
     )
 
 
+def attend_paged(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cache: PagedKV,
+    context: PagedStep,
+    *,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """`attend` over a page pool: every row writes its new keys and values at its own
+    slots and attends to the pages of its table. No host sync, static shapes.
+
+    Pages are gathered into one (B, S, H_kv, D) copy per step. A single-token step (decode)
+    computes grouped-query attention directly, scores and softmax in float32, so that
+    query heads share their KV head without repeating it; longer steps (prefill chunks)
+    use SDPA.
+    """
+    B, H, T, D = q.shape
+    H_kv = k.shape[1]
+    pages, slots = context.write_pages, context.write_slots  # (B, T) each
+    cache.key[pages, slots] = k.transpose(1, 2)  # (B, T, H_kv, D)
+    cache.value[pages, slots] = v.transpose(1, 2)
+    S = context.num_keys
+    keys = cache.key[context.read_pages].view(B, S, H_kv, D)  # (B, S, H_kv, D)
+    values = cache.value[context.read_pages].view(B, S, H_kv, D)
+    mask = bias if bias is not None else context.attn_mask  # (B, H or 1, T, S)
+    if T > 1:
+        return F.scaled_dot_product_attention(
+            q,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=mask,
+            enable_gqa=H != H_kv,
+        )
+    G = H // H_kv
+    q_grouped = q.view(B, H_kv, G, D).float()  # query head h = kv head h // G, as in SDPA
+    keys_f = keys.transpose(1, 2).float()  # (B, H_kv, S, D)
+    scores = torch.matmul(q_grouped, keys_f.transpose(-1, -2)) / math.sqrt(D)  # (B, H_kv, G, S)
+    if bias is not None:
+        scores = scores + bias.view(B, H_kv, G, S).float()  # -inf where masked
+    else:
+        scores = scores.masked_fill(~context.attn_mask.view(B, 1, 1, S), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, values.transpose(1, 2).float())  # (B, H_kv, G, D)
+    return out.to(q.dtype).view(B, H, 1, D)
+
+
 class SelfAttention(nn.Module):
     """Fused-qkv self-attention with rotary or ALiBi positions over the canonical cache."""
 
@@ -338,7 +393,7 @@ class SelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rotary, self.alibi = rotary, alibi
 
-    def forward(self, x: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, x: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if context.num_new_tokens != T or context.positions.shape[0] != B:

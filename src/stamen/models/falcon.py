@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stamen.models.base import (
+    AnyCache,
+    AnyContext,
     Block,
     BlockAdapter,
     ClientHead,
-    KVCache,
     KVShape,
-    StepContext,
     UnsupportedModelError,
 )
 from stamen.models.common import (
@@ -123,7 +123,7 @@ class FalconBlock(Block):
     def mlp(self, x: Tensor) -> Tensor:
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.gelu_approximate))
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         attn_in = self.norms[0](hidden)
         attn_out = self.self_attention(attn_in, cache, context)
         if not self.parallel:

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stamen.models.base import (
+    AnyCache,
+    AnyContext,
     Block,
     BlockAdapter,
     ClientHead,
-    KVCache,
     KVShape,
-    StepContext,
     UnsupportedModelError,
 )
 from stamen.models.common import (
@@ -88,7 +88,7 @@ class LlamaBlock(Block):
         self.gate_up_proj = frozen_linear(gate_up_weight, gate_up_bias)
         self.down_proj = frozen_linear(w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cache, context)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
         return hidden + self.down_proj(F.silu(gate) * up)
