@@ -6,16 +6,21 @@ in one local process, side by side in one run.
 The model is a random Llama (TinyLlama-like shape by default) saved as safetensors in a
 temporary directory, so the run needs no hub. Two `swarm-host` processes (`--device cuda
 --dtype bfloat16`) split its blocks on 127.0.0.1 over tcp; the client keeps float32
-hidden states on the CPU, as a real client does. The local baseline runs the same blocks
-on the same GPU in this process, with its hidden states already on the GPU.
+hidden states on the CPU, as a real client does. Two local baselines run the same blocks
+on the same GPU in this process, with their hidden states already on the GPU: eager
+(`LocalChain` over a contiguous `SpanCache`) and graph-captured (`DecodeGraphs` over a
+`KVPool`, what a host with CUDA graphs runs per decode step). The report gives the ms each
+swarm hop adds over both, next to the RPC ping; `--json` writes the numbers.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +28,7 @@ import torch
 from benchmarks.swarm_speed import PREFILL_TOKENS, _decode_steps_s, ping_s
 from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import Span, load_span
+from stamen.models.paged import DecodeGraphs, KVPool, pages_for, run_paged_span
 from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.local_swarm import LocalSwarm
@@ -46,32 +52,96 @@ def save_random_llama(directory: Path, hidden: int, layers: int) -> int:
     return layers
 
 
-async def _local(span: Span, layers: int, steps: int) -> float:
+@dataclass(frozen=True)
+class Target:
+    """Where the hosts and the local baselines run (`--device`): bf16 on CUDA, float32
+    on the CPU (a reduced smoke run)."""
+
+    device: torch.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def host_args(self) -> tuple[str, ...]:
+        return ("--device", self.device.type, "--dtype", str(self.dtype).removeprefix("torch."))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def name(self) -> str:
+        return torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+
+
+async def _local(span: Span, layers: int, steps: int, target: Target) -> float:
     cache = SpanCache.empty(
         span.adapter,
         span.config,
         layers,
         1,
         PREFILL_TOKENS + steps,
-        dtype=torch.bfloat16,
-        device="cuda",
+        dtype=target.dtype,
+        device=target.device,
     )
     chain = LocalChain([(span.blocks, cache)])
 
     async def step(hidden: torch.Tensor) -> torch.Tensor:
-        out = await chain.step(hidden.to("cuda", torch.bfloat16))
-        torch.cuda.synchronize()
+        out = await chain.step(hidden.to(target.device, target.dtype))
+        target.synchronize()
         return out
 
     return await _decode_steps_s(step, span.config.hidden_size, steps)
 
 
+class GraphChain:
+    """The span's blocks stepped in this process as a graph-capturing host steps them:
+    prefill through `run_paged_span`, single tokens through `DecodeGraphs` (one row)."""
+
+    def __init__(self, span: Span, layers: int, max_length: int, target: Target) -> None:
+        self.target = target
+        self.pool = KVPool(
+            span.adapter,
+            span.config,
+            layers,
+            pages_for(max_length, 16) + 1,
+            dtype=target.dtype,
+            device=target.device,
+        )
+        self.pool.clear_pages(range(self.pool.num_pages))
+        self.table = torch.arange(1, self.pool.num_pages)[None]  # (1, n_p) CPU
+        self.blocks = span.blocks
+        self.hidden_size = int(span.config.hidden_size)
+        self.graphs = DecodeGraphs(span.blocks, self.pool)
+        self.position = 0
+        self._run(torch.zeros(1, 1, span.config.hidden_size))  # capture outside the timing
+
+    def _run(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(self.target.device, self.target.dtype)  # (1, T, C)
+        start = torch.tensor([self.position])
+        if x.shape[1] == 1:
+            out = self.graphs.run(x, self.table, start)
+        else:
+            device = self.target.device
+            out = run_paged_span(self.blocks, self.pool, x, self.table.to(device), start.to(device))
+        self.target.synchronize()
+        self.position += x.shape[1]
+        return out
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        # In a worker thread, as `LocalChain.step` runs: the two baselines differ in compute only.
+        return await asyncio.to_thread(self._run, hidden)
+
+
+async def _local_graphs(chain: GraphChain, steps: int) -> float:
+    chain.position = 0  # rewriting from slot 0 is a legal rollback
+    return await _decode_steps_s(chain.step, chain.hidden_size, steps)
+
+
 async def run(args: argparse.Namespace, model_dir: Path) -> None:
-    layers = args.layers
+    layers, target = args.layers, Target(torch.device(args.device))
     # One event loop owns the host processes from start to stop; the client keeps its own.
-    async with LocalSwarm(
-        model_dir, layers, num_hosts=2, host_args=("--device", "cuda", "--dtype", "bfloat16")
-    ) as swarm:
+    async with LocalSwarm(model_dir, layers, num_hosts=2, host_args=target.host_args()) as swarm:
         model = await asyncio.to_thread(
             AutoDistributedModelForCausalLM.from_pretrained,
             model_dir,
@@ -85,32 +155,49 @@ async def run(args: argparse.Namespace, model_dir: Path) -> None:
             async with session:
                 return await _decode_steps_s(session.step, args.hidden, args.steps)
 
-        span = load_span(model_dir, 0, layers, dtype=torch.bfloat16, device="cuda")
-        local_rates, swarm_rates = [], []
+        span = load_span(model_dir, 0, layers, dtype=target.dtype, device=target.device)
+        graph_chain = GraphChain(span, layers, PREFILL_TOKENS + args.steps, target)
+        rates: dict[str, list[float]] = {"local": [], "local-graphs": [], "swarm": []}
         for _ in range(args.rounds):
-            local_rates.append(await _local(span, layers, args.steps))
-            swarm_rates.append(await asyncio.to_thread(model._loop.run, remote()))
+            rates["local"].append(await _local(span, layers, args.steps, target))
+            rates["local-graphs"].append(await _local_graphs(graph_chain, args.steps))
+            rates["swarm"].append(await asyncio.to_thread(model._loop.run, remote()))
         rtt = await asyncio.to_thread(ping_s, model)
         await asyncio.to_thread(model.close)
-    local, remote_rate = statistics.median(local_rates), statistics.median(swarm_rates)
+    report(args, target, {name: statistics.median(v) for name, v in rates.items()}, rtt)
+
+
+def report(args: argparse.Namespace, target: Target, rates: dict[str, float], rtt_s: float) -> None:
+    local, graphs, swarm = rates["local"], rates["local-graphs"], rates["swarm"]
+    added = {  # the swarm's step minus one local step, over the 2 hops
+        "eager": (1 / swarm - 1 / local) * 1e3 / 2,
+        "graphs": (1 / swarm - 1 / graphs) * 1e3 / 2,
+    }
     print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; random Llama hidden "
-        f"{args.hidden}, {layers} blocks, bf16; 2 hosts over tcp on 127.0.0.1; "
+        f"{target.name()}, torch {torch.__version__}; random Llama hidden "
+        f"{args.hidden}, {args.layers} blocks, {target.dtype}; 2 hosts over tcp on 127.0.0.1; "
         f"medians of {args.rounds} rounds of {args.steps} steps"
     )
+    print(f"{'':<22}{'steps/s':>10}{'ms/step':>10}{'swarm ratio':>13}")
+    for name, rate in rates.items():
+        print(f"{name:<22}{rate:>10.1f}{1e3 / rate:>10.2f}{swarm / rate:>12.2f}x")
     print(
-        f"decode steps/s: local {local:.1f}, swarm {remote_rate:.1f} ({remote_rate / local:.2f}x)"
+        f"added per hop: {added['eager']:.2f} ms over eager local, {added['graphs']:.2f} ms "
+        f"over graph-captured local; RPC ping {rtt_s * 1e3:.2f} ms"
     )
-    added_ms = (1 / remote_rate - 1 / local) * 1e3 / 2
-    print(f"added per hop: {added_ms:.2f} ms; RPC ping {rtt * 1e3:.2f} ms")
+    if args.json:
+        numbers = {"rates_steps_s": rates, "added_ms_per_hop": added, "ping_ms": rtt_s * 1e3}
+        Path(args.json).write_text(json.dumps({"args": vars(args), **numbers}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=2048, help="model width (heads of 64)")
+    parser.add_argument("--layers", type=int, default=16, help="blocks, split over 2 hosts")
+    parser.add_argument("--steps", type=int, default=200, help="decode steps per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (medians reported)")
+    parser.add_argument("--json", default=None, help="also write the numbers here")
+    parser.add_argument("--device", default="cuda", help="cuda, or cpu for a reduced smoke run")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "random-llama"
