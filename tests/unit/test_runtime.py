@@ -2,8 +2,11 @@
 
 The reference for every cached step is the stateless forward of the blocks over the whole
 sequence so far, so these tests check the caching itself, not only that two code paths
-agree. The cache-semantics tests run twice: with one allocation per session (pages longer
-than any session) and with 2-token pages, so that the cache grows under them.
+agree. The cache-semantics tests run three times: with one reservation per session
+(growth pages longer than any session), with 2-token growth pages, so that the cache grows
+under them, and with the default 16-token pool pages. Elsewhere the pool's pages hold 2
+tokens, so that the budget numbers asserted here are not rounded (`test_page_budget`
+covers the rounding).
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stamen.models.base import Block, KVCache, KVShape, StepContext
+from stamen.models.base import AnyCache, AnyContext, Block, KVShape, StepContext
+from stamen.models.common import attend
 from stamen.swarm_core.host.runtime import (
     CacheLimitExceeded,
     RuntimeLimits,
@@ -47,19 +50,11 @@ class TinyBlock(Block):
         self.qkv = nn.Linear(C, 3 * H * D)
         self.out = nn.Linear(H * D, C)
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         B, T, _ = hidden.shape
         x = hidden + torch.sin(context.positions[..., None].to(hidden.dtype))  # (B, T, C)
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        if cache is not None:
-            end = context.offset + T
-            cache.key[:, :, context.offset : end] = k
-            cache.value[:, :, context.offset : end] = v
-            k, v = cache.key[:, :, :end], cache.value[:, :, :end]  # (B, H, S, D)
-        mask = context.attn_mask
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1
-        )
+        y = attend(q, k, v, cache, context)  # (B, H, T, D), over the pool on a host
         return hidden + self.out(y.transpose(1, 2).reshape(B, T, H * D))
 
 
@@ -74,7 +69,7 @@ class GateBlock(Block):
     def __post_init__(self) -> None:
         nn.Module.__init__(self)
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         self.calls.append("step" if cache is not None else f"forward{int(hidden[0, 0, 0])}")
         self.entered.set()
         if self.gate is not None and not self.gate.wait(timeout=20):
@@ -87,7 +82,7 @@ class GateBlock(Block):
 class PoisonBlock(Block):
     """Identity that fails on NaN input, like a block hitting an error halfway through a span."""
 
-    def forward(self, hidden: Tensor, cache: KVCache | None, context: StepContext) -> Tensor:
+    def forward(self, hidden: Tensor, cache: AnyCache | None, context: AnyContext) -> Tensor:
         if hidden.isnan().any():
             raise FloatingPointError("poisoned")
         return hidden
@@ -96,9 +91,6 @@ class PoisonBlock(Block):
 class TinyAdapter:
     def kv_shape(self, config: Any) -> KVShape:
         return KVShape(H, D)
-
-    def empty_cache(self, config, batch_size, max_length, *, dtype, device="cpu") -> KVCache:
-        return KVCache.empty(batch_size, H, max_length, D, dtype=dtype, device=device)
 
 
 @dataclass
@@ -130,16 +122,27 @@ def full_forward(span: FakeSpan, hidden: Tensor, padding_mask: Tensor | None = N
     return hidden
 
 
-LIMITS = RuntimeLimits(max_cache_tokens=256, max_session_length=64, max_batch_size=4)
-# 4-token pages, one session at most half of 64 tokens: growth and its limits show early.
+LIMITS = RuntimeLimits(
+    max_cache_tokens=256, max_session_length=64, max_batch_size=4, kv_page_tokens=2
+)
+# 4-token growth pages, one session at most half of 64 tokens: growth and its limits show
+# early.
 GROWING = RuntimeLimits(
-    max_cache_tokens=64, max_session_length=64, max_batch_size=4, cache_page_tokens=4
+    max_cache_tokens=64,
+    max_session_length=64,
+    max_batch_size=4,
+    cache_page_tokens=4,
+    kv_page_tokens=2,
 )
 
 
 @pytest.fixture(
-    params=[LIMITS, dataclasses.replace(LIMITS, cache_page_tokens=2)],
-    ids=["one_allocation", "growing"],
+    params=[
+        LIMITS,
+        dataclasses.replace(LIMITS, cache_page_tokens=2),
+        dataclasses.replace(LIMITS, kv_page_tokens=16),
+    ],
+    ids=["one_allocation", "growing", "pool_pages_16"],
 )
 async def runtime(request: pytest.FixtureRequest):
     async with SpanRuntime(tiny_span(), request.param) as runtime:
@@ -343,7 +346,7 @@ async def test_inference_steps_run_before_queued_forwards() -> None:
 async def test_step_waiting_too_long_in_the_queue_times_out() -> None:
     gate = threading.Event()
     gate_block = GateBlock(gate=gate)
-    limits = RuntimeLimits(max_cache_tokens=8, step_timeout_s=0.1)
+    limits = RuntimeLimits(max_cache_tokens=8, step_timeout_s=0.1, kv_page_tokens=4)
     async with SpanRuntime(tiny_span(1, gate_block), limits) as runtime:
         session = await runtime.open_session(max_length=4)
         blocker = asyncio.create_task(runtime.forward(torch.zeros(1, 1, C)))

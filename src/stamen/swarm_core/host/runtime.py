@@ -11,26 +11,38 @@
 
 Contract:
 
-1. Cache follows use (`sessions.CacheBudget`). `open_session` reserves one page
-   (`min(max_length, cache_page_tokens) * batch_size` tokens in every block) or raises
-   `RemoteBusy` at once; `max_length` is only the session's upper bound. A step that writes
-   past the session's capacity first grows the reservation (doubling, in whole pages,
-   up to `max_length`); if that is not free the step is refused with `RemoteBusy` (and a
-   `retry_after_s` hint) before anything runs, and the session stays valid at its old
-   length, so the same step may be retried. One session may hold at most
-   `max_session_cache_fraction` of the budget; growth past that is `CacheLimitExceeded`
-   (a `RemoteBadRequest`). Closing a session returns all of it to the budget at once.
-   Buffers are allocated, and grown (new buffers, filled prefix copied), by the compute
-   thread when a step needs them: an open costs ~12 us and no memory, and zero-filling
-   a large cache (94 MB for SmolLM2's 30 blocks at 2048 tokens: ~70-140 ms on a loaded
-   2-core CPU) never runs on the event loop.
+1. One KV cache per host: a `models.paged.KVPool` of `max_cache_tokens // kv_page_tokens`
+   pages (plus the null page), allocated once by the compute thread when the runtime
+   starts, before any other job. Cache follows use (`sessions.CacheBudget`): `open_session`
+   hands each row the pages for `min(max_length, cache_page_tokens)` slots or raises
+   `RemoteBusy` at once; `max_length` is only the session's upper bound. A step that
+   writes past the session's capacity first grows it (doubling, in whole
+   `cache_page_tokens`, up to `max_length`, rounded up to whole pool pages); if that is not
+   free the step is refused with `RemoteBusy` (and a `retry_after_s` hint) before
+   anything runs, and the session stays valid at its old length, so the same step may be
+   retried. One session may address at most `max_session_cache_fraction` of the budget
+   (batch x length); more is `CacheLimitExceeded` (a `RemoteBadRequest`). Growth copies
+   nothing (a row's page list gets longer); new pages are zeroed on the compute thread
+   before the first step that uses them. Closing a session returns its pages at once:
+   every pool access runs on the compute thread, a queued step of a closed session fails
+   `RemoteNotFound` before touching the pool, and the next owner of a page zeroes it
+   first.
 2. `step` writes the cache at `[start_position, start_position + T)`. `start_position` may
    roll back or replay (entries at and beyond it are overwritten or ignored) but never skip
-   past the session's length. The session keeps its key padding mask history, so a
-   left-padded batch stays correct across steps.
-3. All compute runs on one thread (`scheduler.ComputeScheduler`): inference steps before
-   forward/backward, each job failing with `RemoteTimeout` if it waits too long in the queue.
-   Idle sessions are closed by a reaper task owned by the runtime.
+   past the session's length. The pool keeps which slots hold padding, so a left-padded
+   batch stays correct across steps.
+3. All compute runs on one thread (`scheduler.ComputeScheduler`). Decode steps (T == 1, no
+   deep-prompt slice) of sessions over the same block range are batched continuously:
+   each is an item of that range's lane, and one batch runs every row queued there
+   (up to `max_batch_rows`) as one `DecodeGraphs.run` (CUDA graphs on a GPU), each row at
+   its own position. Every other step (prefill, replay, prompts) runs in chunks of at
+   most `prefill_chunk_tokens` rows x tokens, each chunk its own inference job, so decode
+   batches run between the chunks of a long prefill. Forward / backward come after both.
+   Anything waiting too long in the queue fails with `RemoteTimeout`. A step that fails
+   midway shrinks the session's valid length to its start (a chunked step stopped between
+   chunks keeps the chunks that ran). Idle sessions are closed by a reaper task owned by
+   the runtime. `batching=False` runs each decode step as a job of its own (still over the
+   pool); `cuda_graphs=False` runs decode batches eagerly.
 4. Every request is validated before anything is allocated; refusals are
    `protocol.errors.RemoteError`s (sent to the client as they are) and the runtime keeps
    serving. A forward / backward of more than `max_bulk_tokens` tokens (B x T, what a
@@ -40,20 +52,14 @@ Contract:
    (`stamen.models.chain`). `forward` / `backward` start at position 0 and need P <= T. A
    step at `start_position = s` adds `prompts[:, :, s:min(P, s + T)]` when s < P and
    ignores them otherwise, so a replay from 0 that resends them rebuilds the same cache.
-   Prompts are cast to the span's dtype and device; results come back in the dtype the
-   request's tensors came in.
+   Prompts are cast to the span's dtype and device; results come back in the dtype (and
+   on the device) the request's tensors came in. On a GPU, decode batches go through
+   pinned host buffers with one device synchronisation per batch.
 6. `backward` keeps nothing between calls: it recomputes the blocks from the client's
    `hidden` under autograd and returns `(grad_hidden, grad_prompts)`, `grad_prompts`
    shaped like the prompts (a batch-1 prompt gets the gradient summed over rows; None
    without prompts). Only the inputs are differentiated: no parameter gets a `.grad`
    and no weight changes, float, int8 and nf4 spans alike.
-
-Not done: continuous batching of different sessions' decode steps into one block call.
-The block contract takes one `KVCache` and one `StepContext` with a single `offset`, while
-each session owns its own buffers at its own length; merging them would copy every
-session's cache per step (doubling the memory traffic that bounds decode) unless the
-cache becomes a shared paged pool with per-row offsets, which is a change to
-`stamen.models.base`. Until then concurrent sessions take turns, one step per job.
 
 This module knows nothing about networking, peers (a peer id is only a log label) or
 where the span's weights came from.
@@ -73,7 +79,15 @@ import torch
 from torch import Tensor, nn
 
 from stamen.models.base import BlockAdapter, StepContext
-from stamen.models.chain import SpanCache, run_blocks, run_span
+from stamen.models.chain import run_blocks
+from stamen.models.paged import (
+    DEFAULT_PAGE_TOKENS,
+    NULL_PAGE,
+    DecodeGraphs,
+    KVPool,
+    pages_for,
+    run_paged_span,
+)
 from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
 from stamen.swarm_core.host.sessions import (
     CacheBudget,
@@ -120,12 +134,12 @@ class ServedSpan(Protocol):
 
 @dataclass(frozen=True)
 class RuntimeLimits:
-    max_cache_tokens: int  # per block, shared by all sessions
-    cache_page_tokens: int = 128  # a session's first reservation; growth rounds to pages
+    max_cache_tokens: int  # per block, shared by all sessions (rounded down to pool pages)
+    cache_page_tokens: int = 128  # a session's first reservation; growth rounds to these
     max_session_cache_fraction: float = 0.5  # of max_cache_tokens, for any one session
     busy_retry_after_s: float = 1.0  # the hint sent with a cache refusal
     session_idle_timeout_s: float = 300.0
-    step_timeout_s: float = 30.0  # longest wait in the queue before a step starts
+    step_timeout_s: float = 30.0  # longest wait in the queue before a step (chunk) starts
     bulk_timeout_s: float = 120.0  # same for forward / backward
     max_batch_size: int = 64
     max_session_length: int = 8192
@@ -133,6 +147,11 @@ class RuntimeLimits:
     max_prompt_tokens: int = 1024  # P of deep prompts
     max_queued_jobs: int = 1024
     reaper_interval_s: float = 1.0
+    batching: bool = True  # merge sessions' decode steps into one batch per block range
+    max_batch_rows: int = 64  # rows (sessions x their batch) in one decode batch
+    prefill_chunk_tokens: int = 512  # rows x tokens of one prefill chunk
+    cuda_graphs: bool = True  # replay decode batches as CUDA graphs (on a GPU)
+    kv_page_tokens: int = DEFAULT_PAGE_TOKENS  # slots per pool page
 
     def __post_init__(self) -> None:
         if self.max_cache_tokens < 0:
@@ -144,6 +163,9 @@ class RuntimeLimits:
             "max_bulk_tokens",
             "max_prompt_tokens",
             "max_queued_jobs",
+            "max_batch_rows",
+            "prefill_chunk_tokens",
+            "kv_page_tokens",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -165,8 +187,13 @@ class RuntimeLimits:
 
     @property
     def max_session_cache_tokens(self) -> int:
-        """The most cache tokens (batch x length, per block) one session may hold."""
+        """The most cache tokens (batch x length, per block) one session may address."""
         return int(self.max_cache_tokens * self.max_session_cache_fraction)
+
+    @property
+    def num_pages(self) -> int:
+        """Pages of the host's pool, the null page included."""
+        return self.max_cache_tokens // self.kv_page_tokens + 1
 
 
 @dataclass(frozen=True)
@@ -174,12 +201,15 @@ class RuntimeInfo:
     start: int
     end: int
     sessions_open: int
-    cache_tokens_total: int
+    cache_tokens_total: int  # the pool's pages (the null page aside) x kv_page_tokens
     cache_tokens_free: int
-    session_cache_tokens_max: int  # what one session may hold (batch x length)
+    session_cache_tokens_max: int  # what one session may address (batch x length)
     queue_depth: int
     steps: int
     tokens_processed: int  # by steps, forward and backward together
+    batches: int  # decode batches run (one per DecodeGraphs.run)
+    batched_rows: int  # rows in them, over all batches
+    graphs_captured: int  # CUDA graphs captured for decode batches
 
 
 def cache_bytes_per_token(span: ServedSpan) -> int:
@@ -202,6 +232,40 @@ def _span_device(span: ServedSpan) -> torch.device:
     return torch.device("cpu")
 
 
+def _batch_buckets(max_rows: int) -> tuple[int, ...]:
+    """Powers of two up to the first one holding `max_rows` rows."""
+    return tuple(1 << i for i in range((max_rows - 1).bit_length() + 1))
+
+
+@dataclass(eq=False)
+class _Decode:
+    """One session's decode step, as queued in its block range's lane."""
+
+    session: Session
+    hidden: Tensor  # (B, 1, C) as the request sent it
+    start: int
+    mask: Tensor | None  # (B, 1) bool, or None: every row real
+
+
+class _Staging:
+    """Pinned host buffers for the rows of decode batches on a GPU, reused across batches.
+
+    A batch fills `input` from its requests (the one cast to the span's dtype), the device
+    reads it asynchronously, and the output comes back into `output` with one
+    synchronisation, which also guarantees the input copy is done before the next batch
+    writes `input` again.
+    """
+
+    def __init__(self, rows: int, hidden_size: int, dtype: torch.dtype) -> None:
+        shape = (rows, 1, hidden_size)
+        self.input = torch.empty(shape, dtype=dtype, pin_memory=True)  # (rows, 1, C)
+        self.output = torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    @property
+    def rows(self) -> int:
+        return self.input.shape[0]
+
+
 class SpanRuntime:
     def __init__(self, span: ServedSpan, limits: RuntimeLimits) -> None:
         if not span.blocks:
@@ -212,8 +276,9 @@ class SpanRuntime:
         self.dtype = _span_dtype(span)
         self.device = _span_device(span)
         self._budget = CacheBudget(
-            limits.max_cache_tokens,
-            page_tokens=limits.cache_page_tokens,
+            limits.num_pages,
+            page_tokens=limits.kv_page_tokens,
+            growth_tokens=limits.cache_page_tokens,
             max_session_tokens=limits.max_session_cache_tokens,
             retry_after_s=limits.busy_retry_after_s,
         )
@@ -223,11 +288,24 @@ class SpanRuntime:
         self._reaper: asyncio.Task[None] | None = None
         self._steps = 0
         self._tokens_processed = 0
+        # Compute-thread state: the pool, one DecodeGraphs per block range, GPU staging.
+        self._pool: KVPool | None = None
+        self._decoders: dict[tuple[int, int], DecodeGraphs] = {}
+        self._staging: _Staging | None = None
+        self._batches = 0
+        self._batched_rows = 0
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         self._scheduler.start()
+        if self._pool is None:
+            # Nothing is queued ahead of it, so the deadline only bounds a stuck thread.
+            await self._scheduler.run(
+                self._allocate_pool,
+                priority=Priority.INFERENCE,
+                queue_timeout_s=self.limits.bulk_timeout_s,
+            )
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle(), name="stamen-session-reaper")
 
@@ -263,6 +341,9 @@ class SpanRuntime:
             queue_depth=self._scheduler.queue_depth,
             steps=self._steps,
             tokens_processed=self._tokens_processed,
+            batches=self._batches,
+            batched_rows=self._batched_rows,
+            graphs_captured=sum(d.graphs_captured for d in list(self._decoders.values())),
         )
 
     # -- sessions -----------------------------------------------------------------------
@@ -298,13 +379,12 @@ class SpanRuntime:
         peer_label: str | None = None,
     ) -> SessionId:
         """Open a session over `block_range` (absolute indices; default: the whole span),
-        reserving its first cache page. A client may enter a host anywhere inside its span."""
+        reserving its first pages. A client may enter a host anywhere inside its span."""
         check_positive_int(max_length, "max_length", maximum=self.limits.max_session_length)
         check_positive_int(batch_size, "batch_size", maximum=self.limits.max_batch_size)
         blocks = self.block_range(block_range)
-        capacity = self._budget.first_page(max_length, batch_size)
         session = Session(new_session_id(), batch_size, max_length, blocks, peer_label)
-        session.capacity = capacity
+        self._budget.first_page(session)
         self._sessions[session.session_id] = session
         logger.info(
             "session %s opened: blocks [%d, %d), batch %d x length %d of up to %d reserved, "
@@ -312,7 +392,7 @@ class SpanRuntime:
             session.session_id,
             *blocks,
             batch_size,
-            capacity,
+            session.capacity,
             max_length,
             peer_label or "-",
         )
@@ -333,17 +413,17 @@ class SpanRuntime:
     def _close(self, session_id: SessionId, *, reason: str) -> None:
         session = self._sessions.pop(session_id)
         session.closed = True
-        # The compute thread may still hold the buffers for a running step; refcounting
-        # frees them when it lets go.
-        session.cache = None
-        self._budget.release(session.reserved_tokens)
+        reserved = session.reserved_tokens
+        # Safe while a step of it runs: whoever gets these pages next zeroes them on the
+        # compute thread, after that step.
+        self._budget.release(session)
         logger.info(
             "session %s closed (%s): blocks [%d, %d), %d cache tokens, %d tokens processed, "
             "open %.1f s, peer %s",
             session_id,
             reason,
             *session.block_range,
-            session.reserved_tokens,
+            reserved,
             session.tokens_processed,
             time.monotonic() - session.opened_s,
             session.peer_label or "-",
@@ -384,18 +464,70 @@ class SpanRuntime:
             # refuse a gap before growing the reservation for it.
             check_no_gap(session, start)
         self._budget.grow(session, start + T)  # or RemoteBusy / CacheLimitExceeded; nothing ran
-        capacity = session.capacity
         session.in_flight += 1
         session.touch()
         try:
-            return await self._scheduler.run(
-                lambda: self._compute_step(session, hidden, start, mask, capacity, step_prompts),
-                priority=Priority.INFERENCE,
-                queue_timeout_s=self.limits.step_timeout_s,
-            )
+            if T == 1 and step_prompts is None:
+                return await self._decode(_Decode(session, hidden, start, mask))
+            return await self._prefill(session, hidden, start, mask, step_prompts)
         finally:
             session.in_flight -= 1
             session.touch()
+
+    async def _decode(self, item: _Decode) -> Tensor:
+        limits = self.limits
+        if limits.batching and item.session.batch_size <= limits.max_batch_rows:
+            result: Tensor = await self._scheduler.run_batched(
+                item.session.block_range,
+                item,
+                self._compute_decode_batch,
+                weight=item.session.batch_size,
+                max_weight=limits.max_batch_rows,
+                queue_timeout_s=limits.step_timeout_s,
+            )
+            return result
+        return await self._scheduler.run(
+            lambda: _result_of(self._compute_decode_batch([item])[0]),
+            priority=Priority.INFERENCE,
+            queue_timeout_s=limits.step_timeout_s,
+        )
+
+    async def _prefill(
+        self,
+        session: Session,
+        hidden: Tensor,
+        start: int,
+        mask: Tensor | None,
+        prompts: Tensor | None,
+    ) -> Tensor:
+        """The step in chunks of at most `prefill_chunk_tokens` rows x tokens, each its own
+        inference job, written into one output tensor."""
+        B, T, C = hidden.shape
+        chunk = max(1, self.limits.prefill_chunk_tokens // B)
+        if chunk >= T:
+            return await self._run_chunk(session, hidden, start, (0, T), mask, prompts, None)
+        out = torch.empty(B, T, C, dtype=hidden.dtype, device=hidden.device)  # (B, T, C)
+        for first in range(0, T, chunk):
+            piece = (first, min(T, first + chunk))
+            await self._run_chunk(session, hidden, start, piece, mask, prompts, out)
+        return out
+
+    async def _run_chunk(
+        self,
+        session: Session,
+        hidden: Tensor,
+        start: int,
+        piece: tuple[int, int],
+        mask: Tensor | None,
+        prompts: Tensor | None,
+        out: Tensor | None,
+    ) -> Tensor:
+        result: Tensor = await self._scheduler.run(
+            lambda: self._compute_chunk(session, hidden, start, piece, mask, prompts, out),
+            priority=Priority.INFERENCE,
+            queue_timeout_s=self.limits.step_timeout_s,
+        )
+        return result
 
     async def forward(
         self,
@@ -478,58 +610,240 @@ class SpanRuntime:
 
     # -- compute (runs on the scheduler's thread only) ----------------------------------
 
-    def _compute_step(
+    def _allocate_pool(self) -> None:
+        limits = self.limits
+        self._pool = KVPool(
+            self.span.adapter,
+            self.span.config,
+            len(self.span.blocks),
+            limits.num_pages,
+            page_tokens=limits.kv_page_tokens,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        logger.info(
+            "KV pool: %d pages of %d tokens, %.1f MiB on %s",
+            limits.num_pages - 1,
+            limits.kv_page_tokens,
+            self._pool.nbytes() / 2**20,
+            self.device,
+        )
+
+    def _pool_for(self, session: Session) -> KVPool:
+        """The pool, with the session's newly handed pages zeroed (closed: NotFound)."""
+        if session.closed:
+            raise RemoteNotFound(f"session {session.session_id!r} was closed before its step ran")
+        pool = self._pool
+        assert pool is not None, "the runtime was not started"
+        pool.clear_pages(session.take_pages_to_clear())
+        return pool
+
+    def _table(self, session: Session, num_pages: int, width: int) -> list[list[int]]:
+        """Each row's first `num_pages` pages, padded with the null page to `width`."""
+        padding = [NULL_PAGE] * (width - num_pages)
+        return [row[:num_pages] + padding for row in session.pages]
+
+    def _compute_chunk(
         self,
         session: Session,
         hidden: Tensor,
-        start: int,
+        step_start: int,
+        piece: tuple[int, int],
         mask: Tensor | None,
-        capacity: int,
         prompts: Tensor | None,
+        out: Tensor | None,
     ) -> Tensor:
-        """`capacity`: slots per sequence reserved for this session when the step was
-        queued (at least `start + T`); the buffers grow to it if they are shorter.
-        `prompts`: the slice for this step's positions, or None."""
-        if session.closed:
-            raise RemoteNotFound(f"session {session.session_id!r} was closed before its step ran")
-        check_no_gap(session, start)
-        B, T, _ = hidden.shape
-        blocks = self._blocks(session.block_range)
-        session.cache = self._cache_for(session, len(blocks), start, start + T, capacity)
-        # Slots from `start` on are being rewritten: if a block fails midway they are
-        # neither old nor new, so the valid prefix shrinks first.
-        session.length = start
-        x = _on(hidden, self.device, self.dtype)  # (B, T, C)
-        mask = None if mask is None else mask.to(self.device)
-        p = None if prompts is None else _on(prompts, self.device, self.dtype)
-        x = run_span(blocks, session.cache, x, start, mask, p)
-        session.length = start + T
-        session.tokens_processed += B * T
-        self._steps += 1
-        self._tokens_processed += B * T
-        return _on(x, hidden.device, hidden.dtype)
-
-    def _cache_for(
-        self, session: Session, num_blocks: int, start: int, end: int, capacity: int
-    ) -> SpanCache:
-        """The session's buffers for a step writing `[start, end)`: allocated, or grown to
-        `capacity` when `end` is past them."""
-        cache = session.cache
-        if cache is not None and cache.max_length >= end:
-            return cache
-        if cache is None:
-            return SpanCache.empty(
-                self.span.adapter,
-                self.span.config,
-                num_blocks,
-                session.batch_size,
-                capacity,
-                dtype=self.dtype,
-                device=self.device,
+        """Tokens `[first, end)` of a step starting at `step_start`, written into `out`
+        (the whole step's output) when given. `prompts`: the step's slice, or None."""
+        pool = self._pool_for(session)
+        first, end = piece
+        chunk_start = step_start + first
+        check_no_gap(session, chunk_start)
+        B = session.batch_size
+        num_pages = pages_for(step_start + end, pool.page_tokens)
+        table = torch.tensor(self._table(session, num_pages, num_pages), device=pool.device)
+        start = torch.full((B,), chunk_start, dtype=torch.long, device=pool.device)
+        valid = None if mask is None else mask[:, first:end].to(pool.device)
+        p = None
+        if prompts is not None and first < prompts.shape[2]:
+            p = _on(prompts[:, :, first:end], pool.device, pool.dtype)
+        # Slots from the chunk's start on are being rewritten: if a block fails midway
+        # they are neither old nor new, and the whole step has failed.
+        session.length = chunk_start
+        try:
+            x = _on(hidden[:, first:end], pool.device, pool.dtype)  # (B, t, C)
+            y = run_paged_span(
+                self._blocks(session.block_range),
+                pool,
+                x,
+                table,
+                start,
+                valid,
+                p,
+                block_offset=session.block_range[0] - self.span.start,
             )
-        # Slots from the step's start on are rewritten by it: only the prefix before is kept.
-        filled = min(session.length, start)
-        return cache.grown(self.span.adapter, self.span.config, capacity, filled=filled)
+        except BaseException:
+            session.length = step_start
+            raise
+        session.length = step_start + end
+        tokens = B * (end - first)
+        session.tokens_processed += tokens
+        self._tokens_processed += tokens
+        if end == hidden.shape[1]:
+            self._steps += 1
+        if out is None:
+            return _on(y, hidden.device, hidden.dtype)
+        out[:, first:end] = y
+        return out
+
+    def _compute_decode_batch(self, items: list[_Decode]) -> list[Tensor | BaseException]:
+        """The batch function of the decode lanes: one result per item, in order.
+
+        A session's second item (which a client waiting for its steps never sends) runs
+        after its first, in a batch of its own."""
+        results: list[Tensor | BaseException] = [RemoteNotFound("not run")] * len(items)
+        pending = list(range(len(items)))
+        while pending:
+            wave: list[int] = []
+            later: list[int] = []
+            seen: set[int] = set()
+            for index in pending:
+                key = id(items[index].session)
+                (later if key in seen else wave).append(index)
+                seen.add(key)
+            self._run_decode_wave(items, wave, results)
+            pending = later
+        return results
+
+    def _run_decode_wave(
+        self, items: list[_Decode], indices: list[int], results: list[Tensor | BaseException]
+    ) -> None:
+        """One decode batch of items of distinct sessions; fills their `results`."""
+        live: list[int] = []
+        for index in indices:
+            item = items[index]
+            try:
+                self._pool_for(item.session)  # NotFound once closed
+                check_no_gap(item.session, item.start)
+            except (RemoteNotFound, RemoteBadRequest) as error:  # this item only
+                results[index] = error
+                continue
+            live.append(index)
+        if not live:
+            return
+        batch = [items[index] for index in live]
+        for item in batch:
+            item.session.length = item.start  # its slot is being rewritten
+        try:
+            outputs = self._run_decode_rows(batch)
+        except Exception as error:  # every item of this batch failed
+            for index in live:
+                results[index] = error
+            return
+        for index, item, output in zip(live, batch, outputs, strict=True):
+            session = item.session
+            session.length = item.start + 1
+            session.tokens_processed += session.batch_size
+            results[index] = output
+        rows = sum(item.session.batch_size for item in batch)
+        self._steps += len(batch)
+        self._tokens_processed += rows
+        self._batches += 1
+        self._batched_rows += rows
+
+    def _run_decode_rows(self, batch: list[_Decode]) -> list[Tensor]:
+        """One `DecodeGraphs.run` over the rows of `batch` (all of one block range);
+        returns each item's (B, 1, C) in its request's dtype and device."""
+        pool = self._pool
+        assert pool is not None
+        needed = [pages_for(item.start + 1, pool.page_tokens) for item in batch]
+        width = max(needed)
+        table = torch.tensor(
+            [
+                row
+                for item, n in zip(batch, needed, strict=True)
+                for row in self._table(item.session, n, width)
+            ],
+            dtype=torch.long,
+        )  # (rows, width)
+        start = torch.tensor(
+            [item.start for item in batch for _ in range(item.session.batch_size)],
+            dtype=torch.long,
+        )  # (rows,)
+        valid = None
+        if any(item.mask is not None for item in batch):
+            valid = torch.cat(
+                [
+                    item.mask
+                    if item.mask is not None
+                    else torch.ones(item.session.batch_size, 1, dtype=torch.bool)
+                    for item in batch
+                ]
+            )  # (rows, 1)
+        decoder = self._decoder(batch[0].session.block_range)
+        if pool.device.type == "cuda" and all(item.hidden.device.type == "cpu" for item in batch):
+            return self._decode_staged(decoder, batch, table, start, valid)
+        x = torch.cat([_on(item.hidden, pool.device, pool.dtype) for item in batch])  # (rows, 1, C)
+        y = decoder.run(x, table, start, valid)  # (rows, 1, C)
+        outputs = []
+        first = 0
+        for item in batch:
+            end = first + item.session.batch_size
+            h = item.hidden
+            # A copy: the decoder's output may be a static buffer the next batch reuses.
+            outputs.append(y[first:end].to(device=h.device, dtype=h.dtype, copy=True))
+            first = end
+        return outputs
+
+    def _decode_staged(
+        self,
+        decoder: DecodeGraphs,
+        batch: list[_Decode],
+        table: Tensor,
+        start: Tensor,
+        valid: Tensor | None,
+    ) -> list[Tensor]:
+        """`_run_decode_rows` for CPU requests on a GPU: rows in and out through pinned
+        buffers, asynchronous copies, one synchronisation."""
+        rows = table.shape[0]
+        staging = self._staging
+        if staging is None or staging.rows < rows:
+            size = max(rows, self.limits.max_batch_rows)
+            staging = self._staging = _Staging(size, self.hidden_size, self.dtype)
+        x = staging.input[:rows]  # (rows, 1, C) pinned
+        first = 0
+        for item in batch:
+            end = first + item.session.batch_size
+            x[first:end].copy_(item.hidden)  # the one cast into the span's dtype
+            first = end
+        y = decoder.run(x, table, start, valid)  # (rows, 1, C) on the GPU
+        host = staging.output[:rows]
+        host.copy_(y, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        outputs = []
+        first = 0
+        for item in batch:
+            end = first + item.session.batch_size
+            # A copy: the staging buffer is reused by the next batch.
+            outputs.append(host[first:end].to(dtype=item.hidden.dtype, copy=True))
+            first = end
+        return outputs
+
+    def _decoder(self, block_range: tuple[int, int]) -> DecodeGraphs:
+        decoder = self._decoders.get(block_range)
+        if decoder is None:
+            pool = self._pool
+            assert pool is not None
+            limits = self.limits
+            decoder = DecodeGraphs(
+                self._blocks(block_range),
+                pool,
+                block_offset=block_range[0] - self.span.start,
+                batch_buckets=_batch_buckets(max(limits.max_batch_rows, limits.max_batch_size)),
+                use_graphs=None if limits.cuda_graphs else False,
+            )
+            self._decoders[block_range] = decoder
+        return decoder
 
     def _bulk_context(self, hidden: Tensor, mask: Tensor | None) -> StepContext:
         B, T, _ = hidden.shape
@@ -577,6 +891,12 @@ class SpanRuntime:
         return grad_hidden, grads[1].to(device=prompts.device, dtype=prompts.dtype)
 
 
+def _result_of(result: Tensor | BaseException) -> Tensor:
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def _on(tensor: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """`tensor` on `device` as `dtype`, skipping `.to` (a dispatcher round) when it is."""
     if tensor.dtype == dtype and tensor.device == device:
@@ -591,32 +911,44 @@ def measure_throughput(
     batch_size: int = 1,
     forward_tokens: int = 32,
     duration_s: float = 0.5,
+    cuda_graphs: bool = True,
 ) -> float:
     """Tokens per second through the whole span, measured for about `duration_s`.
 
-    "decode" runs single-token cached steps (what a generating client sees); "forward"
-    runs stateless forwards of `forward_tokens` tokens (fine-tuning, prefill-like work).
-    One untimed warm-up call comes first; at least one timed call always runs.
+    "decode" runs single-token steps the way a host serves them: `batch_size` rows over a
+    page pool through `DecodeGraphs` (CUDA graphs on a GPU unless `cuda_graphs=False`),
+    hidden states sent from and returned to host memory. "forward" runs stateless
+    forwards of `forward_tokens` tokens (fine-tuning, prefill-like work). One untimed
+    warm-up call comes first; at least one timed call always runs.
     """
     dtype, device = _span_dtype(span), _span_device(span)
     C = int(span.config.hidden_size)
     run: Callable[[int], None]
     if kind == "decode":
-        max_length = 64
-        cache = SpanCache.empty(
+        max_length, page_tokens = 64, DEFAULT_PAGE_TOKENS
+        row_pages = pages_for(max_length, page_tokens)
+        pool = KVPool(
             span.adapter,
             span.config,
             len(span.blocks),
-            batch_size,
-            max_length,
+            1 + batch_size * row_pages,
+            page_tokens=page_tokens,
             dtype=dtype,
             device=device,
         )
-        x = torch.randn(batch_size, 1, C, dtype=dtype, device=device)  # (B, 1, C)
+        pages = list(range(1, pool.num_pages))
+        pool.clear_pages(pages)
+        table = torch.tensor(pages).view(batch_size, row_pages)  # (B, n_p)
+        decoder = DecodeGraphs(span.blocks, pool, use_graphs=None if cuda_graphs else False)
+        pinned = device.type == "cuda"
+        x = torch.randn(batch_size, 1, C, dtype=dtype, pin_memory=pinned)  # (B, 1, C)
+        out = torch.empty_like(x, pin_memory=pinned)
 
         def run(i: int) -> None:
             # Positions wrap around: rewriting old slots is a legal rollback.
-            run_span(span.blocks, cache, x, i % max_length)
+            start = torch.full((batch_size,), i % max_length, dtype=torch.long)
+            out.copy_(decoder.run(x, table, start), non_blocking=pinned)
+            _synchronize(device)
 
         tokens_per_call = batch_size
     elif kind == "forward":

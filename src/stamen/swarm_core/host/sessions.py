@@ -1,19 +1,27 @@
-"""Inference sessions of a host: ids, the KV-cache token budget, request errors, validation.
+"""Inference sessions of a host: ids, the page-backed KV-cache budget, request errors, validation.
 
-Cache follows use. A session holds `capacity * batch_size` cache tokens in every block of
-the span, taken from one global `CacheBudget`:
+Cache follows use. The host's KV cache is one pool of fixed-size pages (`page_tokens`
+slots each, per block; page 0 is the null page and never handed out). A session row of
+capacity `c` holds `ceil(c / page_tokens)` pages of it, and `capacity` is what those pages
+hold; `CacheBudget` keeps the free list of page ids:
 
-1. at open, one page: `capacity = min(max_length, page_tokens)`; `RemoteBusy` if even that is
-   not free (or one page is more than one session may hold);
-2. a step that writes past `capacity` first grows it: doubled, rounded up to whole pages,
-   at most `max_length` and the per-session cap. Growth that is not free is `RemoteBusy` and
-   growth past the cap is `CacheLimitExceeded`; either way nothing is reserved and the
-   session is left as it was;
-3. a reservation never shrinks while the session is open, and all of it returns to the
-   budget at once when the session closes.
+1. at open, the first reservation: every row gets the pages for
+   `min(max_length, growth_tokens)` slots; `RemoteBusy` if they are not free (or if
+   `batch x min(max_length, growth_tokens)` is more than one session may hold);
+2. a step that writes past `capacity` first grows it: doubled, rounded up to whole
+   `growth_tokens`, at most `max_length` and the per-session cap, then to whole pages.
+   Growth that is not free is `RemoteBusy`, and a step needing more than the per-session cap
+   (`batch x length`, the tokens it addresses) is `CacheLimitExceeded`; either way no page
+   moves and the session is left as it was;
+3. a reservation never shrinks while the session is open, and all its pages return to the
+   free list at once when the session closes.
 
-The budget only counts tokens; the runtime's compute thread allocates (and grows) the
-buffers to match.
+Growth copies nothing: a row's page list only gets longer. Pages handed to a session hold
+whatever their last owner (or nobody) wrote, so they also go on the session's
+`pages_to_clear`, which the compute thread drains (zeroing them) before the session's next
+step; a row's pages are appended to its list only after they are queued for clearing, so a
+step never sees a page that it has not cleared. The budget reports tokens as pages x
+`page_tokens`.
 
 Refusals are `protocol.errors`' `RemoteError`s, raised here and sent by the RPC server
 as they are: `RemoteBusy` (no cache or queue room now), `RemoteBadRequest` (malformed
@@ -30,12 +38,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from stamen.models.chain import SpanCache
+from stamen.models.paged import pages_for
 from stamen.swarm_core.protocol.errors import (
     RemoteBadRequest,
     RemoteBusy,
@@ -53,46 +62,61 @@ class CacheLimitExceeded(RemoteBadRequest):
 
 
 class CacheBudget:
-    """Cache tokens (per block) shared by all sessions; touched from the event loop only.
+    """The pool's pages (1 .. num_pages - 1) shared by all sessions; event loop only.
 
-    `max_session_tokens` caps what one session may hold (`capacity * batch_size`), so
-    that one request never takes the whole budget while others wait.
+    `max_session_tokens` caps what one session may address (`batch x length`), so that one
+    request never takes the whole pool while others wait.
     """
 
     def __init__(
         self,
-        total_tokens: int,
+        num_pages: int,
         *,
-        page_tokens: int = 128,
+        page_tokens: int = 16,
+        growth_tokens: int = 128,
         max_session_tokens: int | None = None,
         retry_after_s: float = 1.0,
     ) -> None:
-        if total_tokens < 0:
-            raise ValueError(f"total_tokens must be >= 0, got {total_tokens}")
-        if page_tokens < 1:
-            raise ValueError(f"page_tokens must be >= 1, got {page_tokens}")
-        self.total_tokens = total_tokens
-        self.free_tokens = total_tokens
+        if num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1 (page 0 is the null page), got {num_pages}")
+        for name, value in (("page_tokens", page_tokens), ("growth_tokens", growth_tokens)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.num_pages = num_pages
         self.page_tokens = page_tokens
-        self.max_session_tokens = total_tokens if max_session_tokens is None else max_session_tokens
+        self.growth_tokens = growth_tokens
+        self.total_tokens = (num_pages - 1) * page_tokens
+        self.max_session_tokens = (
+            self.total_tokens if max_session_tokens is None else max_session_tokens
+        )
         self.retry_after_s = retry_after_s
+        self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low ids first
 
-    def first_page(self, max_length: int, batch_size: int) -> int:
-        """Reserve a new session's first page; returns its capacity (slots per sequence)."""
-        capacity = min(max_length, self.page_tokens)
-        num_tokens = capacity * batch_size
-        if num_tokens > min(self.free_tokens, self.max_session_tokens):
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def free_tokens(self) -> int:
+        return len(self._free) * self.page_tokens
+
+    def first_page(self, session: Session) -> None:
+        """Give a new session its first reservation (sets `pages` and `capacity`)."""
+        B = session.batch_size
+        length = min(session.max_length, self.growth_tokens)
+        row_pages = pages_for(length, self.page_tokens)
+        if length * B > self.max_session_tokens or row_pages * B > len(self._free):
             raise RemoteBusy(
-                f"no room for a first page of {num_tokens} cache tokens "
-                f"(batch {batch_size} x {capacity}): {self._room()}",
+                f"no room for a first page of {row_pages * self.page_tokens * B} cache "
+                f"tokens (batch {B} x {row_pages * self.page_tokens}): {self._room()}",
                 retry_after_s=self.retry_after_s,
             )
-        self.free_tokens -= num_tokens
-        return capacity
+        session.pages = [[] for _ in range(B)]
+        self._hand_out(session, row_pages)
 
     def grow(self, session: Session, needed_length: int) -> None:
         """Make `session.capacity >= needed_length` (<= its max_length), or raise and
-        reserve nothing."""
+        hand out nothing."""
         if needed_length <= session.capacity:
             return
         B = session.batch_size
@@ -102,29 +126,43 @@ class CacheBudget:
                 f"{needed_length}); one session may hold at most {self.max_session_tokens} "
                 f"of this host's {self.total_tokens} (max_session_cache_fraction)"
             )
-        capacity = self._grown_capacity(session, needed_length)
-        extra_tokens = (capacity - session.capacity) * B
-        if extra_tokens > self.free_tokens:
+        extra = self._grown_row_pages(session, needed_length) - session.row_pages
+        if extra * B > len(self._free):
             raise RemoteBusy(
-                f"no room to grow the session's cache by {extra_tokens} tokens to "
-                f"{capacity * B}: {self._room()}",
+                f"no room to grow the session's cache by {extra * B * self.page_tokens} "
+                f"tokens to {(session.row_pages + extra) * B * self.page_tokens}: "
+                f"{self._room()}",
                 retry_after_s=self.retry_after_s,
             )
-        self.free_tokens -= extra_tokens
-        session.capacity = capacity
+        self._hand_out(session, extra)
 
-    def _grown_capacity(self, session: Session, needed_length: int) -> int:
-        # Doubling keeps the number of grow-and-copy rounds logarithmic in the length;
-        # whole pages keep the allocations few sizes. Never less than the step needs,
-        # never more than the session may hold or the budget has free.
+    def release(self, session: Session) -> None:
+        """Return all of a session's pages to the free list (at close)."""
+        for row in session.pages:
+            self._free.extend(row)
+        session.pages = []
+        session.capacity = 0
+
+    def _grown_row_pages(self, session: Session, needed_length: int) -> int:
+        # Doubling keeps the number of growth rounds logarithmic in the length; whole
+        # growth pages keep the reservations few sizes. Never less than the step needs,
+        # never more than the session may hold or the pool has free.
         doubled = max(needed_length, 2 * session.capacity)
-        paged = -(-doubled // self.page_tokens) * self.page_tokens
-        affordable = session.capacity + self.free_tokens // session.batch_size
+        rounded = -(-doubled // self.growth_tokens) * self.growth_tokens
         allowed = self.max_session_tokens // session.batch_size
-        return max(needed_length, min(paged, session.max_length, allowed, affordable))
+        wanted = pages_for(min(rounded, session.max_length, allowed), self.page_tokens)
+        affordable = session.row_pages + len(self._free) // session.batch_size
+        return max(pages_for(needed_length, self.page_tokens), min(wanted, affordable))
 
-    def release(self, num_tokens: int) -> None:
-        self.free_tokens = min(self.total_tokens, self.free_tokens + num_tokens)
+    def _hand_out(self, session: Session, row_pages: int) -> None:
+        """`row_pages` more pages for every row; queued for clearing before they are
+        visible in the rows (the compute thread reads the rows concurrently)."""
+        new_rows = [[self._free.pop() for _ in range(row_pages)] for _ in session.pages]
+        for row in new_rows:
+            session.pages_to_clear.extend(row)
+        for row, new in zip(session.pages, new_rows, strict=True):
+            row.extend(new)
+        session.capacity = session.row_pages * self.page_tokens
 
     def _room(self) -> str:
         return (
@@ -137,9 +175,10 @@ class CacheBudget:
 class Session:
     """One open session.
 
-    The event loop owns the bookkeeping fields (`closed`, `in_flight`, `last_active_s`);
-    the compute thread owns the cache state (`length`, `cache`), so
-    neither needs a lock: a step reads `closed` once before it starts.
+    The event loop owns the bookkeeping fields (`closed`, `in_flight`, `last_active_s`,
+    `capacity`) and appends to `pages` and `pages_to_clear`; the compute thread owns
+    `length`, reads `pages` and drains `pages_to_clear`, so neither needs a lock: a step
+    reads `closed` once before it starts, and a step of a closed session never runs.
     """
 
     session_id: SessionId
@@ -152,11 +191,18 @@ class Session:
     in_flight: int = 0
     closed: bool = False
     tokens_processed: int = 0
-    capacity: int = 0  # slots per sequence reserved in the budget (event loop's)
-    # Compute-thread state. Slots [0, length) of every block's cache hold valid entries;
-    # the buffers hold at most `capacity` slots, allocated as steps need them.
+    # Pool page ids of each row, in slot order: row b's slot s lives in page
+    # pages[b][s // page_tokens]. Every row holds the same number of pages.
+    pages: list[list[int]] = field(default_factory=list)
+    # Pages handed out but not yet zeroed by the compute thread (deque: thread-safe ends).
+    pages_to_clear: deque[int] = field(default_factory=deque)
+    capacity: int = 0  # slots per row the pages hold
+    # Compute-thread state: slots [0, length) of every row hold valid entries.
     length: int = 0
-    cache: SpanCache | None = None
+
+    @property
+    def row_pages(self) -> int:
+        return len(self.pages[0]) if self.pages else 0
 
     @property
     def reserved_tokens(self) -> int:
@@ -164,6 +210,13 @@ class Session:
 
     def touch(self) -> None:
         self.last_active_s = time.monotonic()
+
+    def take_pages_to_clear(self) -> list[int]:
+        """Pop every page queued for clearing (compute thread)."""
+        pages = []
+        while self.pages_to_clear:
+            pages.append(self.pages_to_clear.popleft())
+        return pages
 
 
 def check_hidden(
