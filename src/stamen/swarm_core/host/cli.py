@@ -3,7 +3,8 @@
     swarm-host MODEL [--blocks A:B | --num-blocks N] [--transport tcp|webrtc]
                [--listen ADDR] [--initial-peers HOST:PORT ...] [--device cuda]
                [--dtype bfloat16] [--quant none|int8|nf4] [--max-cache-tokens N]
-               [--max-request-tokens N]
+               [--max-request-tokens N] [--no-batching] [--max-batch-rows N]
+               [--prefill-chunk-tokens N] [--no-cuda-graphs]
                [--public-name NAME] [--identity PATH] [--swarm-key-file PATH]
                [--parent-pid PID]
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from stamen.swarm_core.host.runtime import RuntimeLimits
 from stamen.swarm_core.host.server import Host, HostSettings
 from stamen.swarm_core.protocol.identity import (
     IdentityError,
@@ -43,6 +45,10 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"STAMEN_{name}", default)
+
+
+def _env_flag(name: str) -> bool:
+    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _block_range(text: str) -> tuple[int, int]:
@@ -137,6 +143,37 @@ def build_parser() -> argparse.ArgumentParser:
         "bulk scoring) may carry; announced to clients, and larger calls are refused as "
         "too_large so the client splits them (default 16384; env STAMEN_MAX_REQUEST_TOKENS)",
     )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        default=_env_flag("NO_BATCHING"),
+        help="run each session's decode step as a compute job of its own instead of merging "
+        "concurrent sessions' steps into one batch (env STAMEN_NO_BATCHING=1)",
+    )
+    parser.add_argument(
+        "--max-batch-rows",
+        type=_positive_int,
+        default=_env("MAX_BATCH_ROWS", "64"),
+        metavar="N",
+        help="most rows (sessions x their batch size) in one decode batch (default 64; env "
+        "STAMEN_MAX_BATCH_ROWS)",
+    )
+    parser.add_argument(
+        "--prefill-chunk-tokens",
+        type=_positive_int,
+        default=_env("PREFILL_CHUNK_TOKENS", "512"),
+        metavar="N",
+        help="prefills and replays run in chunks of at most N tokens (batch x length), so "
+        "other sessions' decode steps run between the chunks; smaller keeps decode latency "
+        "steadier, larger prefills faster (default 512; env STAMEN_PREFILL_CHUNK_TOKENS)",
+    )
+    parser.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        default=_env_flag("NO_CUDA_GRAPHS"),
+        help="on a GPU, run decode batches eagerly instead of replaying them as CUDA graphs "
+        "(env STAMEN_NO_CUDA_GRAPHS=1)",
+    )
     parser.add_argument("--public-name", default=_env("PUBLIC_NAME", ""))
     parser.add_argument(
         "--identity",
@@ -182,6 +219,14 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
         max_request_tokens=args.max_request_tokens,
         public_name=args.public_name,
         announce_interval_s=args.announce_interval_s,
+        limits=RuntimeLimits(
+            max_cache_tokens=args.max_cache_tokens,
+            max_bulk_tokens=args.max_request_tokens,
+            batching=not args.no_batching,
+            max_batch_rows=args.max_batch_rows,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
+            cuda_graphs=not args.no_cuda_graphs,
+        ),
     )
 
 
@@ -204,7 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, IdentityError) as error:
         print(f"swarm-host: {error}", file=sys.stderr)
         return 2
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except ValueError as error:
+        print(f"swarm-host: {error}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_serve(settings, credentials, args))
     except KeyboardInterrupt:
