@@ -399,6 +399,22 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _failed(shape: str, variant: str, error: Exception) -> Row:
+    nan = float("nan")
+    return Row(shape, 0, variant, nan, nan, nan, nan, None, f"failed: {error!r}"[:160])
+
+
+def write_json(path: str | None, head: str, bandwidth_gbs: float, rows: list[Row]) -> None:
+    if path:
+        numbers = {
+            "header": head,
+            "bandwidth_gbs": bandwidth_gbs,
+            "rows": [asdict(r) for r in rows],
+        }
+        with open(path, "w") as out:
+            json.dump(numbers, out, indent=1)
+
+
 def _csv(kind: type) -> Callable[[str], list[Any]]:
     return lambda text: [kind(item) for item in text.split(",") if item]
 
@@ -472,20 +488,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     with torch.inference_mode():
         bandwidth = copy_bandwidth_gbs(device)
+        head = header(device, dtype, bandwidth, args)
         rows: list[Row] = []
         for shape in args.shapes:
-            rows += measure_shape(shape, args, device, dtype, bandwidth)
+            try:
+                rows += measure_shape(shape, args, device, dtype, bandwidth)
+            except Exception as error:  # one shape failing (memory, say) keeps the others
+                rows.append(_failed(shape, "all", error))
             print(table([r for r in rows if r.shape == shape]), flush=True)
+            write_json(args.json, head, bandwidth, rows)
         if args.quant:
-            rows += measure_quantized(args, device, dtype, bandwidth)
-    head = header(device, dtype, bandwidth, args)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {"header": head, "bandwidth_gbs": bandwidth, "rows": [asdict(r) for r in rows]},
-                out,
-                indent=1,
-            )
+            try:
+                rows += measure_quantized(args, device, dtype, bandwidth)
+            except Exception as error:  # keep the bf16 rows: report the failure as a row
+                rows.append(_failed(args.shapes[0], "quant", error))
+            write_json(args.json, head, bandwidth, rows)
     print()
     print(head)
     print(table(rows))

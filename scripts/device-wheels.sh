@@ -7,6 +7,8 @@
 #
 #     bash scripts/device-wheels.sh          # then carry ".whl" in the device call
 #
+# It also writes .whl/REVISION (git describe); rerun it, or just that line, before a call.
+#
 # Not carried (already in the image): torch, transformers, numpy, safetensors, packaging,
 # pytest (+ timeout, benchmark), huggingface-hub, typing-extensions, psutil, anyio.
 # aiortc / webrtc is imported only for `--transport webrtc` (transports.factory), the API
@@ -79,5 +81,7 @@ EOF
 }
 repack_bitsandbytes
 
+# The device's copy of the tree may have no .git: the suite prints this revision instead.
+git describe --always --dirty >"$DEST/REVISION" 2>/dev/null || true
 ls -l "$DEST"
 du -ch "$DEST"/*.whl | tail -1
