@@ -174,6 +174,7 @@ class PagedStep:
     positions: Tensor  # (B, T) long: position id of each new token, counting real tokens
     key_positions: Tensor  # (B, S) long: position id of each attended slot (ALiBi)
     attn_mask: Tensor  # (B, 1, T, S) bool, True = may attend
+    attn_bias: Tensor  # (B, 1, T, S) the same as an additive mask (0 / -inf), model dtype
     write_pages: Tensor  # (B, T) long: the pool page each new token is written to
     write_slots: Tensor  # (B, T) long: its slot inside that page
     read_pages: Tensor  # (B, n_p) long: the pages attended, in slot order

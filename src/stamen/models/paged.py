@@ -26,6 +26,7 @@ This module knows nothing about sessions, budgets or networking.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,10 +127,11 @@ def paged_step(pool: KVPool, table: Tensor, start: Tensor, num_new_tokens: int) 
     slots = torch.arange(S, device=device)
     written = slots[None, None, :] <= write_at[:, :, None]  # (B, T, S): causal, own row only
     mask = (written & valid[:, None, :]) | (slots[None, None, :] == write_at[:, :, None])
-    return PagedStep(positions, key_positions, mask[:, None], write_pages, write_slots, table)
+    mask = mask[:, None]  # (B, 1, T, S)
+    bias = torch.zeros(mask.shape, dtype=pool.dtype, device=device).masked_fill(~mask, -math.inf)
+    return PagedStep(positions, key_positions, mask, bias, write_pages, write_slots, table)
 
 
-@torch.inference_mode()
 def run_paged_span(
     blocks: Iterable[nn.Module],
     pool: KVPool,
@@ -149,6 +151,20 @@ def run_paged_span(
     P', C) are added before each block to the first P' new tokens, as in `run_span`. The
     caller guarantees `n_p * page_tokens >= max(start) + T`: checking it here would sync.
     """
+    with torch.inference_mode():
+        return _paged_span(blocks, pool, hidden, table, start, new_valid, prompts, block_offset)
+
+
+def _paged_span(
+    blocks: Iterable[nn.Module],
+    pool: KVPool,
+    hidden: Tensor,
+    table: Tensor,
+    start: Tensor,
+    new_valid: Tensor | None,
+    prompts: Tensor | None,
+    block_offset: int,
+) -> Tensor:
     blocks = list(blocks)
     if block_offset < 0 or block_offset + len(blocks) > pool.num_blocks:
         raise ValueError(
@@ -201,6 +217,7 @@ class DecodeGraphs:
         block_offset: int = 0,
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
         use_graphs: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.blocks = nn.ModuleList(blocks)
         self.pool = pool
@@ -214,6 +231,12 @@ class DecodeGraphs:
         self._graph_pool: Any = None  # the memory pool every captured graph shares
         self._staging: dict[tuple[int, int], Tensor] = {}
         self._copied: torch.cuda.Event | None = None
+        # torch.compile before capture fuses the many small kernels of a block (norms,
+        # rotary, residuals); off by default: each bucket then compiles for seconds on
+        # first use, and a bucket inductor cannot compile is captured uncompiled.
+        self.compile = compile and self.use_graphs
+        self._compiled: Any = None
+        self.buckets_compiled = 0
 
     @property
     def max_batch(self) -> int:
@@ -276,9 +299,24 @@ class DecodeGraphs:
     def _step_from(self, meta: Tensor, hidden: Tensor, P: int) -> Tensor:
         table, start = meta[:, :P], meta[:, P]
         valid = meta[:, P + 1 :] != 0  # (B, 1)
-        return run_paged_span(
-            self.blocks, self.pool, hidden, table, start, valid, block_offset=self.block_offset
-        )
+        # no_grad, not inference_mode: dynamo cannot trace the latter
+        with torch.no_grad():
+            return _paged_span(
+                self.blocks, self.pool, hidden, table, start, valid, None, self.block_offset
+            )
+
+    def _record(self, step: Any, meta: Tensor, hidden: Tensor, P: int) -> tuple[Any, Tensor]:
+        device = self.pool.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, constants) first
+                step(meta, hidden, P)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            output = step(meta, hidden, P)
+        return graph, output
 
     def _capture(self, B: int, P: int, C: int) -> _Captured | None:
         """Capture the (B, P) step, with every row on the null page so no sequence's
@@ -286,23 +324,30 @@ class DecodeGraphs:
         device, dtype = self.pool.device, self.pool.dtype
         meta = torch.zeros(B, P + 2, dtype=torch.long, device=device)
         hidden = torch.zeros(B, 1, C, dtype=dtype, device=device)
-        try:
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # lazy initialisation (cuBLAS handles, constants) first
-                    self._step_from(meta, hidden, P)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-                output = self._step_from(meta, hidden, P)
-        except Exception:  # a layer that syncs or allocates on the host cannot be captured
-            logger.warning(
-                "cannot capture the decode step in a CUDA graph; running it eagerly",
-                exc_info=True,
-            )
-            self.use_graphs = False
-            return None
+        graph = None
+        if self.compile:
+            if self._compiled is None:
+                self._compiled = torch.compile(self._step_from, dynamic=False)
+            try:
+                graph, output = self._record(self._compiled, meta, hidden, P)
+                self.buckets_compiled += 1
+            except Exception:
+                logger.warning(
+                    "torch.compile failed for batch %d x %d pages; capturing it uncompiled",
+                    B,
+                    P,
+                    exc_info=True,
+                )
+        if graph is None:
+            try:
+                graph, output = self._record(self._step_from, meta, hidden, P)
+            except Exception:  # a layer that syncs or allocates on the host cannot be captured
+                logger.warning(
+                    "cannot capture the decode step in a CUDA graph; running it eagerly",
+                    exc_info=True,
+                )
+                self.use_graphs = False
+                return None
         self._graph_pool = graph.pool()
         captured = _Captured(meta, hidden, output, graph)
         self._captured[(B, P)] = captured
