@@ -169,34 +169,36 @@ async def play(pair: tuple[Served, Served], scenario) -> tuple[list[Any], list[A
     return got, expected
 
 
-async def test_batched_decode_steps_equal_each_session_alone(pair) -> None:
-    async def scenario(script: Script) -> list[Any]:
-        await script.open("a")
-        await script.open("b", batch_size=2)
-        await script.open("c")
-        lengths = {"a": 3, "b": 7, "c": 2}
-        outs = await script.round(
+async def three_sessions(script: Script) -> list[Any]:
+    """Three sessions (batch 1, 2, 1) prefill to different lengths, then decode together
+    for four rounds."""
+    await script.open("a")
+    await script.open("b", batch_size=2)
+    await script.open("c")
+    lengths = {"a": 3, "b": 7, "c": 2}
+    rows = {"a": 1, "b": 2, "c": 1}
+    outs = await script.round(
+        [(n, hidden(rows[n], t, i), 0, None) for i, (n, t) in enumerate(lengths.items())]
+    )
+    for r in range(4):
+        outs += await script.round(
             [
-                (n, hidden(2 if n == "b" else 1, t, i), 0, None)
-                for i, (n, t) in enumerate(lengths.items())
-            ]
-        )
-        for r in range(4):
-            steps = [
-                (n, hidden(2 if n == "b" else 1, 1, 10 * r + i), lengths[n] + r, None)
+                (n, hidden(rows[n], 1, 10 * r + i), lengths[n] + r, None)
                 for i, n in enumerate(lengths)
             ]
-            outs += await script.round(steps)
-        return outs
+        )
+    return outs
 
+
+async def test_batched_decode_steps_equal_each_session_alone(pair) -> None:
     batched, alone = pair
-    before = batched.runtime.info()
-    await play(pair, scenario)
-    after = batched.runtime.info()
-    # Four rounds, each one batch of the three sessions' four rows.
-    assert (after.batches - before.batches, after.batched_rows - before.batched_rows) == (4, 16)
-    assert (alone.runtime.info().batches, alone.runtime.info().batched_rows) == (12, 16)
-    assert after.steps == alone.runtime.info().steps == 15
+    await play(pair, three_sessions)
+    info, reference = batched.runtime.info(), alone.runtime.info()
+    # Four rounds, each one batch of the three sessions' four rows; alone, one per step.
+    assert (info.batches, info.batched_rows) == (4, 16)
+    assert (reference.batches, reference.batched_rows) == (12, 16)
+    assert info.steps == reference.steps == 15
+    assert info.graphs_captured == 0  # on the CPU decode batches run eagerly
 
 
 async def test_sessions_join_and_leave_between_batches(pair) -> None:
@@ -432,3 +434,27 @@ async def test_a_long_prefill_lets_other_sessions_decode_between_its_chunks() ->
     assert gate.log == ["decode"] + ["chunk", "decode"] * 3 + ["chunk"]
     torch.testing.assert_close(out, full_forward(span, x))
     torch.testing.assert_close(torch.cat(first + decodes, 1), full_forward(span, y[:, :4]))
+
+
+# -- on a GPU: pinned staging, CUDA graphs ----------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+async def test_on_cuda_graph_replayed_batches_equal_eager_steps_alone(dtype) -> None:
+    hold = Hold()
+    span = model_span("llama-gqa-tied-bias", hold)
+    span.blocks.to(device="cuda", dtype=dtype)
+    eager_alone = dataclasses.replace(LIMITS, batching=False, cuda_graphs=False)
+    async with SpanRuntime(span, LIMITS) as batched, SpanRuntime(span, eager_alone) as alone:
+        # Every output is compared after the last round: a result that were a view of a
+        # reused staging or graph buffer would have been overwritten by then.
+        got = await three_sessions(Script(Served(batched, hold, C), batched=True))
+        expected = await three_sessions(Script(Served(alone, hold, C), batched=False))
+        info = batched.info()
+    assert info.graphs_captured >= 1 and (info.batches, info.batched_rows) == (4, 16)
+    for a, b in zip(got, expected, strict=True):
+        assert a.device.type == "cpu" and a.dtype == torch.float32  # as the request came
+        bound = 1e-4 if dtype == torch.float32 else 3e-2 * float(b.abs().max())
+        assert (a - b).abs().max().item() <= bound

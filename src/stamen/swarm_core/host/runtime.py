@@ -387,8 +387,8 @@ class SpanRuntime:
         self._budget.first_page(session)
         self._sessions[session.session_id] = session
         logger.info(
-            "session %s opened: blocks [%d, %d), batch %d x length %d of up to %d reserved, "
-            "peer %s",
+            "session %s opened: blocks [%d, %d), batch %d x %d slots reserved "
+            "(max_length %d), peer %s",
             session.session_id,
             *blocks,
             batch_size,
