@@ -207,6 +207,18 @@ def median_ms(fn: Callable[[], object], steps: int, warmup: int, device: torch.d
     return statistics.median(begin.elapsed_time(end) for begin, end in events)
 
 
+def _raise_clocks(device: torch.device, seconds: float = 3.0) -> None:
+    """Keep the GPU busy for a few seconds first: it idles at a low clock, and the first
+    rows would otherwise be timed while it ramps up."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        a @ a
+    torch.cuda.synchronize(device)
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None) -> float:
     """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
     nbytes = nbytes or (2 << 30 if device.type == "cuda" else 64 << 20)
@@ -255,11 +267,42 @@ def _variants(
     """variant name -> step(hidden (B, 1, C) on device) -> (B, 1, C)."""
     table, start = caches.table.to(device), caches.start.to(device)
     graphs = DecodeGraphs(blocks, caches.pool, use_graphs=use_graphs)
-    return {
+    variants: dict[str, Callable[[Tensor], Tensor]] = {
         "contiguous": lambda x: run_span(blocks, caches.contiguous, x, context),
         "paged": lambda x: run_paged_span(blocks, caches.pool, x, table, start),
         "graphs": lambda x: graphs.run(x, caches.table, caches.start),
     }
+    if device.type == "cuda" and use_graphs is not False:
+        compiled = DecodeGraphs(blocks, caches.pool, compile=True)
+        variants["graphs+compile"] = lambda x: compiled.run(x, caches.table, caches.start)
+        variants["contig-graph"] = _contiguous_graph(blocks, caches.contiguous, context)
+    return variants
+
+
+def _contiguous_graph(
+    blocks: nn.ModuleList, cache: SpanCache, context: int
+) -> Callable[[Tensor], Tensor]:
+    """The contiguous step captured in one CUDA graph (batch fixed): a reference for what
+    the paged pool costs; the host cannot serve from it (one buffer per fixed batch)."""
+    static: dict[str, Any] = {}
+
+    def step(x: Tensor) -> Tensor:
+        if not static:
+            static["x"] = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run_span(blocks, cache, static["x"], context)
+            torch.cuda.current_stream().wait_stream(side)
+            static["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(static["graph"]):
+                static["out"] = run_span(blocks, cache, static["x"], context)
+        static["x"].copy_(x)
+        static["graph"].replay()
+        return static["out"]
+
+    return step
 
 
 def measure_shape(
@@ -486,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     torch.manual_seed(0)
-    with torch.inference_mode():
+    # no_grad, not inference_mode: the compiled variant cannot trace inference tensors
+    with torch.no_grad():
+        _raise_clocks(device)
         bandwidth = copy_bandwidth_gbs(device)
         head = header(device, dtype, bandwidth, args)
         rows: list[Row] = []

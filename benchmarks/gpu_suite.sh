@@ -9,6 +9,7 @@
 # Here, first:   bash scripts/device-wheels.sh     (fills .whl/ and writes .whl/REVISION)
 # Device call:   command "bash benchmarks/gpu_suite.sh", carry [".whl"], timeout_s 600
 #
+# SUITE_STEPS="pytest decode" runs only those steps (default: all five).
 # SUITE_QUICK=1 shrinks every benchmark (a smoke run of the script itself; on a machine
 # without CUDA the benchmarks run in their reduced CPU form). A CPU smoke run here:
 #   SUITE_NO_WHEELS=1 PYTHON=.venv/bin/python SUITE_SECONDS=280 bash benchmarks/gpu_suite.sh
@@ -22,6 +23,8 @@ WORK=$(mktemp -d)
 SUITE_SECONDS=${SUITE_SECONDS:-540}
 DEADLINE=$((SECONDS + SUITE_SECONDS))
 PYTHON=${PYTHON:-python3}
+# Which steps run (a subset splits the suite over two device calls).
+SUITE_STEPS=${SUITE_STEPS:-pytest decode concurrent hop swarm}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # Single GPU, but keep NVLink multicast off as the machine's notes ask.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -33,6 +36,10 @@ declare -A STATUS=()
 run_step() {
     local name=$1 limit=$2 log=$OUT/$3
     shift 3
+    if [[ " $SUITE_STEPS " != *" $name "* ]]; then
+        STATUS[$name]="not selected"
+        return
+    fi
     local left=$((DEADLINE - SECONDS - 20))
     ((limit > left)) && limit=$left
     if ((limit < 15)); then
@@ -96,7 +103,7 @@ else
     HOP=(--hidden 4096 --layers 2 --iterations 300 --steps 100 --rounds 3)
     SWARM=(--hidden 2048 --layers 16 --steps 100 --rounds 3)
 fi
-run_step decode 120 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
+run_step decode 240 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
     "${DECODE[@]}" --json "$WORK/decode.json"
 run_step concurrent 150 concurrent.log "$PYTHON" -m benchmarks.concurrent_sessions \
     --device "$DEVICE" "${CONCURRENT[@]}" --json "$WORK/concurrent.json"

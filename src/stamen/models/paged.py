@@ -299,8 +299,16 @@ class DecodeGraphs:
     def _step_from(self, meta: Tensor, hidden: Tensor, P: int) -> Tensor:
         table, start = meta[:, :P], meta[:, P]
         valid = meta[:, P + 1 :] != 0  # (B, 1)
+        with torch.inference_mode():
+            return _paged_span(
+                self.blocks, self.pool, hidden, table, start, valid, None, self.block_offset
+            )
+
+    def _compiled_step_from(self, meta: Tensor, hidden: Tensor, P: int) -> Tensor:
+        table, start = meta[:, :P], meta[:, P]
+        valid = meta[:, P + 1 :] != 0  # (B, 1)
         # no_grad, not inference_mode: dynamo cannot trace the latter
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             return _paged_span(
                 self.blocks, self.pool, hidden, table, start, valid, None, self.block_offset
             )
@@ -322,12 +330,16 @@ class DecodeGraphs:
         """Capture the (B, P) step, with every row on the null page so no sequence's
         cache is touched; None (and eager from now on) if this span cannot be captured."""
         device, dtype = self.pool.device, self.pool.dtype
-        meta = torch.zeros(B, P + 2, dtype=torch.long, device=device)
-        hidden = torch.zeros(B, 1, C, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # normal tensors: a compiled step may read them
+            meta = torch.zeros(B, P + 2, dtype=torch.long, device=device)
+            hidden = torch.zeros(B, 1, C, dtype=dtype, device=device)
         graph = None
+        if self.compile and self.pool.keys[0].is_inference():
+            logger.warning("the pool was made under inference_mode: not compiling its steps")
+            self.compile = False
         if self.compile:
             if self._compiled is None:
-                self._compiled = torch.compile(self._step_from, dynamic=False)
+                self._compiled = torch.compile(self._compiled_step_from, dynamic=False)
             try:
                 graph, output = self._record(self._compiled, meta, hidden, P)
                 self.buckets_compiled += 1
