@@ -127,8 +127,17 @@ class Script:
         self.served, self.batched = served, batched
         self.sessions: dict[str, SessionId] = {}
 
-    async def open(self, name: str, batch_size: int = 1, max_length: int = 256) -> None:
-        self.sessions[name] = await self.served.runtime.open_session(max_length, batch_size)
+    async def open(
+        self,
+        name: str,
+        batch_size: int = 1,
+        max_length: int = 256,
+        block_range: tuple[int, int] | None = None,
+    ) -> None:
+        runtime = self.served.runtime
+        self.sessions[name] = await runtime.open_session(
+            max_length, batch_size, block_range=block_range
+        )
 
     async def close(self, name: str) -> None:
         await self.served.runtime.close_session(self.sessions.pop(name))
@@ -304,6 +313,31 @@ async def test_a_left_padded_batch_of_two_batched_with_a_batch_of_one(pair) -> N
     assert (got[0][:1, 2:] - row0[0]).abs().max() <= TOLERANCE
     for r in range(3):
         assert (got[2 + 2 * r][:1] - row0[1 + r]).abs().max() <= TOLERANCE
+
+
+async def test_sessions_over_other_block_ranges_are_batched_apart(pair) -> None:
+    async def scenario(script: Script) -> list[Any]:
+        await script.open("whole")
+        await script.open("tail", block_range=(1, 3))  # a client entering mid-span
+        await script.open("tail2", batch_size=2, block_range=(1, 3))
+        outs = await script.round(
+            [("whole", hidden(1, 3, 1), 0, None), ("tail", hidden(1, 5, 2), 0, None)]
+            + [("tail2", hidden(2, 2, 3), 0, None)]
+        )
+        for r in range(2):
+            outs += await script.round(
+                [
+                    ("whole", hidden(1, 1, 10 + r), 3 + r, None),
+                    ("tail", hidden(1, 1, 20 + r), 5 + r, None),
+                    ("tail2", hidden(2, 1, 30 + r), 2 + r, None),
+                ]
+            )
+        return outs
+
+    batched, _ = pair
+    await play(pair, scenario)
+    # Each round: one batch for the whole span (1 row), one for blocks [1, 3) (3 rows).
+    assert (batched.runtime.info().batches, batched.runtime.info().batched_rows) == (4, 8)
 
 
 async def test_a_closed_session_fails_not_found_and_the_rest_of_its_batch_runs(pair) -> None:

@@ -220,14 +220,14 @@ def cache_bytes_per_token(span: ServedSpan) -> int:
 
 
 def _span_dtype(span: ServedSpan) -> torch.dtype:
-    for param in span.blocks[0].parameters():
+    for param in span.blocks.parameters():  # a block may have none (an identity, say)
         if param.dtype.is_floating_point:
             return param.dtype
     return torch.float32
 
 
 def _span_device(span: ServedSpan) -> torch.device:
-    for param in span.blocks[0].parameters():
+    for param in span.blocks.parameters():
         return param.device
     return torch.device("cpu")
 
@@ -640,6 +640,8 @@ class SpanRuntime:
 
     def _table(self, session: Session, num_pages: int, width: int) -> list[list[int]]:
         """Each row's first `num_pages` pages, padded with the null page to `width`."""
+        if session.row_pages < num_pages:  # the budget grows a session before its step
+            raise RuntimeError(f"session holds {session.row_pages} pages, needs {num_pages}")
         padding = [NULL_PAGE] * (width - num_pages)
         return [row[:num_pages] + padding for row in session.pages]
 
