@@ -294,6 +294,7 @@ class SpanRuntime:
         self._staging: _Staging | None = None
         self._batches = 0
         self._batched_rows = 0
+        self._graphs_captured = 0  # summed here, so info() never walks the decoders
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -317,6 +318,9 @@ class SpanRuntime:
         for session_id in list(self._sessions):
             self._close(session_id, reason="runtime closed")
         await self._scheduler.aclose()
+        # The compute thread is gone: let the pool, the graphs and the staging go.
+        self._pool, self._staging = None, None
+        self._decoders.clear()
 
     async def __aenter__(self) -> SpanRuntime:
         await self.start()
@@ -343,7 +347,7 @@ class SpanRuntime:
             tokens_processed=self._tokens_processed,
             batches=self._batches,
             batched_rows=self._batched_rows,
-            graphs_captured=sum(d.graphs_captured for d in list(self._decoders.values())),
+            graphs_captured=self._graphs_captured,
         )
 
     # -- sessions -----------------------------------------------------------------------
@@ -752,6 +756,7 @@ class SpanRuntime:
         self._tokens_processed += rows
         self._batches += 1
         self._batched_rows += rows
+        self._graphs_captured = sum(d.graphs_captured for d in self._decoders.values())
 
     def _run_decode_rows(self, batch: list[_Decode]) -> list[Tensor]:
         """One `DecodeGraphs.run` over the rows of `batch` (all of one block range);
