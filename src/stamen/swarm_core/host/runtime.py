@@ -763,44 +763,42 @@ class SpanRuntime:
         returns each item's (B, 1, C) in its request's dtype and device."""
         pool = self._pool
         assert pool is not None
-        needed = [pages_for(item.start + 1, pool.page_tokens) for item in batch]
-        width = max(needed)
-        table = torch.tensor(
-            [
-                row
-                for item, n in zip(batch, needed, strict=True)
-                for row in self._table(item.session, n, width)
-            ],
-            dtype=torch.long,
-        )  # (rows, width)
-        start = torch.tensor(
-            [item.start for item in batch for _ in range(item.session.batch_size)],
-            dtype=torch.long,
-        )  # (rows,)
-        valid = None
-        if any(item.mask is not None for item in batch):
-            valid = torch.cat(
-                [
-                    item.mask
-                    if item.mask is not None
-                    else torch.ones(item.session.batch_size, 1, dtype=torch.bool)
-                    for item in batch
-                ]
-            )  # (rows, 1)
+        table, start, valid = self._decode_meta(batch, pool.page_tokens)
         decoder = self._decoder(batch[0].session.block_range)
         if pool.device.type == "cuda" and all(item.hidden.device.type == "cpu" for item in batch):
             return self._decode_staged(decoder, batch, table, start, valid)
         x = torch.cat([_on(item.hidden, pool.device, pool.dtype) for item in batch])  # (rows, 1, C)
         y = decoder.run(x, table, start, valid)  # (rows, 1, C)
-        outputs = []
-        first = 0
-        for item in batch:
-            end = first + item.session.batch_size
-            h = item.hidden
-            # A copy: the decoder's output may be a static buffer the next batch reuses.
-            outputs.append(y[first:end].to(device=h.device, dtype=h.dtype, copy=True))
-            first = end
-        return outputs
+        # Copies: the decoder's output may be a static buffer that the next batch reuses.
+        return [
+            y[rows].to(device=item.hidden.device, dtype=item.hidden.dtype, copy=True)
+            for item, rows in zip(batch, _row_slices(batch), strict=True)
+        ]
+
+    def _decode_meta(
+        self, batch: list[_Decode], page_tokens: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """CPU tensors of a batch's rows: table (rows, n_p), each row's pages padded with the
+        null page to the widest; start (rows,); new_valid (rows, 1), None if all real."""
+        needed = [pages_for(item.start + 1, page_tokens) for item in batch]
+        width = max(needed)
+        pages = [
+            row
+            for item, n in zip(batch, needed, strict=True)
+            for row in self._table(item.session, n, width)
+        ]
+        table = torch.tensor(pages, dtype=torch.long)  # (rows, width)
+        starts = [item.start for item in batch for _ in range(item.session.batch_size)]
+        start = torch.tensor(starts, dtype=torch.long)  # (rows,)
+        if all(item.mask is None for item in batch):
+            return table, start, None
+        masks = [
+            torch.ones(item.session.batch_size, 1, dtype=torch.bool)
+            if item.mask is None
+            else item.mask
+            for item in batch
+        ]
+        return table, start, torch.cat(masks)  # (rows, 1)
 
     def _decode_staged(
         self,
@@ -818,23 +816,18 @@ class SpanRuntime:
             size = max(rows, self.limits.max_batch_rows)
             staging = self._staging = _Staging(size, self.hidden_size, self.dtype)
         x = staging.input[:rows]  # (rows, 1, C) pinned
-        first = 0
-        for item in batch:
-            end = first + item.session.batch_size
-            x[first:end].copy_(item.hidden)  # the one cast into the span's dtype
-            first = end
+        slices = _row_slices(batch)
+        for item, item_rows in zip(batch, slices, strict=True):
+            x[item_rows].copy_(item.hidden)  # the one cast into the span's dtype
         y = decoder.run(x, table, start, valid)  # (rows, 1, C) on the GPU
         host = staging.output[:rows]
         host.copy_(y, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        outputs = []
-        first = 0
-        for item in batch:
-            end = first + item.session.batch_size
-            # A copy: the staging buffer is reused by the next batch.
-            outputs.append(host[first:end].to(dtype=item.hidden.dtype, copy=True))
-            first = end
-        return outputs
+        # Copies: the staging buffer is reused by the next batch.
+        return [
+            host[item_rows].to(dtype=item.hidden.dtype, copy=True)
+            for item, item_rows in zip(batch, slices, strict=True)
+        ]
 
     def _decoder(self, block_range: tuple[int, int]) -> DecodeGraphs:
         decoder = self._decoders.get(block_range)
@@ -896,6 +889,15 @@ class SpanRuntime:
             return grad_hidden, None
         # A batch-1 prompt broadcast over B rows: autograd already summed its gradient.
         return grad_hidden, grads[1].to(device=prompts.device, dtype=prompts.dtype)
+
+
+def _row_slices(batch: list[_Decode]) -> list[slice]:
+    """Where each item's rows lie in its batch."""
+    slices, first = [], 0
+    for item in batch:
+        slices.append(slice(first, first + item.session.batch_size))
+        first += item.session.batch_size
+    return slices
 
 
 def _result_of(result: Tensor | BaseException) -> Tensor:
