@@ -360,7 +360,9 @@ def measure_quantized(
         table, start = caches.table.to(device), caches.start.to(device)
         x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
         reference = None
-        for mode in ("none", *args.quant):
+        # nf4 before int8: a failed capture of the int8 layers (they sync) must not come
+        # before another mode's measurement
+        for mode in ("none", *sorted(args.quant, key=("nf4", "int8").index)):
             blocks = random_llama_blocks(config, device=device, dtype=dtype)
             note = ""
             try:
@@ -516,6 +518,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=2,
         help="blocks in the quantized comparison (first shape's block)",
     )
+    parser.add_argument(
+        "--quant-only", action="store_true", help="only the quantized comparison (first shape)"
+    )
     parser.add_argument("--json", default=None, help="write the rows and header here")
     args = parser.parse_args(argv)
     unknown = set(args.shapes) - set(SHAPES) or set(args.quant) - {"int8", "nf4"}
@@ -535,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         bandwidth = copy_bandwidth_gbs(device)
         head = header(device, dtype, bandwidth, args)
         rows: list[Row] = []
-        for shape in args.shapes:
+        for shape in [] if args.quant_only else args.shapes:
             try:
                 rows += measure_shape(shape, args, device, dtype, bandwidth)
             except Exception as error:  # one shape failing (memory, say) keeps the others

@@ -99,21 +99,25 @@ if [[ ${SUITE_QUICK:-0} == 1 || $DEVICE == cpu ]]; then
     SWARM=(--hidden 256 --layers 4 --steps 20 --rounds 1)
 else
     DECODE=(--shapes 8b,70b --batches 1,32 --steps 50 --quant int8,nf4)
-    CONCURRENT=(--sessions 16 --steps 32 --rounds 2 --hidden 2048 --layers 16)
-    HOP=(--hidden 4096 --layers 2 --iterations 300 --steps 100 --rounds 3)
-    SWARM=(--hidden 2048 --layers 16 --steps 100 --rounds 3)
+    # the shapes: 32 sessions on one host (8B-shaped 8-block span); the swarm of
+    # 2 hosts over hidden 4096 x 32 blocks
+    CONCURRENT=(--level runtime --sessions 32 --steps 16 --rounds 1 --hidden 4096 --layers 8)
+    HOP=(--hidden 4096 --layers 2 --iterations 200 --steps 50 --rounds 2)
+    SWARM=(--hidden 4096 --layers 32 --steps 60 --rounds 2)
 fi
+run_step swarm 190 swarm.log "$PYTHON" -m benchmarks.gpu_swarm_speed --device "$DEVICE" \
+    "${SWARM[@]}" --json "$WORK/swarm.json"
 run_step decode 240 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
     "${DECODE[@]}" --json "$WORK/decode.json"
-run_step concurrent 150 concurrent.log "$PYTHON" -m benchmarks.concurrent_sessions \
+run_step quant 60 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
+    "${DECODE[@]}" --quant-only --json "$WORK/quant.json"
+run_step concurrent 100 concurrent.log "$PYTHON" -m benchmarks.concurrent_sessions \
     --device "$DEVICE" "${CONCURRENT[@]}" --json "$WORK/concurrent.json"
-run_step hop 110 hop.log "$PYTHON" -m benchmarks.hop_breakdown --device "$DEVICE" "${HOP[@]}" \
+run_step hop 80 hop.log "$PYTHON" -m benchmarks.hop_breakdown --device "$DEVICE" "${HOP[@]}" \
     --json "$WORK/hop.json"
-run_step swarm 110 swarm.log "$PYTHON" -m benchmarks.gpu_swarm_speed --device "$DEVICE" \
-    "${SWARM[@]}" --json "$WORK/swarm.json"
 
 # 4. summary --------------------------------------------------------------------------------------
-for name in pytest decode concurrent hop swarm; do
+for name in pytest decode quant concurrent hop swarm; do
     echo "$name=${STATUS[$name]:-not run}"
 done >"$WORK/status.txt"
 grep -E "[0-9]+ (passed|failed|skipped|errors?|deselected)|no tests ran" "$OUT/pytest.log" | tail -1 >"$WORK/pytest_line.txt"
