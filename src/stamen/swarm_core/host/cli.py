@@ -5,6 +5,7 @@
                [--dtype bfloat16] [--quant none|int8|nf4] [--max-cache-tokens N]
                [--max-request-tokens N] [--no-batching] [--max-batch-rows N]
                [--prefill-chunk-tokens N] [--no-cuda-graphs]
+               [--batch-window-ms MS] [--compile]
                [--public-name NAME] [--identity PATH] [--swarm-key-file PATH]
                [--parent-pid PID]
 
@@ -174,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a GPU, run decode batches eagerly instead of replaying them as CUDA graphs "
         "(env STAMEN_NO_CUDA_GRAPHS=1)",
     )
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=float(_env("BATCH_WINDOW_MS", "5") or 5),
+        metavar="MS",
+        help="a decode batch waits up to MS (and at most half a step) for the sessions of the "
+        "last batch to send their next steps, so that they stay in one batch; a lone session "
+        "never waits (default 5; 0 = no window; env STAMEN_BATCH_WINDOW_MS)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=_env_flag("COMPILE"),
+        help="on a GPU, torch.compile each decode batch size before capturing it: faster "
+        "steps, but every new batch size compiles for seconds on first use "
+        "(env STAMEN_COMPILE=1)",
+    )
     parser.add_argument("--public-name", default=_env("PUBLIC_NAME", ""))
     parser.add_argument(
         "--identity",
@@ -226,6 +244,8 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
             max_batch_rows=args.max_batch_rows,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             cuda_graphs=not args.no_cuda_graphs,
+            batch_window_s=args.batch_window_ms / 1000,
+            compile=args.compile,
         ),
     )
 

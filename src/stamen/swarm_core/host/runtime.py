@@ -152,6 +152,10 @@ class RuntimeLimits:
     prefill_chunk_tokens: int = 512  # rows x tokens of one prefill chunk
     cuda_graphs: bool = True  # replay decode batches as CUDA graphs (on a GPU)
     kv_page_tokens: int = DEFAULT_PAGE_TOKENS  # slots per pool page
+    # a decode batch waits up to this long for the rest of its last batch's sessions
+    # (never when a single session is active: scheduler.ComputeScheduler)
+    batch_window_s: float = 0.005
+    compile: bool = False  # torch.compile each captured decode bucket (GPU; slow first use)
 
     def __post_init__(self) -> None:
         if self.max_cache_tokens < 0:
@@ -177,6 +181,8 @@ class RuntimeLimits:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.batch_window_s <= 1:
+            raise ValueError(f"batch_window_s must be in [0, 1], got {self.batch_window_s}")
         if not self.reaper_interval_s > 0:
             raise ValueError(f"reaper_interval_s must be > 0, got {self.reaper_interval_s}")
         if not 0 < self.max_session_cache_fraction <= 1:
@@ -284,7 +290,9 @@ class SpanRuntime:
         )
         self._sessions: dict[SessionId, Session] = {}
         self._block_slices: dict[tuple[int, int], nn.ModuleList] = {}
-        self._scheduler = ComputeScheduler(max_queued_jobs=limits.max_queued_jobs)
+        self._scheduler = ComputeScheduler(
+            max_queued_jobs=limits.max_queued_jobs, batch_window_s=limits.batch_window_s
+        )
         self._reaper: asyncio.Task[None] | None = None
         self._steps = 0
         self._tokens_processed = 0
@@ -841,6 +849,7 @@ class SpanRuntime:
                 block_offset=block_range[0] - self.span.start,
                 batch_buckets=_batch_buckets(max(limits.max_batch_rows, limits.max_batch_size)),
                 use_graphs=None if limits.cuda_graphs else False,
+                compile=limits.compile,
             )
             self._decoders[block_range] = decoder
         return decoder

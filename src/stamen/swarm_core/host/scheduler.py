@@ -12,9 +12,16 @@ longest), it takes that lane's items in arrival order while their total `weight`
 within the first item's `max_weight`, and makes one `batch_fn(items)` call, which returns
 one result per item, in order. A result that is a `BaseException` instance fails only its
 item; an exception raised by `batch_fn` (or a wrong number of results, `RuntimeError`)
-fails every item of the batch. There is no
-collection window: an idle worker starts a lone item at once, and items that arrive while
-a batch runs are merged into the next one. Items of different lanes are never merged.
+fails every item of the batch. Items of different lanes are never merged.
+
+Collection window: a lane remembers the weight of its last batch. When the worker picks
+the lane and less than that weight is queued, it waits for the rest, up to `batch_window_s`
+(and at most half the last batch's run time), then takes what has come. A lone session
+(last batch of weight 1) never waits: its item starts at once. Sessions that answer a batch
+at slightly different moments (the client's next step crosses the network) are gathered
+back into one batch instead of splitting into a batch of the early ones and one of the
+late ones; with `batch_window_s=0` items that arrive while a batch runs simply make up the
+next one.
 
 Order when several kinds wait: batches and `Priority.INFERENCE` jobs alternate (a waiting
 inference job runs after at most one batch, a waiting batch after at most one inference
@@ -93,11 +100,23 @@ class _Item(_Entry):
 class _Batch:
     items: list[_Item]
     batch_fn: BatchFn
+    lane: Hashable
 
 
 class ComputeScheduler:
-    def __init__(self, *, max_queued_jobs: int, thread_name: str = "stamen-compute") -> None:
+    def __init__(
+        self,
+        *,
+        max_queued_jobs: int,
+        thread_name: str = "stamen-compute",
+        batch_window_s: float = 0.0,
+    ) -> None:
+        if batch_window_s < 0:
+            raise ValueError(f"batch_window_s must be >= 0, got {batch_window_s}")
         self.max_queued_jobs = max_queued_jobs
+        self.batch_window_s = batch_window_s
+        # lane -> (total weight, run time in s) of its last batch; worker thread only
+        self._last_batch: dict[Hashable, tuple[int, float]] = {}
         self._thread_name = thread_name
         self._heap: list[tuple[int, int, _Job]] = []  # (priority, arrival, job)
         self._lanes: dict[Hashable, deque[_Item]] = {}  # lane -> items in arrival order
@@ -269,10 +288,34 @@ class ComputeScheduler:
             or job_head[0] != Priority.INFERENCE
             or self._batch_goes_first(lane, job_head)
         ):
+            self._gather(lane)
+            if lane not in self._lanes:  # everything in it expired or was cancelled
+                return None
             return self._take_batch(lane)
         if job_head is not None:
             return self._take_job()
         return None
+
+    def _gather(self, lane: Hashable) -> None:
+        """Wait (lock released) until the lane holds its last batch's weight again, or the
+        window closes."""
+        last = self._last_batch.get(lane)
+        if last is None or self.batch_window_s == 0:
+            return
+        target, last_run_s = last
+        window_ends = time.monotonic() + min(self.batch_window_s, 0.5 * last_run_s)
+        while not self._closing and lane in self._lanes:
+            if self._queued_weight(lane) >= target:
+                return
+            left = window_ends - time.monotonic()
+            if left <= 0:
+                return
+            self._cond.wait(left)
+            self._oldest_lane()  # drop cancelled or expired heads; an empty lane goes
+
+    def _queued_weight(self, lane: Hashable) -> int:
+        items = self._lanes.get(lane, ())
+        return sum(item.weight for item in items if item.state is _State.QUEUED)
 
     def _batch_goes_first(self, lane: Hashable, job_head: tuple[int, int, _Job]) -> bool:
         if self._batch_turn is not None:
@@ -327,7 +370,7 @@ class ComputeScheduler:
         if not taken:
             return None
         self._batch_turn = False
-        return _Batch(taken, taken[0].batch_fn)
+        return _Batch(taken, taken[0].batch_fn, lane)
 
     def _expired(self, entry: _Entry) -> bool:
         """Fail an entry just taken off a queue whose deadline has passed."""
@@ -347,10 +390,14 @@ class ComputeScheduler:
 
     def _run_batch(self, batch: _Batch) -> None:
         values = [item.value for item in batch.items]
+        began_s = time.monotonic()
         try:
             results: list[Any] = list(batch.batch_fn(values))
         except BaseException as exc:  # handed to every awaiting coroutine
             results = [exc] * len(values)
+        weight = sum(item.weight for item in batch.items)
+        with self._cond:
+            self._last_batch[batch.lane] = (weight, time.monotonic() - began_s)
         if len(results) != len(values):
             error = RuntimeError(
                 f"batch_fn returned {len(results)} results for {len(values)} items"

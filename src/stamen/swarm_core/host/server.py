@@ -230,7 +230,9 @@ class Host:
         span = await asyncio.to_thread(self._load, start, end)
         self.runtime = await stack.enter_async_context(SpanRuntime(span, self._limits()))
         stack.push_async_callback(self.next_hops.aclose)
-        self.throughput_tokens_s = await asyncio.to_thread(measure_throughput, span)
+        self.throughput_tokens_s = await asyncio.to_thread(
+            measure_throughput, span, cuda_graphs=self._limits().cuda_graphs
+        )
         logger.info("throughput: %.1f decode tokens/s over the span", self.throughput_tokens_s)
         self._listener = await self.transport.listen(settings.listen, self._server().serve)
         stack.push_async_callback(self._listener.close)
