@@ -194,3 +194,16 @@ def test_cleared_pages_hide_garbage_from_attention():
     out = rows.paged([a], x, [0])
     assert torch.isfinite(out).all()
     assert _close(out, rows.reference(a, x, 0)) <= TOLERANCE
+
+
+def test_spans_with_bitsandbytes_layers_are_recognised_so_they_are_never_captured():
+    pytest.importorskip("bitsandbytes")
+    from stamen.models.paged import _has_quantized_layers
+    from stamen.models.quantization import quantize_block
+
+    blocks = LocalChain.build(reference_for("llama-gqa-tied-bias")).blocks
+    assert not _has_quantized_layers(torch.nn.ModuleList(blocks))
+    for mode in ("int8", "nf4"):
+        quantized = LocalChain.build(reference_for("llama-gqa-tied-bias")).blocks
+        quantize_block(quantized[0], mode)
+        assert _has_quantized_layers(torch.nn.ModuleList(quantized)), mode
