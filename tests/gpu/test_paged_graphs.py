@@ -221,3 +221,15 @@ def test_padding_rows_touch_only_the_null_page():
     for key, old in zip(rows.pool.keys, before):
         assert torch.equal(key[untouched], old)
     assert not rows.pool.valid[NULL_PAGE].any()
+
+
+def test_prepared_buckets_are_replayed_without_new_captures():
+    rows = Rows("llama-gqa-tied-bias", torch.float32)
+    graphs = DecodeGraphs(rows.blocks, rows.pool)
+    assert graphs.prepare(rows.config.hidden_size, (1, 2), (1, ROW_PAGES)) == 4
+    for name, length in (("a", 5), ("b", 9)):
+        rows.join(name, length)
+    x, table, start = rows.decode_inputs(["a", "b"])
+    out = graphs.run(x, table, start).clone()
+    assert graphs.graphs_captured == 4  # (2 rows, 4 pages) was prepared
+    assert _max_scaled_diff(out, rows.alone_step(["a", "b"], x)) <= FLOAT32_TOLERANCE

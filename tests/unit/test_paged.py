@@ -207,3 +207,10 @@ def test_spans_with_bitsandbytes_layers_are_recognised_so_they_are_never_capture
         quantized = LocalChain.build(reference_for("llama-gqa-tied-bias")).blocks
         quantize_block(quantized[0], mode)
         assert _has_quantized_layers(torch.nn.ModuleList(quantized)), mode
+
+
+def test_prepare_captures_nothing_without_graphs():
+    rows = Rows("llama-gqa-tied-bias")
+    graphs = DecodeGraphs(rows.blocks, rows.pool)
+    assert graphs.prepare(rows.config.hidden_size, (1, 2, 4), (1, 2)) == 0
+    assert graphs.graphs_captured == 0

@@ -285,6 +285,23 @@ class DecodeGraphs:
         captured.graph.replay()
         return captured.output[:b]
 
+    def prepare(
+        self, hidden_size: int, batch_sizes: Iterable[int], page_counts: Iterable[int]
+    ) -> int:
+        """Capture the buckets holding these batch sizes and page counts now, so that the
+        first steps of a host's sessions do not pay for the captures (tens of ms each).
+        Returns how many buckets are captured in all; nothing happens without graphs."""
+        pages = list(page_counts)
+        for b in batch_sizes:
+            if not self.use_graphs or b > self.max_batch:
+                break
+            B = next(size for size in self.batch_buckets if size >= b)
+            for n_p in pages:
+                P = 1 << max(0, n_p - 1).bit_length()
+                if (B, P) not in self._captured and self._capture(B, P, hidden_size) is None:
+                    return self.graphs_captured
+        return self.graphs_captured
+
     # -- eager ---------------------------------------------------------------------------
 
     def _eager(

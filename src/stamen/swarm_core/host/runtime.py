@@ -315,6 +315,12 @@ class SpanRuntime:
                 priority=Priority.INFERENCE,
                 queue_timeout_s=self.limits.bulk_timeout_s,
             )
+        if self.device.type == "cuda" and self.limits.cuda_graphs:
+            await self._scheduler.run(
+                self._prepare_graphs,
+                priority=Priority.INFERENCE,
+                queue_timeout_s=self.limits.bulk_timeout_s,
+            )
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_idle(), name="stamen-session-reaper")
 
@@ -836,6 +842,22 @@ class SpanRuntime:
             host[item_rows].to(dtype=item.hidden.dtype, copy=True)
             for item, item_rows in zip(batch, slices, strict=True)
         ]
+
+    def _prepare_graphs(self) -> None:
+        """Capture the whole span's common decode buckets before serving: batches up to 8
+        rows, contexts up to 256 tokens (up to 4 pages, batch 1, when compiling). Others
+        are captured when first used."""
+        decoder = self._decoder((self.span.start, self.span.end))
+        began_s = time.monotonic()
+        if self.limits.compile:
+            decoder.prepare(self.hidden_size, (1,), (1, 2, 4))
+        else:
+            decoder.prepare(self.hidden_size, (1, 2, 4, 8), (1, 2, 4, 8, 16))
+        logger.info(
+            "decode graphs: %d buckets captured in %.1f s",
+            decoder.graphs_captured,
+            time.monotonic() - began_s,
+        )
 
     def _decoder(self, block_range: tuple[int, int]) -> DecodeGraphs:
         decoder = self._decoders.get(block_range)
