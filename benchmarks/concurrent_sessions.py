@@ -8,7 +8,8 @@ Model: on the CPU the bundled SmolLM2-135M (float32, its 30 blocks or the first
 `--blocks`); with `--device cuda` the random bf16 Llama of `gpu_swarm_speed` (`--hidden`,
 `--layers`), saved as safetensors in a temporary directory. Each session opens with room
 for a 16-token prefill plus `--steps` single-token steps; all sessions prefill first
-(untimed), then decode together, each its own asyncio task. Rows:
+(untimed), then decode together, each its own asyncio task; every case runs one untimed
+round first (graph captures, allocations). Rows:
 
 - `runtime`: sessions of one `SpanRuntime` over the whole span, stepped in this process
   with float32 CPU hidden states (what the RPC handlers pass it);
@@ -95,6 +96,8 @@ async def runtime_rates(span: Any, args: argparse.Namespace, batching: bool | No
         for count in (1, args.sessions):
             ids = [await runtime.open_session(max_length, 1) for _ in range(count)]
             steps_of = [_runtime_step(runtime, session_id) for session_id in ids]
+            # an untimed round first: graph captures and allocations happen on first use
+            await decode_together(steps_of, args.hidden_size, args.steps)
             samples = [
                 await decode_together(steps_of, args.hidden_size, args.steps)
                 for _ in range(args.rounds)
@@ -145,6 +148,8 @@ async def swarm_rates(
         )
         try:
             for count in (1, args.sessions):
+                # an untimed round first, as at the runtime level
+                await asyncio.to_thread(model._loop.run, _swarm_round(model, count, args))
                 samples = [
                     await asyncio.to_thread(model._loop.run, _swarm_round(model, count, args))
                     for _ in range(args.rounds)
