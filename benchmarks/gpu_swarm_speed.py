@@ -35,7 +35,14 @@ from stamen.swarm_core.local_swarm import LocalSwarm
 
 
 def save_random_llama(directory: Path, hidden: int, layers: int) -> int:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    """A random bf16 Llama checkpoint in `directory`: config.json and safetensors shards
+    of at most 8 blocks with their index. Tensors are drawn on the GPU when there is one
+    (a 32-block, 4096-wide model is 11.8 GB: instantiating it through transformers took
+    longer than a benchmark step's time limit on the H200 machine)."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         vocab_size=32000,
@@ -45,10 +52,50 @@ def save_random_llama(directory: Path, hidden: int, layers: int) -> int:
         num_attention_heads=hidden // 64,
         num_key_value_heads=max(1, hidden // 256),
         max_position_embeddings=4096,
+        tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(directory, safe_serialization=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(0)
+    kv, inner = config.num_key_value_heads * 64, config.intermediate_size
+
+    def random(*shape: int) -> torch.Tensor:
+        x = torch.randn(*shape, generator=generator, device=device, dtype=torch.float32)
+        return (x * 0.02).to(torch.bfloat16).cpu()
+
+    def block(i: int) -> dict[str, torch.Tensor]:
+        p = f"model.layers.{i}."
+        return {
+            p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            p + "self_attn.q_proj.weight": random(hidden, hidden),
+            p + "self_attn.k_proj.weight": random(kv, hidden),
+            p + "self_attn.v_proj.weight": random(kv, hidden),
+            p + "self_attn.o_proj.weight": random(hidden, hidden),
+            p + "mlp.gate_proj.weight": random(inner, hidden),
+            p + "mlp.up_proj.weight": random(inner, hidden),
+            p + "mlp.down_proj.weight": random(hidden, inner),
+        }
+
+    groups = [list(range(i, min(i + 8, layers))) for i in range(0, layers, 8)]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for n, group in enumerate([[-1], *groups]):  # -1: the head
+        if group == [-1]:
+            tensors = {
+                "model.embed_tokens.weight": random(config.vocab_size, hidden),
+                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                "lm_head.weight": random(config.vocab_size, hidden),
+            }
+        else:
+            tensors = {name: t for i in group for name, t in block(i).items()}
+        shard = f"model-{n + 1:05d}-of-{len(groups) + 1:05d}.safetensors"
+        save_file(tensors, directory / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shard))
+        total += sum(t.nelement() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
     return layers
 
 
