@@ -233,3 +233,21 @@ def test_prepared_buckets_are_replayed_without_new_captures():
     out = graphs.run(x, table, start).clone()
     assert graphs.graphs_captured == 4  # (2 rows, 4 pages) was prepared
     assert _max_scaled_diff(out, rows.alone_step(["a", "b"], x)) <= FLOAT32_TOLERANCE
+
+
+def test_a_nan_row_never_reaches_the_null_page_through_later_padding():
+    rows = Rows("llama-gqa-tied-bias", torch.float32)
+    graphs = DecodeGraphs(rows.blocks, rows.pool)
+    for name, length in (("a", 3), ("b", 5), ("c", 7)):
+        rows.join(name, length)
+    # Three rows (bucket 4): the third sends NaN hidden states.
+    x, table, start = rows.decode_inputs(["a", "b", "c"])
+    x[2] = float("nan")
+    graphs.run(x, table, start)
+    for name in ("a", "b", "c"):
+        rows.lengths[name] += 1
+    # Two rows in the same bucket: the NaN row's old input must not be a padding row's.
+    x, table, start = rows.decode_inputs(["a", "b"])
+    out = graphs.run(x, table, start)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(rows.pool.keys[0][NULL_PAGE]).all()

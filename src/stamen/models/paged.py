@@ -222,6 +222,8 @@ class DecodeGraphs:
         batch_buckets: Sequence[int] = DEFAULT_BATCH_BUCKETS,
         use_graphs: bool | None = None,
         compile: bool = False,
+        max_graph_pages: int = 128,
+        graph_pool: Any = None,
     ) -> None:
         self.blocks = nn.ModuleList(blocks)
         self.pool = pool
@@ -237,7 +239,11 @@ class DecodeGraphs:
             logger.info("the span has bitsandbytes layers: decode steps run eagerly")
             self.use_graphs = False
         self._captured: dict[tuple[int, int], _Captured] = {}
-        self._graph_pool: Any = None  # the memory pool every captured graph shares
+        # The memory pool every captured graph shares (several decoders may pass one in:
+        # graphs are replayed one at a time and their outputs read before the next).
+        self._graph_pool: Any = graph_pool
+        # Longer tables run eagerly: a graph keeps its gathered keys and values reserved.
+        self.max_graph_pages = max_graph_pages
         self._staging: dict[tuple[int, int], Tensor] = {}
         self._copied: torch.cuda.Event | None = None
         # torch.compile before capture fuses the many small kernels of a block (norms,
@@ -271,7 +277,7 @@ class DecodeGraphs:
                 f"decode rows disagree: hidden {tuple(hidden.shape)}, table "
                 f"{tuple(table.shape)}, start {tuple(start.shape)}"
             )
-        if not self.use_graphs or b > self.max_batch:
+        if not self.use_graphs or b > self.max_batch or n_p > self.max_graph_pages:
             return self._eager(hidden, table, start, new_valid)
         B = next(size for size in self.batch_buckets if size >= b)
         P = 1 << max(0, n_p - 1).bit_length()
@@ -297,6 +303,8 @@ class DecodeGraphs:
                 break
             B = next(size for size in self.batch_buckets if size >= b)
             for n_p in pages:
+                if n_p > self.max_graph_pages:
+                    break
                 P = 1 << max(0, n_p - 1).bit_length()
                 if (B, P) not in self._captured and self._capture(B, P, hidden_size) is None:
                     return self.graphs_captured
@@ -341,15 +349,23 @@ class DecodeGraphs:
 
     def _record(self, step: Any, meta: Tensor, hidden: Tensor, P: int) -> tuple[Any, Tensor]:
         device = self.pool.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # lazy initialisation (cuBLAS handles, constants) first
-                step(meta, hidden, P)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            output = step(meta, hidden, P)
+        # On the pool's device, explicitly: the capture stream is made on the current
+        # device, and a pool on cuda:1 captured from cuda:0 records an empty graph.
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # lazy initialisation (cuBLAS handles, constants) first
+                    step(meta, hidden, P)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(
+                graph,
+                pool=self._graph_pool,
+                stream=torch.cuda.Stream(device),
+                capture_error_mode="thread_local",
+            ):
+                output = step(meta, hidden, P)
         return graph, output
 
     def _capture(self, B: int, P: int, C: int) -> _Captured | None:
@@ -415,5 +431,8 @@ class DecodeGraphs:
         staging[:b, P + 1] = 1 if new_valid is None else new_valid.view(b)
         captured.meta.copy_(staging, non_blocking=True)
         captured.hidden[:b].copy_(hidden, non_blocking=True)
+        # Padding rows write the null page, which every padded table reads: never let an
+        # earlier batch's row (a NaN from a client, say) reach it.
+        captured.hidden[b:].zero_()
         self._copied = torch.cuda.Event()
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(self.pool.device))

@@ -629,6 +629,10 @@ class SpanRuntime:
     # -- compute (runs on the scheduler's thread only) ----------------------------------
 
     def _allocate_pool(self) -> None:
+        if self.device.type == "cuda":
+            # The compute thread's current device is the span's: streams, events and graph
+            # captures made without naming a device land on it.
+            torch.cuda.set_device(self.device)
         limits = self.limits
         self._pool = KVPool(
             self.span.adapter,
@@ -865,12 +869,16 @@ class SpanRuntime:
             pool = self._pool
             assert pool is not None
             limits = self.limits
+            # Graphs for the whole span only: a client may open sessions over any of its
+            # sub-ranges, and each would otherwise keep graphs (and their memory) of its
+            # own. Sessions entering mid-span decode eagerly, still batched.
+            whole = block_range == (self.span.start, self.span.end)
             decoder = DecodeGraphs(
                 self._blocks(block_range),
                 pool,
                 block_offset=block_range[0] - self.span.start,
                 batch_buckets=_batch_buckets(max(limits.max_batch_rows, limits.max_batch_size)),
-                use_graphs=None if limits.cuda_graphs else False,
+                use_graphs=None if limits.cuda_graphs and whole else False,
                 compile=limits.compile,
             )
             self._decoders[block_range] = decoder
@@ -962,6 +970,8 @@ def measure_throughput(
     warm-up call comes first; at least one timed call always runs.
     """
     dtype, device = _span_dtype(span), _span_device(span)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # this thread's, as on the compute thread
     C = int(span.config.hidden_size)
     run: Callable[[int], None]
     if kind == "decode":

@@ -140,7 +140,8 @@ class CacheBudget:
         """Return all of a session's pages to the free list (at close)."""
         for row in session.pages:
             self._free.extend(row)
-        session.pages = []
+        # `session.pages` stays as it was: the compute thread may be building a batch's
+        # table from it right now (its item fails or is dropped once it sees `closed`).
         session.capacity = 0
 
     def _grown_row_pages(self, session: Session, needed_length: int) -> int:
