@@ -34,8 +34,10 @@ Contract:
 3. All compute runs on one thread (`scheduler.ComputeScheduler`). Decode steps (T == 1, no
    deep-prompt slice) of sessions over the same block range are batched continuously:
    each is an item of that range's lane, and one batch runs every row queued there
-   (up to `max_batch_rows`) as one `DecodeGraphs.run` (CUDA graphs on a GPU), each row at
-   its own position. Every other step (prefill, replay, prompts) runs in chunks of at
+   (up to `max_batch_rows`) as one `DecodeGraphs.run` (CUDA graphs on a GPU, for the whole
+   span's range only; common buckets are captured at start), each row at its own
+   position. A lane waits up to `batch_window_s` for the sessions of its last batch, never
+   for a lone session (`scheduler`). Every other step (prefill, replay, prompts) runs in chunks of at
    most `prefill_chunk_tokens` rows x tokens, each chunk its own inference job, so decode
    batches run between the chunks of a long prefill. Forward / backward come after both.
    Anything waiting too long in the queue fails with `RemoteTimeout`. A step that fails
