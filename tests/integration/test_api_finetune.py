@@ -163,6 +163,7 @@ def api(
         stop(started)
 
 
+@pytest.mark.slow  # ~90 s through a real swarm; unit tests cover the jobs API by default
 def test_a_short_job_lowers_the_loss_and_serves_the_tuned_model(api: Api) -> None:
     client = sdk(api)
     train = upload(client, read_jsonl("train.jsonl")[:40], "train.jsonl")
@@ -188,6 +189,7 @@ def test_a_short_job_lowers_the_loss_and_serves_the_tuned_model(api: Api) -> Non
     assert completion.model == tuned and completion.choices[0].text
 
 
+@pytest.mark.slow  # needs the ~45 s swarm set-up of the test above
 def test_fine_tuning_conformance_cases_pass(api: Api) -> None:
     results = run_suite(f"{api.base_url}/v1", MODEL_ID, only_fine_tuning=True)
     print(format_table(results))

@@ -95,6 +95,7 @@ def _serves_a_normal_chat(api: Api) -> None:
     assert httpx.get(f"{api.base_url}/readyz").status_code == 200
 
 
+@pytest.mark.slow  # ~25 s of fuzzing; the wire fuzz runs by default
 def test_fuzzing_the_openapi_document_never_gets_a_5xx(api: Api) -> None:
     sent = fuzz(api, float(os.environ.get("STAMEN_API_FUZZ_SECONDS", "20")))
     assert sent > 20

@@ -137,6 +137,7 @@ def stop_with_generations_in_flight(api: Api, signum: int) -> float:
     return elapsed
 
 
+@pytest.mark.slow  # ~27 s
 def test_sigterm_ends_generations_and_exits_in_time(tmp_path: Path, stopper: list[Api]) -> None:
     api = start_api(tmp_path, "--in-process")
     stopper.append(api)

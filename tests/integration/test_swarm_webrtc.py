@@ -34,6 +34,7 @@ def webrtc_swarm(
         processes.close()
 
 
+@pytest.mark.slow  # ~35 s; the WebRTC transport conformance runs by default
 def test_greedy_generation_over_webrtc_equals_transformers(
     webrtc_swarm: SwarmProcesses,
     smollm2_gguf: Path,
