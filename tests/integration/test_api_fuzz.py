@@ -39,7 +39,11 @@ def _steer(body: Any, data: st.DataObject) -> None:
     if not isinstance(body, dict) or not data.draw(st.booleans(), label="steer"):
         return
     body["model"] = DEFAULT_MODEL_ID
-    body["max_tokens"] = data.draw(st.integers(1, 4), label="max_tokens")
+    limit = data.draw(st.integers(1, 4), label="max_tokens")
+    if "input" in body:  # /v1/responses: without a limit it may generate to the context end
+        body["max_output_tokens"] = limit
+    else:
+        body["max_tokens"] = limit
     body.pop("max_completion_tokens", None)
 
 
