@@ -37,7 +37,7 @@ from stamen.swarm_core.local_swarm import LocalSwarm
 def save_random_llama(directory: Path, hidden: int, layers: int) -> int:
     """A random bf16 Llama checkpoint in `directory`: config.json and safetensors shards
     of at most 8 blocks with their index. Tensors are drawn on the GPU when there is one
-    (a 32-block, 4096-wide model is 11.8 GB: instantiating it through transformers took
+    (a 32-block, 4096-wide model is 12 GB: instantiating it through transformers took
     longer than a benchmark step's time limit on the H200 machine)."""
     import json
 
