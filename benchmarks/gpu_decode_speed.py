@@ -32,7 +32,6 @@ import functools
 import json
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from benchmarks.swarm_speed import _revision
 from stamen.models.chain import SpanCache, run_span
 from stamen.models.paged import DecodeGraphs, KVPool, pages_for, run_paged_span
 from stamen.models.registry import get_adapter
@@ -410,15 +410,6 @@ def measure_quantized(
 
 
 # --- report --------------------------------------------------------------------------------
-
-
-def _revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def header(device: torch.device, dtype: torch.dtype, bandwidth_gbs: float, args: Any) -> str:
