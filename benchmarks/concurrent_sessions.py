@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from benchmarks.gpu_swarm_speed import Target, _local, save_random_llama
-from benchmarks.swarm_speed import PREFILL_TOKENS
+from benchmarks.swarm_speed import PREFILL_TOKENS, host_infos
 from stamen.models.loading import load_span
 from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from stamen.swarm_core.client.inference import InferenceSession
@@ -150,11 +150,22 @@ async def swarm_rates(
             for count in (1, args.sessions):
                 # an untimed round first, as at the runtime level
                 await asyncio.to_thread(model._loop.run, _swarm_round(model, count, args))
+                before = await asyncio.to_thread(host_infos, model)
                 samples = [
                     await asyncio.to_thread(model._loop.run, _swarm_round(model, count, args))
                     for _ in range(args.rounds)
                 ]
+                after = await asyncio.to_thread(host_infos, model)
                 rates[str(count)] = statistics.median(samples)
+            # The timed rounds of N sessions, summed over the hosts (as at the runtime
+            # level, rows / batches says how full the batches were).
+            rates["batches"] = sum(
+                a.decode_batches - before[p].decode_batches for p, a in after.items()
+            )
+            rates["batched_rows"] = (
+                sum(a.steps - before[p].steps for p, a in after.items())
+                - 2 * args.rounds * args.sessions
+            )  # each session's prefill, on both hosts
         finally:
             await asyncio.to_thread(model.close)
     return rates

@@ -105,8 +105,13 @@ else
     HOP=(--hidden 4096 --layers 2 --iterations 200 --steps 50 --rounds 2)
     SWARM=(--hidden 4096 --layers 32 --steps 60 --rounds 2)
 fi
-run_step swarm 190 swarm.log "$PYTHON" -m benchmarks.gpu_swarm_speed --device "$DEVICE" \
-    "${SWARM[@]}" --json "$WORK/swarm.json"
+# SWARM_LIMIT: the swarm step's seconds (its 12 GB checkpoint, two hosts loading, measuring
+# and capturing, then the local baselines take minutes on the H200 machine).
+run_step swarm "${SWARM_LIMIT:-190}" swarm.log "$PYTHON" -m benchmarks.gpu_swarm_speed \
+    --device "$DEVICE" "${SWARM[@]}" --json "$WORK/swarm.json" --host-logs "$WORK/hosts"
+for log in "$WORK"/hosts/host*.log; do  # the hosts' last lines, also after a timeout
+    [[ -f $log ]] && { echo "-- $(basename "$log"), last lines:"; tail -n 15 "$log"; } >>"$OUT/swarm.log"
+done
 run_step decode 240 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
     "${DECODE[@]}" --json "$WORK/decode.json"
 run_step quant 60 decode.log "$PYTHON" -m benchmarks.gpu_decode_speed --device "$DEVICE" \
@@ -167,5 +172,10 @@ if swarm:
     print("swarm speed (steps/s): " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
           + "; added ms/hop: " + ", ".join(f"vs {k} {v:.2f}" for k, v in swarm["added_ms_per_hop"].items())
           + f"; ping {swarm['ping_ms']:.2f} ms")
+    hosts = swarm.get("hosts")
+    if hosts:
+        print(f"  per step, hosts' runtimes {hosts['runtime_ms']:.2f} ms (decode compute "
+              f"{hosts['decode_ms']:.2f}), outside them {hosts['outside_ms']:.2f} ms; graphs "
+              f"{hosts['rounds'][-1]['graphs_captured']}")
 EOF
 rm -rf "$WORK"

@@ -19,13 +19,21 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from benchmarks.swarm_speed import PREFILL_TOKENS, _decode_steps_s, ping_s
+from benchmarks.swarm_speed import (
+    PREFILL_TOKENS,
+    _decode_steps_s,
+    host_infos,
+    host_time_per_step,
+    ping_s,
+)
 from stamen.models.chain import LocalChain, SpanCache
 from stamen.models.loading import Span, load_span
 from stamen.models.paged import DecodeGraphs, KVPool, pages_for, run_paged_span
@@ -185,10 +193,23 @@ async def _local_graphs(chain: GraphChain, steps: int) -> float:
     return await _decode_steps_s(chain.step, chain.hidden_size, steps)
 
 
+def progress(began_s: float, what: str) -> None:
+    """A line on stderr with the seconds since `began_s`: where a run that times out was."""
+    print(f"[{time.monotonic() - began_s:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 async def run(args: argparse.Namespace, model_dir: Path) -> None:
     layers, target = args.layers, Target(torch.device(args.device))
+    began_s = time.monotonic()
+    host_logs = Path(args.host_logs) if getattr(args, "host_logs", None) else None
+    if host_logs is not None:
+        host_logs.mkdir(parents=True, exist_ok=True)
     # One event loop owns the host processes from start to stop; the client keeps its own.
-    async with LocalSwarm(model_dir, layers, num_hosts=2, host_args=target.host_args()) as swarm:
+    swarm = LocalSwarm(
+        model_dir, layers, num_hosts=2, host_args=target.host_args(), log_dir=host_logs
+    )
+    async with swarm:
+        progress(began_s, "hosts online")
         model = await asyncio.to_thread(
             AutoDistributedModelForCausalLM.from_pretrained,
             model_dir,
@@ -202,19 +223,33 @@ async def run(args: argparse.Namespace, model_dir: Path) -> None:
             async with session:
                 return await _decode_steps_s(session.step, args.hidden, args.steps)
 
+        progress(began_s, "client ready")
         span = load_span(model_dir, 0, layers, dtype=target.dtype, device=target.device)
         graph_chain = GraphChain(span, layers, PREFILL_TOKENS + args.steps, target)
+        progress(began_s, "local baselines loaded and captured")
         rates: dict[str, list[float]] = {"local": [], "local-graphs": [], "swarm": []}
+        hosts: list[dict] = []
         for _ in range(args.rounds):
             rates["local"].append(await _local(span, layers, args.steps, target))
             rates["local-graphs"].append(await _local_graphs(graph_chain, args.steps))
+            before = await asyncio.to_thread(host_infos, model)
             rates["swarm"].append(await asyncio.to_thread(model._loop.run, remote()))
+            after = await asyncio.to_thread(host_infos, model)
+            hosts.append(host_time_per_step(before, after))
+            progress(began_s, f"round {len(hosts)} of {args.rounds} done")
         rtt = await asyncio.to_thread(ping_s, model)
         await asyncio.to_thread(model.close)
-    report(args, target, {name: statistics.median(v) for name, v in rates.items()}, rtt)
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    report(args, target, medians, rtt, hosts)
 
 
-def report(args: argparse.Namespace, target: Target, rates: dict[str, float], rtt_s: float) -> None:
+def report(
+    args: argparse.Namespace,
+    target: Target,
+    rates: dict[str, float],
+    rtt_s: float,
+    hosts: list[dict],
+) -> None:
     local, graphs, swarm = rates["local"], rates["local-graphs"], rates["swarm"]
     added = {  # the swarm's step minus one local step, over the 2 hops
         "eager": (1 / swarm - 1 / local) * 1e3 / 2,
@@ -232,8 +267,27 @@ def report(args: argparse.Namespace, target: Target, rates: dict[str, float], rt
         f"added per hop: {added['eager']:.2f} ms over eager local, {added['graphs']:.2f} ms "
         f"over graph-captured local; RPC ping {rtt_s * 1e3:.2f} ms"
     )
+    # The hosts' own view of a swarm step (both hosts summed), from their Info counters.
+    runtime_ms = statistics.median(h["runtime_ms"] for h in hosts)
+    decode_ms = statistics.median(h["decode_ms"] for h in hosts)
+    print(
+        f"hosts per swarm step: {runtime_ms:.2f} ms in their runtimes, {decode_ms:.2f} ms "
+        f"of it decode compute; outside the runtimes (RPC, codecs, client, network) "
+        f"{1e3 / swarm - runtime_ms:.2f} ms; graphs captured {hosts[-1]['graphs_captured']}, "
+        f"decode batches per round {hosts[-1]['decode_batches']}"
+    )
     if args.json:
-        numbers = {"rates_steps_s": rates, "added_ms_per_hop": added, "ping_ms": rtt_s * 1e3}
+        numbers = {
+            "rates_steps_s": rates,
+            "added_ms_per_hop": added,
+            "ping_ms": rtt_s * 1e3,
+            "hosts": {
+                "runtime_ms": runtime_ms,
+                "decode_ms": decode_ms,
+                "outside_ms": 1e3 / swarm - runtime_ms,
+                "rounds": hosts,
+            },
+        }
         Path(args.json).write_text(json.dumps({"args": vars(args), **numbers}, indent=1))
 
 
@@ -245,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds (medians reported)")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     parser.add_argument("--device", default="cuda", help="cuda, or cpu for a reduced smoke run")
+    parser.add_argument("--host-logs", default=None, help="keep the hosts' logs in this folder")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "random-llama"
+        began_s = time.monotonic()
         save_random_llama(model_dir, args.hidden, args.layers)
+        progress(began_s, f"checkpoint written ({args.layers} blocks of {args.hidden})")
         asyncio.run(run(args, model_dir))
     return 0
 

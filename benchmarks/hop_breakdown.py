@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -189,7 +190,7 @@ async def _tcp_round_trip_us(hidden: torch.Tensor, iterations: int) -> float:
 # --- the report ----------------------------------------------------------------------------
 
 
-def end_to_end(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
+def end_to_end(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
     """gpu_swarm_speed's measurement over the same model: added ms per hop and the ping."""
     swarm_args = argparse.Namespace(
         hidden=args.hidden,
@@ -204,10 +205,16 @@ def end_to_end(args: argparse.Namespace, model_dir: Path) -> dict[str, float]:
         asyncio.run(run_swarm(swarm_args, model_dir))
         numbers = json.loads(Path(out.name).read_text())
     added = numbers["added_ms_per_hop"]
-    return {"eager": added["eager"], "graphs": added["graphs"], "ping_ms": numbers["ping_ms"]}
+    return {
+        "eager": added["eager"],
+        "graphs": added["graphs"],
+        "ping_ms": numbers["ping_ms"],
+        "step_ms": 1e3 / numbers["rates_steps_s"]["swarm"],
+        "hosts": numbers["hosts"],
+    }
 
 
-def report(stages: dict[str, float], e2e: dict[str, float] | None) -> list[str]:
+def report(stages: dict[str, float], e2e: dict[str, Any] | None) -> list[str]:
     lines = [f"{'stage (one decode step, one hop)':<40}{'us':>10}"]
     lines += [f"{name:<40}{us:>10.1f}" for name, us in stages.items()]
     if e2e is None:
@@ -222,6 +229,7 @@ def report(stages: dict[str, float], e2e: dict[str, float] | None) -> list[str]:
         "tcp round trip (Step + StepResult)",
     ]
     counted = sum(stages[name] for name in on_the_hop)
+    hosts = e2e["hosts"]
     added_us = e2e["graphs"] * 1e3
     lines += [
         "",
@@ -230,6 +238,13 @@ def report(stages: dict[str, float], e2e: dict[str, float] | None) -> list[str]:
         f"{'RPC ping':<40}{e2e['ping_ms'] * 1e3:>10.1f}",
         f"{'sum of the hop stages above':<40}{counted:>10.1f}",
         f"{'residual (runtime, scheduler, relay)':<40}{added_us - counted:>10.1f}",
+        "",
+        "one swarm step as the hosts saw it (both hosts summed):",
+        f"{'  client-observed step':<40}{e2e['step_ms'] * 1e3:>10.1f}",
+        f"{'  in the hosts runtimes (SpanRuntime.step)':<40}{hosts['runtime_ms'] * 1e3:>10.1f}",
+        f"{'  of it decode compute':<40}{hosts['decode_ms'] * 1e3:>10.1f}",
+        f"{'  outside the runtimes':<40}{hosts['outside_ms'] * 1e3:>10.1f}",
+        f"  graphs captured per host: {hosts['rounds'][-1]['graphs_captured']}",
     ]
     return lines
 

@@ -57,7 +57,7 @@ from stamen.swarm_core.client.distributed import (
 )
 from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.client.swarm import ClientSettings
-from stamen.swarm_core.protocol.wire import Ping
+from stamen.swarm_core.protocol.wire import Info, InfoReply, Ping
 from stamen.testing import bundled_smollm2_gguf
 
 PREFILL_TOKENS = 16
@@ -227,6 +227,39 @@ def ping_s(model: DistributedModelForCausalLM, pings: int = 30) -> float:
         return statistics.median(samples)
 
     return model._loop.run(run())
+
+
+def host_infos(model: DistributedModelForCausalLM) -> dict[str, InfoReply]:
+    """Each host's `Info` reply (its runtime counters among them), by peer id."""
+
+    async def run() -> dict[str, InfoReply]:
+        infos = {}
+        for peer_id in [h.peer_id for h in model.swarm.hosts()]:
+            await model.swarm.connect(peer_id)
+            rpc = model.swarm._connections[peer_id].connections[0]
+            reply = await rpc.call(Info(), timeout_s=5.0)
+            assert isinstance(reply.message, InfoReply), reply.message
+            infos[peer_id] = reply.message
+        return infos
+
+    return model._loop.run(run())
+
+
+def host_time_per_step(before: dict[str, InfoReply], after: dict[str, InfoReply]) -> dict:
+    """What the hosts' runtimes spent per step between two `host_infos`: ms in `step`
+    (queueing included) and in decode compute, summed over the hosts (one step crosses
+    each once), with the decode batches run and the CUDA graphs captured."""
+    steps = [after[p].steps - before[p].steps for p in after]
+    batches = [after[p].decode_batches - before[p].decode_batches for p in after]
+    step_s = [after[p].step_seconds - before[p].step_seconds for p in after]
+    decode_s = [after[p].decode_seconds - before[p].decode_seconds for p in after]
+    return {
+        "runtime_ms": sum(s / max(n, 1) for s, n in zip(step_s, steps, strict=True)) * 1e3,
+        "decode_ms": sum(s / max(n, 1) for s, n in zip(decode_s, batches, strict=True)) * 1e3,
+        "steps": steps,
+        "decode_batches": batches,
+        "graphs_captured": [after[p].graphs_captured for p in after],
+    }
 
 
 def local_forward_s(span: Span, hidden: torch.Tensor) -> float:

@@ -52,6 +52,8 @@ from stamen.swarm_core.protocol.wire import (
     AwaitStep,
     Decoded,
     Hello,
+    Info,
+    InfoReply,
     MalformedMessage,
     NextHop,
     RelayAccepted,
@@ -181,6 +183,21 @@ async def test_a_forwarded_chain_equals_the_client_driven_one() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert session.stats.forwarded == 7 and session.stats.fallbacks == 0
     assert relays == [(7, 0), (7, 7), (0, 7)]  # every step went host to host
+
+
+async def test_a_hosts_info_reports_its_runtime_counters() -> None:
+    async with chain((0, 1), (1, 2), (2, 3), forwarding=False) as (view, served):
+        await generate_hidden(view)  # a prefill, then 6 single-token steps of 2 rows
+        address = served[1].record.addresses[0]
+        rpc = await RpcClient.connect(view.transport, address, Hello.local(), timeout_s=5)
+        try:
+            reply = await rpc.call(Info(), timeout_s=5)
+        finally:
+            await rpc.close()
+    info = reply.message
+    assert isinstance(info, InfoReply)
+    assert (info.steps, info.decode_batches, info.graphs_captured) == (7, 6, 0)
+    assert 0 < info.decode_seconds < info.step_seconds
 
 
 async def test_a_middle_host_that_vanishes_costs_a_fallback_not_a_token() -> None:

@@ -218,6 +218,11 @@ class RuntimeInfo:
     batches: int  # decode batches run (one per DecodeGraphs.run)
     batched_rows: int  # rows in them, over all batches
     graphs_captured: int  # CUDA graphs captured for decode batches
+    # Wall seconds, summed: in `step` (queueing included), and the compute thread's in
+    # decode batches (device synchronisation included). Per step, their difference is what
+    # the runtime adds around the compute; the server's RPC handling comes on top.
+    step_seconds: float
+    decode_seconds: float
 
 
 def cache_bytes_per_token(span: ServedSpan) -> int:
@@ -304,6 +309,8 @@ class SpanRuntime:
         self._staging: _Staging | None = None
         self._batches = 0
         self._batched_rows = 0
+        self._step_s = 0.0
+        self._decode_s = 0.0
         self._graphs_captured = 0  # summed here, so info() never walks the decoders
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -364,6 +371,8 @@ class SpanRuntime:
             batches=self._batches,
             batched_rows=self._batched_rows,
             graphs_captured=self._graphs_captured,
+            step_seconds=self._step_s,
+            decode_seconds=self._decode_s,
         )
 
     # -- sessions -----------------------------------------------------------------------
@@ -486,6 +495,7 @@ class SpanRuntime:
         self._budget.grow(session, start + T)  # or RemoteBusy / CacheLimitExceeded; nothing ran
         session.in_flight += 1
         session.touch()
+        began_s = time.perf_counter()
         try:
             if T == 1 and step_prompts is None:
                 return await self._decode(_Decode(session, hidden, start, mask))
@@ -493,6 +503,7 @@ class SpanRuntime:
         finally:
             session.in_flight -= 1
             session.touch()
+            self._step_s += time.perf_counter() - began_s
 
     async def _decode(self, item: _Decode) -> Tensor:
         limits = self.limits
@@ -760,12 +771,15 @@ class SpanRuntime:
         batch = [items[index] for index in live]
         for item in batch:
             item.session.length = item.start  # its slot is being rewritten
+        began_s = time.perf_counter()
         try:
             outputs = self._run_decode_rows(batch)
         except Exception as error:  # every item of this batch failed
             for index in live:
                 results[index] = error
             return
+        finally:
+            self._decode_s += time.perf_counter() - began_s
         for index, item, output in zip(live, batch, outputs, strict=True):
             session = item.session
             session.length = item.start + 1

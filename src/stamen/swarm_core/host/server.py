@@ -388,6 +388,11 @@ class Host:
             throughput_tokens_s=self.throughput_tokens_s,
             relays_received=self.inbox.accepted if self.inbox else 0,
             relays_sent=self.next_hops.sent,
+            steps=info.steps if info else 0,
+            decode_batches=info.batches if info else 0,
+            graphs_captured=info.graphs_captured if info else 0,
+            step_seconds=info.step_seconds if info else 0.0,
+            decode_seconds=info.decode_seconds if info else 0.0,
         )
 
     async def _session(

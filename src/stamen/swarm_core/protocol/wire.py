@@ -219,6 +219,14 @@ class InfoReply(_Message, frozen=True, tag="info_reply"):
     # 2.1: forwarded steps this host took from a previous host / handed to the next one.
     relays_received: Annotated[int, msgspec.Meta(ge=0)] = 0
     relays_sent: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # Counters of the host's runtime since it started (`host.runtime.RuntimeInfo`), for
+    # operators and benchmarks: steps, decode batches, CUDA graphs captured, and wall
+    # seconds in steps and in decode compute. Older clients ignore them.
+    steps: Annotated[int, msgspec.Meta(ge=0)] = 0
+    decode_batches: Annotated[int, msgspec.Meta(ge=0)] = 0
+    graphs_captured: Annotated[int, msgspec.Meta(ge=0)] = 0
+    step_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    decode_seconds: Annotated[float, msgspec.Meta(ge=0)] = 0.0
 
 
 class OpenSession(_SpanRequest, frozen=True, tag="open_session", forbid_unknown_fields=True):
