@@ -44,6 +44,7 @@ from typing import Any
 import uvicorn
 from litestar import Litestar
 
+from stamen.api import constrained
 from stamen.api.app import EngineProvider, begin_shutdown, create_app
 from stamen.api.engine import EngineClient, LocalEngine
 from stamen.api.state import FineTuningSettings, ServingSettings
@@ -286,6 +287,20 @@ def build_engines(settings: ApiSettings) -> EngineProvider:
 
 
 async def _engine(
+    spec: ModelSpec, settings: ApiSettings, stack: contextlib.AsyncExitStack
+) -> EngineClient:
+    engine = await _start_engine(spec, settings, stack)
+    # llguidance's view of the tokenizer, built now: converting it holds the GIL for a
+    # few hundred ms, which the first structured or tool request would otherwise stall
+    # every stream for.
+    try:
+        await asyncio.to_thread(constrained.ll_tokenizer, engine.tokenizer)
+    except constrained.GrammarError as error:
+        logger.warning("%s: constrained decoding is unavailable: %s", spec.ref, error)
+    return engine
+
+
+async def _start_engine(
     spec: ModelSpec, settings: ApiSettings, stack: contextlib.AsyncExitStack
 ) -> EngineClient:
     if settings.in_process:
