@@ -40,7 +40,7 @@ from stamen.api.state import ServingSettings
 from stamen.swarm_core.client.distributed import AutoDistributedModelForCausalLM
 from stamen.swarm_core.client.generation import decode, plan_from_hf
 from stamen.swarm_core.local_swarm import LocalSwarm
-from stamen.testing import bundled_smollm2_gguf
+from stamen.testing import bundled_smollm2_gguf, git_revision
 
 PROMPT = "The history of the printing press begins"
 MODEL_ID = "SmolLM2-135M-Instruct"
@@ -221,8 +221,7 @@ def main() -> int:
     run = run_in_process if args.in_process else run_swarm
     api, reference, label = run(args, path)
 
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False).stdout.strip()  # fmt: skip
+    revision = git_revision()
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} torch threads; "
           f"python {platform.python_version()}, torch {torch.__version__}, "

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 
 from stamen.models.base import KVCache, StepContext
 from stamen.models.registry import get_adapter
+from stamen.testing import git_revision
 
 CACHE_TOKENS = 512
 PREFILL_TOKENS = 512
@@ -220,15 +220,6 @@ def measure_interleaved(sides: dict[str, Case], rounds: int) -> dict[str, list[f
     return samples
 
 
-def _git_revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="ours vs transformers, one Llama block")
     parser.add_argument(
@@ -253,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, torch threads "
         f"{torch.get_num_threads()}; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; git {_git_revision()}; {args.shape} block, "
+        f"{transformers.__version__}; git {git_revision()}; {args.shape} block, "
         f"{args.dtype} on {torch.cuda.get_device_name() if pair.device.type == 'cuda' else 'cpu'}"
     )
     print(f"{'step':8} {'ours median ms':>15} {'transformers ms':>16} {'ratio':>7}")

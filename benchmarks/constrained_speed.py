@@ -28,7 +28,6 @@ import asyncio
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,7 @@ from stamen.api.sampling import GrammarAdvance, SamplingParams, StoppedRows, mak
 from stamen.api.swarm_engine import SwarmEngine
 from stamen.swarm_core.client.generation import decode
 from stamen.swarm_core.local_swarm import LocalSwarm
-from stamen.testing import bundled_smollm2_gguf
+from stamen.testing import bundled_smollm2_gguf, git_revision
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 PROMPT = [
@@ -194,8 +193,7 @@ def main() -> int:
         label = f"local swarm of {args.hosts} host processes, SwarmEngine"
     tokenizer_s, cold_s, cached_s = compile_times(engine.tokenizer)
 
-    revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False).stdout.strip()  # fmt: skip
+    revision = git_revision()
     print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}, {torch.get_num_threads()} torch threads; "
           f"python {platform.python_version()}, torch {torch.__version__}, "

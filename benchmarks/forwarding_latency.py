@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import contextlib
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +37,7 @@ from stamen.swarm_core.host.server import Host, HostSettings
 from stamen.swarm_core.protocol.records import HostRecord, HostState, new_host_record
 from stamen.swarm_core.protocol.rpc import RpcClient
 from stamen.swarm_core.protocol.wire import Hello
-from stamen.testing import bundled_smollm2_gguf
+from stamen.testing import bundled_smollm2_gguf, git_revision
 from stamen.transports import memory
 from stamen.transports.base import Credentials
 from stamen.transports.memory import MemoryHub, MemoryTransport
@@ -171,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lines = asyncio.run(run(args))
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     print(
         f"{args.hops} in-process hosts x 1 SmolLM2 block, memory transport; @ {revision}; "
         f"torch {torch.__version__}; threads {args.threads}; medians of {args.rounds} rounds "

@@ -40,10 +40,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.swarm_speed import _revision
 from stamen.models.chain import SpanCache, run_span
 from stamen.models.paged import DecodeGraphs, KVPool, pages_for, run_paged_span
 from stamen.models.registry import get_adapter
+from stamen.testing import git_revision
 
 PAGE_TOKENS = 16
 _SHORT_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -416,7 +416,7 @@ def header(device: torch.device, dtype: torch.dtype, bandwidth_gbs: float, args:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return (
         f"{name or platform.machine()}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
-        f"git {_revision()}; {dtype} spans, context {args.context}, 1-token steps; "
+        f"git {git_revision()}; {dtype} spans, context {args.context}, 1-token steps; "
         f"copy bandwidth {bandwidth_gbs:.0f} GB/s (read + write); medians of {args.steps} steps"
     )
 

@@ -1,7 +1,7 @@
 """The swarm on a GPU: decode steps/s of hosts serving CUDA bf16 spans vs the same blocks
 in one local process, side by side in one run.
 
-    python benchmarks/gpu_swarm_speed.py [--hidden 2048 --layers 16] [--steps 200]
+    python -m benchmarks.gpu_swarm_speed [--hidden 2048 --layers 16] [--steps 200]
 
 The model is a random Llama (TinyLlama-like shape by default) saved as safetensors in a
 temporary directory, so the run needs no hub. Two `swarm-host` processes (`--device cuda

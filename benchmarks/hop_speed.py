@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from stamen.testing import git_revision
+
 PREFILL_TOKENS = 16
 MAX_LENGTH = 64
 
@@ -211,9 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, src in reversed(trees.items()):
             rounds[name].append(_run_round(src, args))
     summaries = {name: _summary(r) for name, r in rounds.items()}
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     print(
         f"one hop over tcp, {args.blocks} SmolLM2 blocks, decode steps of 1 token; "
         f"@ {revision}; {os.cpu_count()} cpus; torch threads {args.threads}; "

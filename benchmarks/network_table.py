@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +53,7 @@ import stamen
 from benchmarks.network.local import LocalModel
 from benchmarks.network.swarm import LinkMeasurement, probe_links, run_driver, start_swarm
 from benchmarks.network.topology import PROFILES, NetworkProfile, emulated_network
-from stamen.testing import bundled_smollm2_gguf
+from stamen.testing import bundled_smollm2_gguf, git_revision
 
 BYTES_PER_ELEMENT = 4  # float32 hidden states, codec none
 NUM_HOSTS = 3
@@ -290,20 +289,10 @@ def _token_checks(results: list[NetworkResult]) -> list[str]:
     return lines
 
 
-def _revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def header(args: argparse.Namespace, load_before: tuple[float, ...]) -> str:
     load_after = os.getloadavg()
     return (
-        f"stamen {stamen.__version__} @ {_revision()}; torch {torch.__version__}; python "
+        f"stamen {stamen.__version__} @ {git_revision()}; torch {torch.__version__}; python "
         f"{platform.python_version()}; {platform.machine()} {os.cpu_count()} cpus; kernel "
         f"{platform.release()}; {args.threads} torch threads per process, "
         f"OMP_WAIT_POLICY=PASSIVE in the hosts; medians of {args.rounds} rounds "

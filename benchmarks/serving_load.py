@@ -31,6 +31,7 @@ import psutil
 import torch
 
 from stamen.conformance.load import LoadResult, run_streams
+from stamen.testing import git_revision
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 
@@ -87,9 +88,7 @@ def main() -> int:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
+    revision = git_revision()
     print(
         f"machine: {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}"
         f", torch {torch.__version__}, git {revision}"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from stamen.testing import git_revision
+
 MB = 1024 * 1024
 
 
@@ -130,12 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from stamen.testing import bundled_smollm2_gguf
 
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
+    revision = git_revision()
     print(
         f"machine: {platform.machine()} {platform.processor() or ''}, python {platform.python_version()}, "
-        f"torch {torch.__version__}, git {revision.stdout.strip() or '?'}"
+        f"torch {torch.__version__}, git {revision}"
     )
     gguf = bundled_smollm2_gguf()
     if gguf is not None:

@@ -58,7 +58,7 @@ from stamen.swarm_core.client.distributed import (
 from stamen.swarm_core.client.inference import InferenceSession
 from stamen.swarm_core.client.swarm import ClientSettings
 from stamen.swarm_core.protocol.wire import Info, InfoReply, Ping
-from stamen.testing import bundled_smollm2_gguf
+from stamen.testing import bundled_smollm2_gguf, git_revision
 
 PREFILL_TOKENS = 16
 NUM_BLOCKS = 30
@@ -286,18 +286,9 @@ def swarm_forward_s(model: DistributedModelForCausalLM, hidden: torch.Tensor) ->
 # --- report ------------------------------------------------------------------------------
 
 
-def _revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _header(args: argparse.Namespace) -> str:
     return (
-        f"stamen {stamen.__version__} @ {_revision()}; torch {torch.__version__}; "
+        f"stamen {stamen.__version__} @ {git_revision()}; torch {torch.__version__}; "
         f"python {platform.python_version()}; {platform.machine()} {os.cpu_count()} cpus "
         f"({platform.processor() or platform.platform()}); torch threads {args.threads} "
         f"and OMP_WAIT_POLICY={args.omp_wait_policy} in every process; medians of {args.rounds} decode / {args.forward_rounds} forward rounds"

@@ -8,7 +8,6 @@ make bench                          # the pytest-benchmark suite below
 from __future__ import annotations
 
 import platform
-import subprocess
 import sys
 import time
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from stamen.swarm_core.protocol.codecs import Codec, decode_tensor, dtype_name, encode_tensor
+from stamen.testing import git_revision
 
 SHAPE = (1, 512, 2048)  # (B, T, D): a long prefill's hidden states
 
@@ -67,9 +67,7 @@ def report(name: str, tensor: torch.Tensor) -> None:
 
 
 def main() -> int:
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     print(
         f"{platform.processor() or platform.machine()}, torch {torch.__version__}, git {revision}"
     )

@@ -34,13 +34,13 @@ import os
 import platform
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Protocol
 
+from stamen.testing import git_revision
 from stamen.transports.base import Connection, Credentials, Stream, StreamClosed, Transport
 from stamen.transports.memory import MemoryTransport
 from stamen.transports.tcp import TcpTransport
@@ -207,19 +207,10 @@ async def measure(subjects: list[str], rounds: int) -> dict[tuple[str, str], flo
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def _revision() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def render(results: dict[tuple[str, str], float], subjects: list[str]) -> str:
     lines = [
         f"# {platform.node()} {platform.machine()} {os.cpu_count()} cpus, "
-        f"Python {sys.version.split()[0]}, git {_revision()}",
+        f"Python {sys.version.split()[0]}, git {git_revision()}",
         f"{'case':<20} {'subject':<26} {'median':>12} {'vs raw':>8}",
     ]
     for case, (size, _, round_trip) in CASES.items():

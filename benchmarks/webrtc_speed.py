@@ -18,13 +18,13 @@ import asyncio
 import contextlib
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import aiortc
 from aiortc import RTCConfiguration, RTCPeerConnection
 
+from stamen.testing import git_revision
 from stamen.transports.base import Credentials, TransportError
 from stamen.transports.signaling import SignalingRelay
 from stamen.transports.webrtc import WebRTCTransport
@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=50)
     args = parser.parse_args(argv)
     rows = asyncio.run(measure(args.rounds))
-    revision = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    revision = git_revision()
     print(
         f"# {platform.node()} {platform.processor() or platform.machine()}, "
         f"python {sys.version.split()[0]}, aiortc {aiortc.__version__}, git {revision}"
