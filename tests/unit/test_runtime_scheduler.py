@@ -19,7 +19,9 @@ async def scheduler():
     await scheduler.aclose()
 
 
-async def _block_worker(scheduler: ComputeScheduler, gate: threading.Event) -> asyncio.Task:
+async def hold_worker(scheduler: ComputeScheduler, gate: threading.Event) -> asyncio.Task:
+    """A bulk job that keeps the worker busy until `gate` is set (also used by
+    `test_scheduler_batching`)."""
     entered = threading.Event()
 
     def hold() -> str:
@@ -53,7 +55,7 @@ async def test_exceptions_reach_the_caller(scheduler) -> None:
 
 async def test_full_queue_is_busy_and_cancelled_jobs_never_run(scheduler) -> None:
     gate, ran = threading.Event(), []
-    blocker = await _block_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     queued = [
         asyncio.create_task(
             scheduler.run(lambda i=i: ran.append(i), priority=Priority.BULK, queue_timeout_s=10)
@@ -76,7 +78,7 @@ async def test_aclose_fails_queued_jobs_with_busy() -> None:
     scheduler = ComputeScheduler(max_queued_jobs=8)
     scheduler.start()
     gate = threading.Event()
-    blocker = await _block_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     queued = asyncio.create_task(
         scheduler.run(lambda: None, priority=Priority.INFERENCE, queue_timeout_s=10)
     )
@@ -91,7 +93,7 @@ async def test_aclose_fails_queued_jobs_with_busy() -> None:
 
 async def test_queue_timeout_only_applies_before_a_job_starts(scheduler) -> None:
     gate = threading.Event()
-    blocker = await _block_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     with pytest.raises(RemoteTimeout):
         await scheduler.run(lambda: None, priority=Priority.INFERENCE, queue_timeout_s=0.05)
     started = threading.Event()
@@ -114,7 +116,7 @@ async def test_queue_timeout_only_applies_before_a_job_starts(scheduler) -> None
 
 async def test_a_job_that_timed_out_in_the_queue_never_runs(scheduler) -> None:
     gate, ran = threading.Event(), []
-    blocker = await _block_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     with pytest.raises(RemoteTimeout):
         await scheduler.run(
             lambda: ran.append(1), priority=Priority.INFERENCE, queue_timeout_s=0.05
@@ -130,7 +132,7 @@ async def test_a_job_that_timed_out_in_the_queue_never_runs(scheduler) -> None:
 
 async def test_a_caller_cancelled_mid_job_leaves_the_worker_serving(scheduler) -> None:
     gate = threading.Event()
-    running = await _block_worker(scheduler, gate)
+    running = await hold_worker(scheduler, gate)
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
     assert running.cancelled()

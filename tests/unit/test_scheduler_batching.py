@@ -12,6 +12,7 @@ import pytest
 
 from stamen.swarm_core.host.scheduler import ComputeScheduler, Priority
 from stamen.swarm_core.protocol.errors import RemoteBusy, RemoteTimeout
+from tests.unit.test_runtime_scheduler import hold_worker
 
 
 @pytest.fixture
@@ -37,20 +38,6 @@ class Recorder:
         if self.order is not None:
             self.order.append(self.name)
         return [item * 10 for item in items]
-
-
-async def _hold_worker(scheduler: ComputeScheduler, gate: threading.Event) -> asyncio.Task:
-    """A bulk job that keeps the worker busy until `gate` is set."""
-    entered = threading.Event()
-
-    def hold() -> str:
-        entered.set()
-        gate.wait(10)
-        return "held"
-
-    task = asyncio.create_task(scheduler.run(hold, priority=Priority.BULK, queue_timeout_s=10))
-    await asyncio.to_thread(entered.wait, 10)
-    return task
 
 
 async def _until_queued(scheduler: ComputeScheduler, depth: int) -> None:
@@ -130,7 +117,7 @@ async def test_batches_run_on_the_compute_thread(scheduler) -> None:
 
 async def test_max_weight_splits_batches_in_arrival_order(scheduler) -> None:
     gate, recorder = threading.Event(), Recorder()
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     weights = [3, 1, 1, 2, 4]
     tasks = [
         _submit(scheduler, "decode", i, recorder, weight=w, max_weight=4)
@@ -162,7 +149,7 @@ async def test_an_exception_result_fails_only_its_item(scheduler) -> None:
     def batch_fn(items: list[int]) -> list[Any]:
         return [ValueError(f"bad {item}") if item == 2 else item * 10 for item in items]
 
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     tasks = [_submit(scheduler, "decode", i, batch_fn) for i in (1, 2, 3)]
     await _until_queued(scheduler, 3)
     gate.set()
@@ -180,7 +167,7 @@ async def test_an_exception_raised_by_batch_fn_fails_every_item(scheduler) -> No
         calls.append(list(items))
         raise KeyError("inside")
 
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     tasks = [_submit(scheduler, "decode", i, batch_fn) for i in (1, 2)]
     await _until_queued(scheduler, 2)
     gate.set()
@@ -200,7 +187,7 @@ async def test_a_wrong_number_of_results_fails_every_item(scheduler) -> None:
 
 async def test_expired_and_cancelled_items_never_reach_batch_fn(scheduler) -> None:
     gate, recorder = threading.Event(), Recorder()
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     with pytest.raises(RemoteTimeout):
         await scheduler.run_batched("decode", 1, recorder, max_weight=8, queue_timeout_s=0.05)
     cancelled = _submit(scheduler, "decode", 2, recorder)
@@ -228,7 +215,7 @@ async def test_an_item_past_its_deadline_when_the_worker_reaches_it_is_skipped(
         ran.set()
         return fresh(items)
 
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     expired = _submit(scheduler, "stale", 1, stale, queue_timeout_s=0.05)
     live = _submit(scheduler, "fresh", 2, fresh_fn)
     await _until_queued(scheduler, 2)
@@ -251,7 +238,7 @@ async def test_batches_and_inference_jobs_alternate_and_bulk_waits_for_both(
     def job(name: str) -> Callable[[], None]:
         return lambda: order.append(name)
 
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     jobs = [
         asyncio.create_task(scheduler.run(job("bulk"), priority=Priority.BULK, queue_timeout_s=10))
     ]
@@ -280,7 +267,7 @@ async def test_batches_and_inference_jobs_alternate_and_bulk_waits_for_both(
 
 async def test_a_waiting_inference_job_runs_after_at_most_one_batch(scheduler) -> None:
     gate, order = threading.Event(), []
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     lanes = [Recorder(order, name=f"batch{i}") for i in (1, 2)]
     items = [_submit(scheduler, f"lane{i}", i, fn) for i, fn in enumerate(lanes)]
     inference = asyncio.create_task(
@@ -300,7 +287,7 @@ async def test_a_full_queue_is_busy_for_items_and_jobs() -> None:
     scheduler.start()
     try:
         gate, recorder = threading.Event(), Recorder()
-        blocker = await _hold_worker(scheduler, gate)
+        blocker = await hold_worker(scheduler, gate)
         items = [_submit(scheduler, "decode", i, recorder) for i in (1, 2)]
         job = asyncio.create_task(
             scheduler.run(lambda: "job", priority=Priority.INFERENCE, queue_timeout_s=10)
@@ -322,7 +309,7 @@ async def test_aclose_fails_queued_items_with_busy() -> None:
     scheduler = ComputeScheduler(max_queued_jobs=8)
     scheduler.start()
     gate, recorder = threading.Event(), Recorder()
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     items = [_submit(scheduler, lane, 1, recorder) for lane in ("a", "b")]
     await _until_queued(scheduler, 2)
     closing = asyncio.create_task(scheduler.aclose())
@@ -341,7 +328,7 @@ async def test_aclose_fails_queued_items_with_busy() -> None:
 async def test_different_lanes_are_never_merged(scheduler) -> None:
     gate, order = threading.Event(), []
     first, second = Recorder(order, name="first"), Recorder(order, name="second")
-    blocker = await _hold_worker(scheduler, gate)
+    blocker = await hold_worker(scheduler, gate)
     tasks = [
         _submit(scheduler, (0, 4), 1, first),
         _submit(scheduler, (4, 8), 2, second),
@@ -380,7 +367,7 @@ async def test_the_window_gathers_the_sessions_of_the_last_batch():
         record = SlowRecorder(0.2)
         # A first batch of three (all queued behind a held worker).
         gate = threading.Event()
-        held = await _hold_worker(scheduler, gate)
+        held = await hold_worker(scheduler, gate)
         first = [_submit(scheduler, "lane", i, record) for i in range(3)]
         await _until_queued(scheduler, 3)
         gate.set()
@@ -417,7 +404,7 @@ async def test_the_window_closes_after_half_the_last_run_and_takes_what_came():
     try:
         record = SlowRecorder(0.1)
         gate = threading.Event()
-        held = await _hold_worker(scheduler, gate)
+        held = await hold_worker(scheduler, gate)
         first = [_submit(scheduler, "lane", i, record) for i in range(2)]
         await _until_queued(scheduler, 2)
         gate.set()
