@@ -246,9 +246,10 @@ def host_infos(model: DistributedModelForCausalLM) -> dict[str, InfoReply]:
 
 
 def host_time_per_step(before: dict[str, InfoReply], after: dict[str, InfoReply]) -> dict:
-    """What the hosts' runtimes spent per step between two `host_infos`: ms in `step`
-    (queueing included) and in decode compute, summed over the hosts (one step crosses
-    each once), with the decode batches run and the CUDA graphs captured."""
+    """What the hosts' runtimes spent between two `host_infos`, summed over the hosts (a
+    step crosses each once): ms per step in `step` (queueing included; the prefill is one
+    of the steps) and ms per decode batch in decode compute (one session: a batch per
+    decode step), with the decode batches run and the CUDA graphs captured."""
     steps = [after[p].steps - before[p].steps for p in after]
     batches = [after[p].decode_batches - before[p].decode_batches for p in after]
     step_s = [after[p].step_seconds - before[p].step_seconds for p in after]
