@@ -360,60 +360,53 @@ class SlowRecorder(Recorder):
         return super().__call__(items)
 
 
-async def test_the_window_gathers_the_sessions_of_the_last_batch():
+@pytest.fixture
+async def windowed():
+    """A scheduler whose lanes wait up to 5 s for the sessions of their last batch."""
     scheduler = ComputeScheduler(max_queued_jobs=16, batch_window_s=5.0)
     scheduler.start()
-    try:
-        record = SlowRecorder(0.2)
-        # A first batch of three (all queued behind a held worker).
-        gate = threading.Event()
-        held = await hold_worker(scheduler, gate)
-        first = [_submit(scheduler, "lane", i, record) for i in range(3)]
-        await _until_queued(scheduler, 3)
-        gate.set()
-        await asyncio.gather(held, *first)
-        # Now the three come back one by one, 20 ms apart: without a window the first
-        # would run alone; with it, the worker waits for the other two.
-        late = []
-        for i in range(3):
-            late.append(_submit(scheduler, "lane", 10 + i, record))
-            await asyncio.sleep(0.02)
-        assert await asyncio.gather(*late) == [100, 110, 120]
-        assert record.batches == [[0, 1, 2], [10, 11, 12]]
-    finally:
-        await scheduler.aclose()
+    yield scheduler
+    await scheduler.aclose()
 
 
-async def test_a_lone_session_never_waits_for_the_window():
-    scheduler = ComputeScheduler(max_queued_jobs=16, batch_window_s=5.0)
-    scheduler.start()
-    try:
-        record = SlowRecorder(0.0)
-        for i in range(5):
-            began = time.monotonic()
-            assert await _submit(scheduler, "lane", i, record) == 10 * i
-            assert time.monotonic() - began < 1.0  # far below the 5 s window
-        assert record.batches == [[0], [1], [2], [3], [4]]
-    finally:
-        await scheduler.aclose()
+async def _first_batch(scheduler: ComputeScheduler, record: Recorder, count: int) -> None:
+    """Run items 0 .. count-1 as one batch of the lane (all queued behind a held worker)."""
+    gate = threading.Event()
+    held = await hold_worker(scheduler, gate)
+    first = [_submit(scheduler, "lane", i, record) for i in range(count)]
+    await _until_queued(scheduler, count)
+    gate.set()
+    await asyncio.gather(held, *first)
 
 
-async def test_the_window_closes_after_half_the_last_run_and_takes_what_came():
-    scheduler = ComputeScheduler(max_queued_jobs=16, batch_window_s=5.0)
-    scheduler.start()
-    try:
-        record = SlowRecorder(0.1)
-        gate = threading.Event()
-        held = await hold_worker(scheduler, gate)
-        first = [_submit(scheduler, "lane", i, record) for i in range(2)]
-        await _until_queued(scheduler, 2)
-        gate.set()
-        await asyncio.gather(held, *first)
-        # Only one of the two comes back: it runs after at most ~half the last run time
-        # (0.1 s), not the 5 s window.
+async def test_the_window_gathers_the_sessions_of_the_last_batch(windowed):
+    scheduler, record = windowed, SlowRecorder(0.2)
+    await _first_batch(scheduler, record, 3)
+    # Now the three come back one by one, 20 ms apart: without a window the first
+    # would run alone; with it, the worker waits for the other two.
+    late = []
+    for i in range(3):
+        late.append(_submit(scheduler, "lane", 10 + i, record))
+        await asyncio.sleep(0.02)
+    assert await asyncio.gather(*late) == [100, 110, 120]
+    assert record.batches == [[0, 1, 2], [10, 11, 12]]
+
+
+async def test_a_lone_session_never_waits_for_the_window(windowed):
+    scheduler, record = windowed, SlowRecorder(0.0)
+    for i in range(5):
         began = time.monotonic()
-        assert await _submit(scheduler, "lane", 7, record) == 70
-        assert time.monotonic() - began < 2.0
-        assert record.batches[-1] == [7]
-    finally:
-        await scheduler.aclose()
+        assert await _submit(scheduler, "lane", i, record) == 10 * i
+        assert time.monotonic() - began < 1.0  # far below the 5 s window
+    assert record.batches == [[0], [1], [2], [3], [4]]
+
+
+async def test_the_window_closes_after_half_the_last_run_and_takes_what_came(windowed):
+    scheduler, record = windowed, SlowRecorder(0.1)
+    await _first_batch(scheduler, record, 2)
+    # Only one of the two comes back: it runs after at most ~half the last run time
+    # (0.1 s), not the 5 s window.
+    began = time.monotonic()
+    assert await _submit(scheduler, "lane", 7, record) == 70
+    assert time.monotonic() - began < 2.0
+    assert record.batches[-1] == [7]
